@@ -1,0 +1,10 @@
+"""cars-ml: fine-grained car recognition (Stanford Cars) with MLflow tracking, tuning and serving.
+
+Importing the package has no side effects: no tracking URI is set, no folder is created,
+no logging is configured. Entry points in ``entrypoints/`` do that.
+"""
+
+__version__ = "0.1.0"
+
+REGISTERED_MODEL_NAME = "stanford-cars-classifier"
+CHAMPION_ALIAS = "champion"

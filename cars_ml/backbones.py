@@ -1,0 +1,200 @@
+"""The one table of backbones: constructor, native input size, minimum size, preprocessing.
+
+Also builds the classifier (preprocessing layer, backbone, head) and resolves which weights
+are used. Nothing here knows about MLflow or Optuna.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from cars_ml.serving.layers import ImagePreprocess
+
+log = logging.getLogger(__name__)
+
+KERAS_CACHE = Path.home() / ".keras" / "models"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A Keras Applications backbone and what it needs."""
+
+    name: str
+    constructor: Callable[..., keras.Model]
+    native_size: int
+    min_size: int
+    preprocess: str  # ImagePreprocess mode
+
+
+def _apps():
+    return keras.applications
+
+
+# Keyed by the names users type. Min sizes come from each constructor's own input check.
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("inception_resnet", lambda **k: _apps().InceptionResNetV2(**k), 299, 75, "tf"),
+        BackboneSpec("inception", lambda **k: _apps().InceptionV3(**k), 299, 75, "tf"),
+        BackboneSpec("mobilenet", lambda **k: _apps().MobileNet(**k), 224, 32, "tf"),
+        BackboneSpec("resnet", lambda **k: _apps().ResNet50(**k), 224, 32, "caffe"),
+        BackboneSpec("vgg16", lambda **k: _apps().VGG16(**k), 224, 32, "caffe"),
+        BackboneSpec("vgg19", lambda **k: _apps().VGG19(**k), 224, 32, "caffe"),
+        BackboneSpec("xception", lambda **k: _apps().Xception(**k), 299, 71, "tf"),
+        BackboneSpec("mobilenet_v2", lambda **k: _apps().MobileNetV2(**k), 224, 32, "tf"),
+        BackboneSpec(
+            "mobilenet_v3_small",
+            lambda **k: _apps().MobileNetV3Small(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+        ),
+        BackboneSpec(
+            "mobilenet_v3_large",
+            lambda **k: _apps().MobileNetV3Large(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+        ),
+        BackboneSpec(
+            "efficientnet_v2_b0",
+            lambda **k: _apps().EfficientNetV2B0(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+        ),
+    )
+}
+
+ORIGINAL_BACKBONES = (
+    "inception_resnet",
+    "inception",
+    "mobilenet",
+    "resnet",
+    "vgg16",
+    "vgg19",
+    "xception",
+)
+WEIGHT_CHOICES = ("auto", "imagenet", "none")
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look up a backbone by name, refusing unknown names with the list of valid ones."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        valid = ", ".join(sorted(BACKBONES))
+        raise ValueError(f"Unknown backbone {name!r}. Valid names: {valid}.") from None
+
+
+def resolve_image_size(spec: BackboneSpec, image_size: int) -> int:
+    """0 means the backbone's native size; anything else must be at least its minimum."""
+    if image_size == 0:
+        return spec.native_size
+    if image_size < spec.min_size:
+        raise ValueError(
+            f"image_size={image_size} is below {spec.name}'s minimum of {spec.min_size} px; "
+            f"pass image_size >= {spec.min_size}, or 0 for its native {spec.native_size} px."
+        )
+    return image_size
+
+
+def validate_weights(weights: str) -> None:
+    """Accept auto, imagenet, none, or an existing weights file."""
+    if weights in WEIGHT_CHOICES:
+        return
+    if not Path(weights).is_file():
+        raise ValueError(
+            f"weights={weights!r} is neither one of {WEIGHT_CHOICES} nor an existing weights "
+            "file; pass a path to a Keras weights file (.weights.h5 or .h5) for the backbone."
+        )
+
+
+def _construct(spec: BackboneSpec, size: int, weights: str | None) -> keras.Model:
+    return spec.constructor(
+        include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
+    )
+
+
+def build_backbone(spec: BackboneSpec, image_size: int, weights: str) -> tuple[keras.Model, str]:
+    """Build the headless backbone and say which weights it really got.
+
+    Returns ``(backbone, weights_used)`` where ``weights_used`` is ``imagenet``, ``random`` or
+    the weights file path. ``imagenet`` is strict and fails here, before any training.
+    """
+    validate_weights(weights)
+    if weights == "none":
+        return _construct(spec, image_size, None), "random"
+    if weights not in WEIGHT_CHOICES:
+        return _construct(spec, image_size, weights), str(Path(weights).resolve())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # size-mismatch notes from Keras
+            return _construct(spec, image_size, "imagenet"), "imagenet"
+    except Exception as exc:  # Keras raises a bare Exception on download failure.
+        hint = (
+            f"ImageNet weights for {spec.name} are not in the Keras cache ({KERAS_CACHE}) and "
+            f"could not be downloaded ({exc}). Copy the '*_notop.h5' file into {KERAS_CACHE}, "
+            "pass weights=<path to a weights file>, or weights=none to train from scratch."
+        )
+        if weights == "imagenet":
+            raise ValueError(hint) from exc
+    message = f"WEIGHTS: {hint} Falling back to RANDOM initialisation (weights=auto)."
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return _construct(spec, image_size, None), "random"
+
+
+def build_head(
+    feature_dim: int, num_classes: int, dropout: float, head_units: int, weight_decay: float = 0.0
+) -> keras.Model:
+    """The classification head on pooled features: dropout, optional hidden layer, softmax.
+
+    It is its own model so tuning can train it alone on cached backbone features.
+    """
+    reg = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
+    features = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(dropout)(features)
+    if head_units > 0:
+        x = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=reg)(x)
+        x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=reg, name="probabilities"
+    )(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def build_classifier(
+    spec: BackboneSpec, image_size: int, backbone: keras.Model, head: keras.Model
+) -> keras.Model:
+    """Pixels in [0, 255] -> backbone preprocessing -> backbone -> head -> probabilities."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = ImagePreprocess(spec.preprocess, name="preprocess")(inputs)
+    x = backbone(x)
+    outputs = head(x)
+    return keras.Model(inputs, outputs, name=f"cars_{spec.name}")
+
+
+def set_fine_tune_layers(backbone: keras.Model, unfreeze_fraction: float) -> int:
+    """Unfreeze the top ``unfreeze_fraction`` of the backbone's layers, BatchNorm kept frozen.
+
+    Keras runs a BatchNormalization layer with ``trainable=False`` in inference mode, so its
+    statistics are not wrecked by small fine-tuning batches. Returns the trainable layer count.
+    """
+    if not 0.0 <= unfreeze_fraction <= 1.0:
+        raise ValueError(f"unfreeze_fraction={unfreeze_fraction} must be between 0 and 1.")
+    backbone.trainable = True
+    layers = backbone.layers
+    cut = len(layers) - round(len(layers) * unfreeze_fraction)
+    count = 0
+    for i, layer in enumerate(layers):
+        frozen = i < cut or isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not frozen
+        count += not frozen
+    return count

@@ -1,0 +1,104 @@
+"""Plain value types shared by every dataset layout (no TensorFlow, no MLflow)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A dataset problem the user must fix; the message names the file and the fix."""
+
+
+def default_cache_dir() -> Path:
+    """Folder for generated data and cached features (``CARS_ML_CACHE`` overrides it)."""
+    return Path(os.environ.get("CARS_ML_CACHE", Path.home() / ".cache" / "cars_ml"))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image: absolute path, 0-based class index, optional crop box.
+
+    ``bbox`` is ``(x1, y1, x2, y2)`` in pixels, already clamped to the image and valid
+    (x1 < x2, y1 < y2); ``None`` means use the whole image.
+    """
+
+    path: str
+    label: int
+    bbox: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How to find, check and split a dataset.
+
+    ``data`` is ``"synthetic"`` (the embedded default), a Stanford Cars root, or an image-folder
+    root. ``max_classes`` keeps the most frequent classes (0 keeps all); ``max_per_class``
+    caps images per class (0 means no cap) so demos and CI stay fast.
+    """
+
+    data: str = "synthetic"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    crop_to_bbox: bool = True
+    skip_bad_images: bool = False
+    max_classes: int = 0
+    max_per_class: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ValueError(f"{name}={value} must be between 0 and 0.5 (exclusive).")
+        for name in ("max_classes", "max_per_class"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}.")
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A validated dataset split three ways, with provenance for MLflow."""
+
+    name: str
+    layout: str  # "stanford_cars" or "image_folder"
+    root: str
+    class_names: tuple[str, ...]
+    train: tuple[ImageRecord, ...]
+    val: tuple[ImageRecord, ...]
+    test: tuple[ImageRecord, ...]
+    test_source: str  # "official", "folder" or "held_out"
+    fingerprint: str
+    skipped: tuple[str, ...] = field(default_factory=tuple)  # "path: reason"
+    bbox_fallbacks: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> dict[str, int]:
+        """Counts logged as MLflow metrics by ``prepare_data`` and ``train``."""
+        return {
+            "num_classes": self.num_classes,
+            "num_images": len(self.train) + len(self.val) + len(self.test),
+            "num_train_images": len(self.train),
+            "num_val_images": len(self.val),
+            "num_test_images": len(self.test),
+            "num_skipped_images": self.num_skipped,
+        }
+
+    def params(self) -> dict[str, str]:
+        """Provenance logged as MLflow params (how the split was made, not just counts)."""
+        return {
+            "dataset": self.name,
+            "dataset_layout": self.layout,
+            "dataset_fingerprint": self.fingerprint,
+            "num_classes": str(self.num_classes),
+            "test_split": self.test_source,
+        }

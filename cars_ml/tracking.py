@@ -1,0 +1,192 @@
+"""The only module that starts MLflow runs and logs to them.
+
+It respects what ``mlflow run`` hands over (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``,
+``MLFLOW_EXPERIMENT_ID``), checks the tracking server answers before any work starts, and
+scrubs secrets from everything it logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+import cars_ml
+
+log = logging.getLogger(__name__)
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+):(?P<pw>[^@\s]+)@")
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PGPASSWORD",
+)
+
+
+def redact(value: Any) -> str:
+    """Stringify ``value`` with URL passwords and known secret values replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", str(value))
+    for name in _SECRET_ENV:
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (``MLFLOW_TRACKING_URI`` or MLflow's default)."""
+    return mlflow.get_tracking_uri()
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> None:
+    """Fail within seconds, naming the URI, when an HTTP tracking server does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310
+            if response.status >= 500:
+                raise ConnectionError(f"status {response.status}")
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise ConnectionError(
+                f"MLflow tracking server at {redact(uri)} answered {exc.code}; check its logs."
+            ) from exc
+    except (OSError, ConnectionError) as exc:
+        raise ConnectionError(
+            f"MLflow tracking server at {redact(uri)} is unreachable ({exc}). Start it "
+            "(`mlflow server ...`) or point MLFLOW_TRACKING_URI at one that runs; unset it to "
+            "use the local sqlite:///mlflow.db."
+        ) from exc
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def base_tags() -> dict[str, str]:
+    """Tags every run carries: package version and git commit."""
+    return {"cars_ml_version": cars_ml.__version__, "git_commit": _git_commit()}
+
+
+def use_experiment(name: str | None) -> None:
+    """Select an experiment by name unless ``mlflow run`` already chose one for us.
+
+    Under ``mlflow run`` (``MLFLOW_RUN_ID`` set) calling ``set_experiment`` conflicts with the
+    run it created, so the experiment is left alone; use ``mlflow run --experiment-name``.
+    """
+    if name and not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(name)
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str | None = None,
+    *,
+    nested: bool = False,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under ``mlflow run``, resume) a run; it ends FAILED if the body raises.
+
+    A top-level run picks up ``MLFLOW_RUN_ID`` when ``mlflow run`` set it. ``KeyboardInterrupt``
+    ends the run KILLED.
+    """
+    active = mlflow.active_run()
+    resume_env = not nested and active is None and os.environ.get("MLFLOW_RUN_ID")
+    if nested and active is None and parent_run_id is None:
+        nested = False
+    run = mlflow.start_run(
+        run_name=None if resume_env else run_name,
+        nested=nested or parent_run_id is not None,
+        parent_run_id=parent_run_id,
+        tags={**base_tags(), **{k: redact(v) for k, v in (tags or {}).items()}},
+    )
+    if resume_env and run_name:
+        mlflow.set_tag("mlflow.runName", run_name)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params (stringified, secrets scrubbed)."""
+    mlflow.log_params({k: redact(v)[:6000] for k, v in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics; ``None`` values are skipped."""
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    mlflow.set_tags({k: redact(v)[:5000] for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    """Log a matplotlib figure as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
+def log_table(frame, name: str, artifact_path: str | None = None) -> None:
+    """Log a DataFrame as ``name.csv`` and ``name.html`` artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / f"{name}.csv", index=False)
+        (Path(tmp) / f"{name}.html").write_text(frame.to_html(index=False, na_rep="-"))
+        mlflow.log_artifacts(tmp, artifact_path=artifact_path)
+
+
+def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_text(redact(json.dumps(data, indent=2, default=str)), artifact_file)

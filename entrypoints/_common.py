@@ -1,0 +1,83 @@
+"""Helpers shared by the thin MLproject entry points: typed argument parsing, logging set-up.
+
+MLproject hands every parameter over as a string; these converters turn them into typed
+values with a clear error before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# The entry points are run as scripts (`python entrypoints/train.py`); make the project root
+# importable when the package is not installed in editable mode.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(value: str) -> bool:
+    """Parse true/false/1/0/yes/no (any case)."""
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return number
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argparse parser with the formatting every entry point shares."""
+    return argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def setup_logging() -> None:
+    """Configure logging once, in the process that runs an entry point (never at import)."""
+    logging.basicConfig(
+        level=os.environ.get("CARS_ML_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_main(main) -> None:
+    """Run ``main()`` and turn user errors (ValueError) into one clear line and exit code 2."""
+    setup_logging()
+    try:
+        main()
+    except (ValueError, ConnectionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

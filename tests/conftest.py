@@ -1,0 +1,46 @@
+"""Shared fixtures: the real-data folder beside the project, temporary MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real Stanford Cars material), or skip when it is absent."""
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.skip(f"real Stanford Cars material not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking + registry store for one test, set for this process and children."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Generated datasets and cached features go to one session-wide temporary folder."""
+    cache = tmp_path_factory.getbasetemp() / "cars_ml_cache"
+    monkeypatch.setenv("CARS_ML_CACHE", str(cache))
