@@ -93,10 +93,22 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ValueError(f"Unknown backbone {name!r}. Valid names: {valid}.") from None
 
 
-def resolve_image_size(spec: BackboneSpec, image_size: int) -> int:
-    """0 means the backbone's native size; anything else must be at least its minimum."""
+AUTO_SIZE = -1
+DEMO_IMAGE_SIZE = 96
+
+
+def resolve_image_size(spec: BackboneSpec, image_size: int, *, synthetic: bool = False) -> int:
+    """0 means the backbone's native size; anything else must be at least its minimum.
+
+    ``AUTO_SIZE`` (-1, the ``auto`` of the entry points) is the native size for real data and
+    a small demo size for the embedded synthetic data, so demo speed never leaks into real runs.
+    """
+    if image_size == AUTO_SIZE:
+        return max(spec.min_size, DEMO_IMAGE_SIZE) if synthetic else spec.native_size
     if image_size == 0:
         return spec.native_size
+    if image_size < 0:
+        raise ValueError(f"image_size={image_size} must be 0 (native), auto, or a pixel size.")
     if image_size < spec.min_size:
         raise ValueError(
             f"image_size={image_size} is below {spec.name}'s minimum of {spec.min_size} px; "

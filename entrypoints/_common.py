@@ -30,15 +30,23 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def integer(value: str) -> int:
+    """An integer; ``5.0`` is accepted because MLproject ``float`` params may arrive that way."""
+    number = float(value)
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
+    return int(number)
+
+
 def non_negative_int(value: str) -> int:
-    number = int(value)
+    number = integer(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
 
 
 def positive_int(value: str) -> int:
-    number = int(value)
+    number = integer(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number

@@ -1,0 +1,204 @@
+"""Two-phase transfer learning of a backbone + head on a dataset split (no MLflow, no Optuna).
+
+Phase 1 trains a new head on the frozen backbone; phase 2 fine-tunes the top of the backbone
+at a lower learning rate with BatchNorm frozen. With random initial weights a frozen backbone
+is useless, so every layer trains from the first epoch in one phase.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from cars_ml import backbones
+from cars_ml.data.pipeline import make_dataset
+from cars_ml.data.types import DatasetSplits, ImageRecord
+from cars_ml.evaluate import macro_f1
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Training hyperparameters: the search space of ``tune`` pins or samples each of these."""
+
+    epochs: int = 8
+    fine_tune_epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-4
+    dropout: float = 0.3
+    head_units: int = 0
+    label_smoothing: float = 0.1
+    unfreeze_fraction: float = 0.3
+    augment_strength: float = 0.3
+    weight_decay: float = 0.0
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "fine_tune_epochs": self.fine_tune_epochs >= 0,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "fine_tune_learning_rate": self.fine_tune_learning_rate > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "head_units": self.head_units >= 0,
+            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+            "unfreeze_fraction": 0.0 <= self.unfreeze_fraction <= 1.0,
+            "augment_strength": 0.0 <= self.augment_strength <= 1.0,
+            "weight_decay": self.weight_decay >= 0.0,
+            "patience": self.patience >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{n}={getattr(self, n)}" for n in bad)
+            raise ValueError(f"Invalid hyperparameters: {values} (see `--help` for valid ranges).")
+
+    def as_params(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What training produced: the full model, its parts, and per-epoch history."""
+
+    model: keras.Model
+    backbone: keras.Model
+    head: keras.Model
+    history: list[dict[str, float]]
+    training_mode: str
+    best_val_f1_macro: float
+
+
+class ValidationF1(keras.callbacks.Callback):
+    """Adds ``val_f1_macro`` to the epoch logs (for early stopping, pruning and MLflow)."""
+
+    def __init__(self, val_data: tf.data.Dataset, val_labels: np.ndarray, hook: EpochHook | None):
+        super().__init__()
+        self.val_data = val_data
+        self.val_labels = val_labels
+        self.hook = hook
+        self.phase = "head"
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        probs = predict_probabilities(self.model, self.val_data)
+        logs["val_f1_macro"] = macro_f1(self.val_labels, probs)
+        row = {
+            "epoch": epoch,
+            "phase": self.phase,
+            "train_loss": float(logs.get("loss", np.nan)),
+            "val_loss": float(logs.get("val_loss", np.nan)),
+            "val_accuracy": float(logs.get("val_accuracy", np.nan)),
+            "val_f1_macro": logs["val_f1_macro"],
+        }
+        self.history.append(row)
+        if self.hook:
+            self.hook(epoch, row)
+
+
+def predict_probabilities(model: keras.Model, data: tf.data.Dataset) -> np.ndarray:
+    """Probabilities over a batched dataset through a compiled call (not eager per batch)."""
+    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    outputs = [infer(batch[0] if isinstance(batch, tuple) else batch).numpy() for batch in data]
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
+
+
+def labels_of(records: Sequence[ImageRecord]) -> np.ndarray:
+    return np.array([r.label for r in records], dtype=np.int32)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights so rare classes count as much as common ones."""
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    result = dict.fromkeys(range(num_classes), 1.0)
+    result.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return result
+
+
+def _one_hot(num_classes: int):
+    return lambda x, y: (x, tf.one_hot(y, num_classes))
+
+
+def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def fit(
+    splits: DatasetSplits,
+    spec: backbones.BackboneSpec,
+    image_size: int,
+    backbone: keras.Model,
+    weights_used: str,
+    hp: HParams,
+    *,
+    seed: int = 42,
+    epoch_hook: EpochHook | None = None,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int | str = "auto",
+) -> FitResult:
+    """Train ``backbone`` + a new head on ``splits``; returns the best-weights model."""
+    keras.utils.set_random_seed(seed)
+    n = splits.num_classes
+    head = backbones.build_head(backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay)
+    model = backbones.build_classifier(spec, image_size, backbone, head)
+    train_ds = make_dataset(
+        splits.train,
+        image_size,
+        hp.batch_size,
+        training=True,
+        augment_strength=hp.augment_strength,
+        shuffle_seed=seed,
+    ).map(_one_hot(n))
+    val_ds = make_dataset(splits.val, image_size, hp.batch_size, training=False)
+    val_labels = labels_of(splits.val)
+    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook)
+    val_onehot = val_ds.map(_one_hot(n))
+    weights = class_weights(labels_of(splits.train), n)
+
+    def run_phase(epochs: int, lr: float, initial_epoch: int, phase: str) -> None:
+        f1_cb.phase = phase
+        _compile(model, lr, hp.label_smoothing)
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_f1_macro", mode="max", patience=hp.patience, restore_best_weights=True
+        )
+        model.fit(
+            train_ds,
+            validation_data=val_onehot,
+            epochs=initial_epoch + epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=[f1_cb, stop, *extra_callbacks],
+            verbose=verbose,
+        )
+
+    if weights_used == "random":
+        # Random features are useless frozen: train every layer, BatchNorm included, in one phase.
+        mode = "end_to_end"
+        backbone.trainable = True
+        run_phase(hp.epochs + hp.fine_tune_epochs, hp.learning_rate, 0, "end_to_end")
+    else:
+        mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
+        backbone.trainable = False
+        run_phase(hp.epochs, hp.learning_rate, 0, "head")
+        if hp.fine_tune_epochs > 0:
+            unfrozen = backbones.set_fine_tune_layers(backbone, hp.unfreeze_fraction)
+            log.info("Fine-tuning %d backbone layers (BatchNorm frozen)", unfrozen)
+            run_phase(hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune")
+    best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
+    return FitResult(model, backbone, head, f1_cb.history, mode, best)

@@ -1,0 +1,189 @@
+"""The ``train`` step: data -> fit -> evaluate -> benchmark -> export -> log -> register.
+
+Everything a user compares in the MLflow UI is logged here under the same names for every
+backbone (the metric schema in ``METRIC_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cars_ml
+from cars_ml import backbones, benchmark, evaluate, tracking
+from cars_ml.data import DataConfig, load_dataset, make_dataset
+from cars_ml.train import HParams, fit, labels_of, predict_probabilities
+
+log = logging.getLogger(__name__)
+
+METRIC_SCHEMA = (
+    "val_f1_macro",
+    "test_f1_macro",
+    "test_f1_weighted",
+    "test_accuracy",
+    "test_top5_accuracy",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "throughput_img_per_s",
+    "model_size_mb",
+    "num_params",
+)
+HEADLINE_TAGS = ("test_f1_macro", "test_accuracy", "latency_ms_p95", "model_size_mb")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the ``train`` entry point controls."""
+
+    model: str = "mobilenet"
+    data: DataConfig = field(default_factory=DataConfig)
+    weights: str = "auto"
+    image_size: int = backbones.AUTO_SIZE
+    hparams: HParams = field(default_factory=HParams)
+    seed: int = 42
+    register: bool = True
+    model_name: str = cars_ml.REGISTERED_MODEL_NAME
+    export_tflite: bool = True
+    benchmark_runs: int = 50
+    params_from: str = ""
+    storage: str = ""
+    run_name: str = ""
+    verbose: int | str = "auto"
+
+    def __post_init__(self) -> None:
+        spec = backbones.get_backbone(self.model)
+        backbones.resolve_image_size(spec, self.image_size)
+        backbones.validate_weights(self.weights)
+        if self.benchmark_runs < 1:
+            raise ValueError(f"benchmark_runs must be >= 1, got {self.benchmark_runs}")
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str
+    model_version: str | None
+
+
+def compile_inference(model: keras.Model, image_size: int):
+    """The batch-1 inference path serving uses: one traced graph, float32 pixels in [0, 255]."""
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+
+def _with_study_params(cfg: TrainConfig) -> TrainConfig:
+    """Replace hyperparameters with a finished study's best ones (``params_from``)."""
+    if not cfg.params_from:
+        return cfg
+    from cars_ml.tune_storage import best_params
+
+    best = best_params(cfg.params_from, cfg.storage or None)
+    known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
+    log.info("Training with the best params of study %r: %s", cfg.params_from, known)
+    return replace(cfg, hparams=replace(cfg.hparams, **known))
+
+
+def run_train(cfg: TrainConfig) -> TrainOutcome:
+    """Run the whole train step inside one MLflow run and return its outcome."""
+    tracking.check_tracking_server()
+    cfg = _with_study_params(cfg)
+    spec = backbones.get_backbone(cfg.model)
+    size = backbones.resolve_image_size(
+        spec, cfg.image_size, synthetic=cfg.data.data == "synthetic"
+    )
+    keras.utils.set_random_seed(cfg.seed)
+    # Build the backbone first: weights=imagenet must fail before any data is read or trained.
+    backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    splits = load_dataset(cfg.data)
+    tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-"}
+    with tracking.start_run(run_name=cfg.run_name or f"train-{cfg.model}", tags=tags) as run:
+        tracking.log_params(
+            {
+                "backbone": cfg.model,
+                "image_size": size,
+                "weights": cfg.weights,
+                "weights_used": weights_used,
+                "seed": cfg.seed,
+                "params_from": cfg.params_from or "-",
+                **splits.params(),
+                **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
+                **cfg.hparams.as_params(),
+            }
+        )
+        tracking.log_metrics(splits.summary())
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch)
+
+        result = fit(
+            splits, spec, size, backbone, weights_used, cfg.hparams,
+            seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
+        )  # fmt: skip
+        tracking.log_params({"training_mode": result.training_mode})
+        metrics = _evaluate_and_log(cfg, splits, result, size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.keras"
+            result.model.save(path)
+            metrics["model_size_mb"] = benchmark.file_size_mb(path)
+        metrics["num_params"] = float(result.model.count_params())
+        infer = compile_inference(result.model, size)
+        metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
+        if cfg.export_tflite:
+            metrics.update(_export(cfg, splits, result.model, size, metrics["test_f1_macro"]))
+        tracking.log_metrics(metrics)
+        info = tracking.log_classifier_model(result.model, list(splits.class_names), size)
+        version = None
+        if cfg.register:
+            tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
+            mv = tracking.register_model(info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags})
+            version = str(mv.version)
+            tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
+        _print_summary(cfg, metrics, version)
+        return TrainOutcome(run.info.run_id, metrics, info.model_uri, version)
+
+
+def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
+    batch = cfg.hparams.batch_size
+    names = list(splits.class_names)
+    val_probs = predict_probabilities(result.model, make_dataset(splits.val, size, batch, training=False))
+    test_probs = predict_probabilities(result.model, make_dataset(splits.test, size, batch, training=False))
+    test_labels = labels_of(splits.test)
+    metrics = {"val_f1_macro": evaluate.macro_f1(labels_of(splits.val), val_probs)}
+    metrics.update(evaluate.classification_metrics(test_labels, test_probs, "test"))
+    preds = test_probs.argmax(axis=1)
+    tracking.log_figure(evaluate.confusion_matrix_figure(test_labels, preds, names), "confusion_matrix.png")
+    tracking.log_figure(evaluate.training_curves_figure(result.history), "training_curves.png")
+    tracking.log_table(evaluate.per_class_report(test_labels, preds, names), "per_class_report")
+    return metrics
+
+
+def _export(cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: float) -> dict:
+    from cars_ml.data.pipeline import load_images_array
+    from cars_ml.export import edge_metrics
+
+    rng = np.random.default_rng(cfg.seed)
+    pool = list(splits.train)
+    picks = rng.choice(len(pool), size=min(100, len(pool)), replace=False)
+    rep = load_images_array([pool[i] for i in picks], size)
+    test_images = load_images_array(list(splits.test), size)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, paths = edge_metrics(
+            model, rep, test_images, labels_of(splits.test), float_f1, Path(tmp)
+        )
+        for path in paths.values():
+            tracking.log_artifact(path, "tflite")
+    return metrics
+
+
+def _print_summary(cfg: TrainConfig, metrics: dict[str, float], version: str | None) -> None:
+    keys = [k for k in (*METRIC_SCHEMA, "tflite_int8_size_mb", "int8_f1_drop") if k in metrics]
+    lines = [f"  {k:<24} {metrics[k]:.4f}" for k in keys]
+    where = f"registered as {cfg.model_name} v{version}" if version else "not registered"
+    print(f"\n[train] {cfg.model}: {where}\n" + "\n".join(lines), flush=True)

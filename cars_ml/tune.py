@@ -1,0 +1,202 @@
+"""The ``tune`` step: one Optuna study per invocation, one parent MLflow run, nested trial runs.
+
+Data is loaded once per process; with a pretrained frozen backbone, features are computed
+once and cached on disk, and trials train heads on them. Storage is any Optuna RDB URL, so
+several processes or machines can share one study (PostgreSQL), and re-running resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import optuna
+
+from cars_ml import backbones, search_space, tracking
+from cars_ml.data import DataConfig, load_dataset
+from cars_ml.tune_objective import Objective, trial_summary
+from cars_ml.tune_storage import best_trial, default_storage, open_storage
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("median", "hyperband", "none", "threshold:<min val_f1_macro>")
+OBJECTIVES = {"f1": "maximize", "latency": "minimize"}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything the ``tune`` entry point controls (budget knobs included)."""
+
+    model: str = "mobilenet"
+    data: DataConfig = field(default_factory=DataConfig)
+    n_trials: int = 10
+    timeout_s: float = 0.0
+    storage: str = ""
+    study_name: str = ""
+    pruner: str = "median"
+    objectives: str = "f1"
+    image_size: int = backbones.AUTO_SIZE
+    weights: str = "auto"
+    seed: int = 42
+    max_epochs: int = 5
+    fine_tune_epochs: int = 0
+    cached_features: bool = True
+    pins: tuple[tuple[str, object], ...] = ()
+    latency_runs: int = 20
+
+    def __post_init__(self) -> None:
+        backbones.get_backbone(self.model)
+        backbones.validate_weights(self.weights)
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials}.")
+        if self.timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0 (0 = no limit), got {self.timeout_s}.")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        make_pruner(self.pruner, self.max_epochs)
+        unknown = [o for o in self.objective_names if o not in OBJECTIVES]
+        if unknown or not self.objective_names or self.objective_names[0] != "f1":
+            raise ValueError(
+                f"objectives={self.objectives!r} is not valid; use 'f1' or 'f1,latency'."
+            )
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.strip() for o in self.objectives.split(",") if o.strip()]
+
+
+def make_pruner(spec: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """median, hyperband, none, or threshold:X (prune a trial whose F1 falls below X)."""
+    if spec == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if spec == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
+    if spec == "none":
+        return optuna.pruners.NopPruner()
+    if spec.startswith("threshold:"):
+        try:
+            return optuna.pruners.ThresholdPruner(lower=float(spec.split(":", 1)[1]))
+        except ValueError:
+            pass
+    raise ValueError(f"Unknown pruner {spec!r}; choose one of {', '.join(PRUNERS)}.")
+
+
+def default_study_name(cfg: TuneConfig, size: int) -> str:
+    data = "synthetic" if cfg.data.data == "synthetic" else Path(cfg.data.data).name or "data"
+    suffix = "-mo" if len(cfg.objective_names) > 1 else ""
+    return f"{cfg.model}-{data}-{size}px{suffix}"
+
+
+def run_tune(cfg: TuneConfig) -> optuna.Study:
+    """Run (or resume) the study; returns it after logging the parent run."""
+    tracking.check_tracking_server()
+    storage_url = cfg.storage or default_storage()
+    storage = open_storage(storage_url)  # Fails fast on a bad or unreachable URL.
+    spec = backbones.get_backbone(cfg.model)
+    size = backbones.resolve_image_size(spec, cfg.image_size, synthetic=cfg.data.data == "synthetic")
+    name = cfg.study_name or default_study_name(cfg, size)
+    multi = len(cfg.objective_names) > 1
+    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.seed) if multi
+               else optuna.samplers.TPESampler(seed=cfg.seed))  # fmt: skip
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        pruner=make_pruner(cfg.pruner, cfg.max_epochs),
+        directions=[OBJECTIVES[o] for o in cfg.objective_names],
+        load_if_exists=True,
+    )
+    _close_stale(study)
+    splits = load_dataset(cfg.data)  # Once per process, never inside the objective.
+    backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    features = None
+    tags = {"step": "tune", "backbone": cfg.model, "study_name": name}
+    with tracking.start_run(run_name=f"tune-{name}", tags=tags):
+        use_cache = cfg.cached_features and weights_used != "random" and cfg.fine_tune_epochs == 0
+        if use_cache:
+            from cars_ml.features import cached_features
+            from cars_ml.serving.layers import ImagePreprocess
+
+            features, hit = cached_features(backbone, ImagePreprocess(spec.preprocess), splits,
+                                            name=cfg.model, image_size=size, weights_used=weights_used)  # fmt: skip
+            tracking.set_tags({"feature_cache": "hit" if hit else "computed"})
+        tracking.log_params(
+            {"backbone": cfg.model, "image_size": size, "weights_used": weights_used,
+             "study_name": name, "storage": storage_url, "n_trials": cfg.n_trials,
+             "timeout_s": cfg.timeout_s, "pruner": cfg.pruner, "objectives": cfg.objectives,
+             "max_epochs": cfg.max_epochs, "trial_mode": "cached_head" if use_cache else "end_to_end",
+             "pins": dict(cfg.pins), **splits.params()}  # fmt: skip
+        )
+        objective = Objective(cfg, splits, spec, size, weights_used, features)
+        objective.backbone_for_latency = backbone
+        before = len(study.trials)
+        study.optimize(
+            objective,
+            n_trials=cfg.n_trials,
+            timeout=cfg.timeout_s or None,
+            catch=(Exception,),
+            callbacks=[trial_summary],
+            show_progress_bar=True,
+        )
+        _log_study(study, before, multi)
+    keras.backend.clear_session()
+    return study
+
+
+def _close_stale(study: optuna.Study) -> None:
+    """Fail trials whose worker died (no heartbeat) and close their MLflow runs as KILLED."""
+    optuna.storages.fail_stale_trials(study)
+    stale = [t.user_attrs["mlflow_run_id"] for t in study.trials
+             if t.state == optuna.trial.TrialState.FAIL and "mlflow_run_id" in t.user_attrs]  # fmt: skip
+    closed = tracking.close_stale_runs(stale)
+    if closed:
+        log.warning("Closed %d MLflow trial run(s) left RUNNING by a dead worker", len(closed))
+
+
+def _log_study(study: optuna.Study, before: int, multi: bool) -> None:
+    """Best params/value, trial table and plots on the parent run."""
+    frame = study.trials_dataframe()
+    states = frame["state"].value_counts().to_dict() if len(frame) else {}
+    tracking.log_metrics({"trials_total": len(study.trials), "trials_this_run": len(study.trials) - before,
+                          **{f"trials_{k.lower()}": v for k, v in states.items()}})  # fmt: skip
+    tracking.log_table(frame.astype(str), "trials")
+    try:
+        best = best_trial(study)
+    except ValueError as exc:
+        log.warning("%s", exc)
+        tracking.set_tags({"best_trial": "none"})
+        return
+    tracking.log_params({f"best_{k}": v for k, v in best.params.items()})
+    tracking.log_metrics({"best_val_f1_macro": best.values[0]})
+    tracking.set_tags({"best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+                       "best_trial_number": str(best.number)})  # fmt: skip
+    _log_plots(study, multi)
+    print(f"[tune] study {study.study_name}: {len(study.trials)} trials, best val_f1_macro="
+          f"{best.values[0]:.4f} (trial {best.number}) params={best.params}", flush=True)  # fmt: skip
+
+
+def _log_plots(study: optuna.Study, multi: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from optuna.visualization import matplotlib as oplt
+
+    target = (lambda t: t.values[0]) if multi else None
+    plots = {
+        "optimization_history.png": lambda: oplt.plot_optimization_history(
+            study, target=target, target_name="val_f1_macro"),
+        "param_importances.png": lambda: oplt.plot_param_importances(
+            study, target=target, target_name="val_f1_macro"),
+    }  # fmt: skip
+    if multi:
+        plots["pareto_front.png"] = lambda: oplt.plot_pareto_front(
+            study, target_names=["val_f1_macro", "latency_ms_p50"]
+        )
+    for name, make in plots.items():
+        try:
+            axes = make()
+            tracking.log_figure(axes.figure, name)
+        except Exception as exc:  # Too few trials for a plot is normal in small studies.
+            log.warning("Skipped %s: %s", name, exc)
