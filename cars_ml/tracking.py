@@ -190,3 +190,95 @@ def log_table(frame, name: str, artifact_path: str | None = None) -> None:
 
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_text(redact(json.dumps(data, indent=2, default=str)), artifact_file)
+
+
+# --- Serving model: log, register, load (owner: serving) ---------------------------------------
+
+
+def log_classifier_model(model, class_names, image_size: int, *, name: str = "model"):
+    """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
+
+    Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
+    ``labels.json``, ``serving_config.json``) plus a copy of the ``cars_ml`` package as code, so
+    ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
+    """
+    import shutil
+
+    from cars_ml.serving import package
+
+    if mlflow.active_run() is None:
+        raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = package.write_model_artifacts(model, class_names, image_size, Path(tmp) / "a")
+        # Copy the package without caches so the logged model carries only source files.
+        code_dir = Path(tmp) / "code" / "cars_ml"
+        shutil.copytree(
+            Path(cars_ml.__file__).resolve().parent,
+            code_dir,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=package.MODEL_CODE_PATH,
+            artifacts=artifacts,
+            code_paths=[str(code_dir)],
+            signature=package.model_signature(),
+            input_example=package.input_example(),
+            pip_requirements=package.pip_requirements(),
+        )
+
+
+def register_model(model_uri: str, name: str, tags: Mapping[str, Any] | None = None):
+    """Register ``model_uri`` as a new version of ``name`` and tag it; returns the ModelVersion."""
+    version = mlflow.register_model(model_uri, name)
+    client = mlflow.MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version.version, key, redact(value)[:5000])
+    return client.get_model_version(name, version.version)
+
+
+def load_pyfunc(model_uri: str):
+    """Load a logged or registered pyfunc model (``models:/name@alias``, ``runs:/...``, a path)."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def check_model_uri(model_uri: str) -> None:
+    """Fail fast with a clear message when a ``models:/name@alias`` URI does not resolve."""
+    match = re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", model_uri)
+    if not match:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version_by_alias(match["name"], match["alias"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(
+            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message}. Train and "
+            "register a model, run `mlflow run . -e promote` to set the alias, or pass model_uri."
+        ) from exc
+
+
+def close_stale_runs(run_ids, status: str = "KILLED") -> list[str]:
+    """End runs left RUNNING by a killed process (e.g. a tuning worker); returns those closed."""
+    client = mlflow.MlflowClient()
+    closed = []
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "error", "worker died; closed on resume")
+                client.set_terminated(run_id, status=status)
+                closed.append(run_id)
+        except mlflow.exceptions.MlflowException:
+            log.warning("Could not close stale run %s", run_id)
+    return closed
+
+
+def find_finished_run(tags: Mapping[str, str]) -> Any | None:
+    """The newest FINISHED run in the current experiment carrying all ``tags`` (for reuse)."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = mlflow.search_runs(
+        filter_string=" and ".join(clauses + ["attributes.status = 'FINISHED'"]),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None

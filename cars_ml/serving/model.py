@@ -1,0 +1,211 @@
+"""The served pyfunc model: base64 images in, class names and probabilities out.
+
+It loads a Keras model in safe mode, its class names and its serving config, and runs inference
+through one traced ``tf.function`` (several times faster than ``model.predict`` or eager calls
+at batch 1, see ../shared/FACTS.md). Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``,
+which ``mlflow models serve`` answers with HTTP 400 and keeps serving.
+
+Output, one row per image: ``label`` (class name), ``class_id`` (0-based index into the class
+names stored with the model, ``labels.json``; NOT the 1-based Stanford Cars devkit id),
+``probability`` (of that class) and ``top_k`` (list of ``{"label", "probability"}``, best first,
+``k = min(top_k, num_classes)``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from cars_ml.serving.decode import Limits, RequestError, prepare_batch
+
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ("label", "class_id", "probability", "top_k")
+DEFAULT_TOP_K = 5
+# Images per forward pass: bounds activation memory for large requests without hurting speed.
+INFERENCE_CHUNK = 32
+
+
+class BadRequest(MlflowException):
+    """A rejected request: ``mlflow models serve`` answers it with HTTP 400 and this message.
+
+    The scoring server rewrites the message of any ``MlflowException`` from ``predict`` to
+    ``"Failed to predict data '<repr of the whole request>'. Error: <message>"``; for a refused
+    10 MB image that echoes megabytes of base64 back to the client and buries the reason. This
+    class keeps its own message when a rewrite only adds such a prefix.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        previous = getattr(self, "_message", None)
+        self._message = previous if previous is not None and value.endswith(previous) else value
+
+
+def _bad_request(message: str) -> BadRequest:
+    return BadRequest(message)
+
+
+def _check_columns(columns: list[str]) -> None:
+    if INPUT_COLUMN not in columns:
+        raise _bad_request(
+            f"missing column 'image' (got columns {columns}); send "
+            '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}} or '
+            '{"inputs": {"image": ["<base64>"]}}.'
+        )
+    extra = [c for c in columns if c != INPUT_COLUMN]
+    if extra:
+        raise _bad_request(
+            f"unexpected column(s) {extra}; the model takes exactly one column 'image' "
+            "holding base64-encoded JPEG or PNG bytes."
+        )
+
+
+def _column_values(frame: pd.DataFrame) -> list:
+    _check_columns([str(c) for c in frame.columns])
+    return frame[INPUT_COLUMN].tolist()
+
+
+def extract_images(model_input: Any) -> list:
+    """The list of request values from a DataFrame, a ``{"image": [...]}`` dict or a list."""
+    if isinstance(model_input, pd.DataFrame):
+        return _column_values(model_input)
+    if isinstance(model_input, dict):
+        _check_columns([str(k) for k in model_input])
+        values = model_input[INPUT_COLUMN]
+        if isinstance(values, str):
+            return [values]
+        if isinstance(values, (list, tuple, np.ndarray, pd.Series)):
+            return list(np.asarray(values, dtype=object).reshape(-1))
+        raise _bad_request(
+            f"'image' must be a list of base64 strings, got {type(values).__name__}."
+        )
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist()
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        values = list(np.asarray(model_input, dtype=object).reshape(-1))
+        if values and all(isinstance(v, dict) for v in values):
+            return _column_values(pd.DataFrame(values))
+        return values
+    raise _bad_request(
+        f"unsupported input type {type(model_input).__name__}; send a DataFrame with one column "
+        "'image' of base64 strings."
+    )
+
+
+class CarsClassifier(mlflow.pyfunc.PythonModel):
+    """Stanford Cars classifier as an MLflow pyfunc (models-from-code, see model_code.py)."""
+
+    def load_context(self, context) -> None:
+        artifacts = context.artifacts
+        self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"])
+
+    def load(self, model_path: str, labels_path: str, config_path: str) -> None:
+        """Load the three artifacts written by ``package.write_model_artifacts``."""
+        import keras
+
+        import cars_ml.serving.layers  # noqa: F401 -- registers ImagePreprocess for safe mode
+
+        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+        class_names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        self.setup(
+            model,
+            class_names,
+            int(config["image_size"]),
+            top_k=int(config.get("top_k", DEFAULT_TOP_K)),
+            limits=Limits(**config.get("limits", {})),
+        )
+
+    def setup(
+        self,
+        model,
+        class_names: Sequence[str],
+        image_size: int,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        limits: Limits | None = None,
+    ) -> CarsClassifier:
+        """Wire an in-memory Keras model (also used by benchmarks to time the serving path)."""
+        import tensorflow as tf
+
+        num_classes = int(model.output_shape[-1])
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {num_classes} outputs; "
+                "pass the class names the model was trained with."
+            )
+        self.model = model
+        self.class_names = [str(c) for c in class_names]
+        self.image_size = int(image_size)
+        self.top_k = max(1, min(int(top_k), num_classes))
+        self.limits = limits or Limits()
+        spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def infer(x):
+            return model(x, training=False)
+
+        self._infer = infer
+        # Trace once now, so the first request does not pay for graph construction.
+        self._infer(tf.zeros([1, self.image_size, self.image_size, 3], tf.float32))
+        return self
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities ``(n, num_classes)`` for uint8 RGB images ``(n, s, s, 3)``."""
+        import tensorflow as tf
+
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must have shape (n, {expected}), got {images.shape}.")
+        chunks = [
+            self._infer(tf.constant(images[i : i + INFERENCE_CHUNK], tf.float32)).numpy()
+            for i in range(0, len(images), INFERENCE_CHUNK)
+        ]
+        if not chunks:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(chunks, axis=0)
+
+    def format_predictions(self, probabilities: np.ndarray) -> pd.DataFrame:
+        """One output row per image (see module docstring for the columns)."""
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
+        best = order[:, 0]
+        rows = np.arange(len(probabilities))
+        top_k = [
+            [
+                {"label": self.class_names[j], "probability": float(probabilities[i, j])}
+                for j in order[i]
+            ]
+            for i in rows
+        ]
+        return pd.DataFrame(
+            {
+                "label": [self.class_names[j] for j in best],
+                "class_id": best.astype(np.int64),
+                "probability": probabilities[rows, best].astype(np.float64),
+                "top_k": top_k,
+            }
+        )
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Classify base64 images (column ``image``); bad input raises a 400-mapped error."""
+        values = extract_images(model_input)
+        try:
+            pixels = prepare_batch(values, self.image_size, self.limits)
+        except RequestError as exc:
+            raise _bad_request(str(exc)) from None
+        return self.format_predictions(self.predict_images(pixels))

@@ -1,0 +1,125 @@
+"""What a logged serving model consists of: artifacts, signature, input example, requirements.
+
+``tracking.log_classifier_model`` puts these together with ``mlflow.pyfunc.log_model``; this
+module only builds plain values and files, it logs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+from PIL import Image
+
+from cars_ml.serving.decode import Limits
+from cars_ml.serving.model import DEFAULT_TOP_K, INPUT_COLUMN
+
+# The models-from-code file that ``mlflow.pyfunc.log_model(python_model=...)`` records.
+MODEL_CODE_PATH = str(Path(__file__).resolve().with_name("model_code.py"))
+SERVING_CONFIG_VERSION = 1
+
+
+def write_model_artifacts(
+    model,
+    class_names: list[str],
+    image_size: int,
+    out_dir: str | Path,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    limits: Limits | None = None,
+) -> dict[str, str]:
+    """Save ``model.keras``, ``labels.json`` and ``serving_config.json`` into ``out_dir``.
+
+    Returns the ``artifacts`` mapping for ``mlflow.pyfunc.log_model`` (key -> local path).
+    """
+    num_outputs = int(model.output_shape[-1])
+    if len(class_names) != num_outputs:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {num_outputs} outputs; pass the "
+            "class names of the dataset the model was trained on, in class-id order."
+        )
+    expected_input = (None, image_size, image_size, 3)
+    if tuple(model.input_shape) != expected_input:
+        raise ValueError(
+            f"model input shape {model.input_shape} does not match image_size={image_size}; "
+            f"expected {expected_input}."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "model": out / "model.keras",
+        "labels": out / "labels.json",
+        "serving_config": out / "serving_config.json",
+    }
+    model.save(paths["model"])
+    paths["labels"].write_text(json.dumps([str(c) for c in class_names], indent=1), "utf-8")
+    config = {
+        "format_version": SERVING_CONFIG_VERSION,
+        "image_size": int(image_size),
+        "top_k": int(top_k),
+        "limits": asdict(limits or Limits()),
+        "input_dtype": "uint8 RGB pixels resized to image_size x image_size (PIL bilinear)",
+    }
+    paths["serving_config"].write_text(json.dumps(config, indent=2), "utf-8")
+    return {key: str(path) for key, path in paths.items()}
+
+
+def model_signature() -> ModelSignature:
+    """Output schema of the served model (``top_k`` is a real list of label/probability objects).
+
+    The input schema is deliberately left out: MLflow's schema enforcement silently DROPS
+    columns it does not know and coerces types before ``predict`` sees them, so an extra column
+    or a number in ``image`` could not be refused with a 400. ``CarsClassifier.predict``
+    validates the input itself; ``input_example()`` documents the format.
+    """
+    top_item = Object([Property("label", "string"), Property("probability", "double")])
+    outputs = Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("long", "class_id"),
+            ColSpec("double", "probability"),
+            ColSpec(Array(top_item), "top_k"),
+        ]
+    )
+    return ModelSignature(inputs=None, outputs=outputs)
+
+
+def tiny_png_base64(size: int = 8, colour: tuple[int, int, int] = (128, 64, 32)) -> str:
+    """A small solid-colour PNG, base64-encoded: an input example and a smoke-test request."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def input_example() -> pd.DataFrame:
+    """One-row DataFrame with column ``image`` holding a base64 PNG."""
+    return pd.DataFrame({INPUT_COLUMN: [tiny_png_base64()]})
+
+
+def _version(*names: str) -> tuple[str, str]:
+    for name in names:
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    raise ValueError(f"none of {names} is installed; install the serving requirements.")
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what serving needs, read from the running environment."""
+    groups = (
+        ("mlflow",),
+        ("tensorflow-cpu", "tensorflow"),
+        ("keras",),
+        ("pillow",),
+        ("numpy",),
+        ("pandas",),
+    )
+    return [f"{name}=={version}" for name, version in (_version(*group) for group in groups)]

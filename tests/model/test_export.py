@@ -1,0 +1,80 @@
+"""TFLite export: the int8 file agrees with the float model, and the logged numbers recompute."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from serving_helpers import SIZE, colour_classifier, colour_images
+from sklearn.metrics import f1_score
+
+from cars_ml import tracking
+from cars_ml.export import (
+    EDGE_METRIC_NAMES,
+    LiteRTRunner,
+    edge_metrics,
+    evaluate_tflite,
+    export_tflite,
+    measure_latency_ms,
+)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, names = colour_classifier()
+    test_images, test_labels = colour_images(90, seed=7)
+    float_probs = model.predict(test_images.astype("float32"), verbose=0)
+    float_f1 = f1_score(test_labels, float_probs.argmax(1), average="macro")
+    assert float_f1 > 0.9, "the tiny colour model should have learned its task"
+    return model, names, test_images, test_labels, float_probs, float_f1
+
+
+def test_int8_agrees_with_float_and_logged_drop_recomputes(trained, tracking_uri, tmp_path):
+    model, _, test_images, test_labels, float_probs, float_f1 = trained
+    rep, _ = colour_images(60, seed=3)
+    metrics, paths = edge_metrics(
+        model, rep, test_images, test_labels, float_f1, tmp_path / "tflite", latency_runs=10
+    )
+    assert list(metrics) == list(EDGE_METRIC_NAMES)
+    assert metrics["int8_agreement"] >= 0.95
+    # A model this small is dominated by quantization metadata, so only check the sizes are real.
+    assert metrics["tflite_int8_size_mb"] == pytest.approx(paths["int8"].stat().st_size / 1e6)
+    assert metrics["tflite_float32_size_mb"] == pytest.approx(paths["float32"].stat().st_size / 1e6)
+    assert all(np.isfinite(v) for v in metrics.values())
+
+    # Log as the train step does, read back, and recompute from the exported file itself.
+    with tracking.start_run("export-test") as run:
+        tracking.log_metrics(metrics)
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    int8 = LiteRTRunner(paths["int8"])
+    recomputed_f1 = evaluate_tflite(int8, test_images, test_labels)["f1_macro"]
+    assert logged["int8_f1_drop"] == pytest.approx(float_f1 - recomputed_f1, abs=1e-9)
+    assert logged["tflite_int8_test_f1_macro"] == pytest.approx(recomputed_f1, abs=1e-9)
+    agreement = np.mean(int8.predict(test_images).argmax(1) == float_probs.argmax(1))
+    assert logged["int8_agreement"] == pytest.approx(agreement, abs=1e-9)
+
+
+def test_runners_take_uint8_pixels_and_return_probabilities(trained, tmp_path):
+    model, _, test_images, _, float_probs, _ = trained
+    rep, _ = colour_images(30, seed=4)
+    paths = export_tflite(model, tmp_path, rep)
+    for kind, tolerance in (("float32", 1e-4), ("int8", 0.1)):
+        runner = LiteRTRunner(paths[kind], num_threads=1)
+        probs = runner.predict(test_images[:37], batch_size=16)  # several and a ragged batch
+        assert probs.shape == (37, 3) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=0.05)
+        np.testing.assert_allclose(probs, float_probs[:37], atol=tolerance)
+        single = runner.predict(test_images[:1])
+        np.testing.assert_allclose(single, probs[:1], atol=1e-6)
+        latency = measure_latency_ms(runner, test_images[0], n=5)
+        assert 0 < latency["p50"] <= latency["p95"]
+    int8 = LiteRTRunner(paths["int8"])
+    assert np.dtype(int8._input["dtype"]) == np.uint8  # documented choice: uint8 in, uint8 out
+
+
+def test_bad_arrays_are_refused(trained, tmp_path):
+    model = trained[0]
+    with pytest.raises(ValueError, match="must be uint8 RGB pixels"):
+        export_tflite(model, tmp_path, np.zeros((2, SIZE, SIZE, 3), np.float32))
+    with pytest.raises(ValueError, match="non-empty uint8 array"):
+        export_tflite(model, tmp_path, np.zeros((0, SIZE, SIZE, 3), np.uint8))
