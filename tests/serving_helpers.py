@@ -78,3 +78,19 @@ def sample_photos(shared_data: Path) -> list[Path]:
     photos = sorted((shared_data / "samples").glob("*.jpg"))
     assert len(photos) == 3, f"expected 3 sample photos in {shared_data / 'samples'}"
     return photos
+
+
+def register_champion(model, class_names, size: int = SIZE, name: str = "stanford-cars-classifier"):
+    """Log ``model`` as the serving pyfunc, register it and point the ``champion`` alias at it.
+
+    The alias is set with ``MlflowClient`` directly: this is test set-up, not promotion.
+    """
+    import mlflow
+
+    from cars_ml import tracking
+
+    with tracking.start_run("serving-e2e"):
+        info = tracking.log_classifier_model(model, class_names, size)
+    version = tracking.register_model(info.model_uri, name, {"test": "serving"})
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
+    return version

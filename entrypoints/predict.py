@@ -1,0 +1,31 @@
+"""MLproject entry point `predict`: classify every image in a folder into a CSV."""
+
+from _common import parser, positive_int, run_main
+
+from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME
+
+
+def build_parser():
+    p = parser("Run a registered model over a folder of images (recursively) and write a CSV.")
+    p.add_argument("--images", default="", help="folder of .jpg/.jpeg/.png/.bmp/.webp (required)")
+    p.add_argument(
+        "--model_uri", default=f"models:/{REGISTERED_MODEL_NAME}@{CHAMPION_ALIAS}", help="model"
+    )
+    p.add_argument("--output", default="predictions.csv", help="CSV path to write")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per model call")
+    return p
+
+
+def main() -> None:
+    from cars_ml.predict import PredictConfig, run_predict
+
+    a = build_parser().parse_args()
+    run_predict(
+        PredictConfig(
+            images=a.images, model_uri=a.model_uri, output=a.output, batch_size=a.batch_size
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

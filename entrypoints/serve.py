@@ -1,0 +1,36 @@
+"""MLproject entry point `serve`: serve a registered model with `mlflow models serve`."""
+
+from _common import parser, positive_int, run_main
+
+from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME
+
+
+def build_parser():
+    p = parser("Serve a registered model (default: the champion) over HTTP with MLflow.")
+    p.add_argument("--model_name", default=REGISTERED_MODEL_NAME, help="registered model name")
+    p.add_argument("--alias", default=CHAMPION_ALIAS, help="registry alias to serve")
+    p.add_argument("--model_uri", default="", help="overrides name and alias when set")
+    p.add_argument("--port", type=positive_int, default=5001)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes")
+    return p
+
+
+def main() -> None:
+    from cars_ml.serve import ServeConfig, serve
+
+    a = build_parser().parse_args()
+    serve(
+        ServeConfig(
+            model_name=a.model_name,
+            alias=a.alias,
+            model_uri=a.model_uri,
+            port=a.port,
+            host=a.host,
+            workers=a.workers,
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,80 @@
+"""`predict` over a folder: real photos get class names, a corrupt file is named, exit status 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from serving_helpers import CAR_NAMES, register_champion, sample_photos, tiny_mobilenet
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def folder(tracking_uri, tmp_path, shared_data, monkeypatch):
+    """Three real photos (one in a subfolder with an upper-case suffix) and one corrupt file."""
+    monkeypatch.chdir(tmp_path)
+    register_champion(tiny_mobilenet(), CAR_NAMES)
+    images = tmp_path / "my photos"
+    (images / "sub dir").mkdir(parents=True)
+    photos = sample_photos(shared_data)
+    shutil.copy(photos[0], images / photos[0].name)
+    shutil.copy(photos[1], images / "sub dir" / "second.JPG")
+    shutil.copy(photos[2], images / "third.jpeg")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (images / "notes.txt").write_text("not an image, ignored by suffix")
+    return images
+
+
+def run_entry(args: list[str], tracking_uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "entrypoints" / "predict.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, tracking_uri, tmp_path):
+    output = tmp_path / "out" / "predictions.csv"
+    result = run_entry(["--images", str(folder), "--output", str(output)], tracking_uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    frame = pd.read_csv(output, keep_default_na=False)
+    assert list(frame.columns) == ["file", "label", "class_id", "probability", "top5", "error"]
+    assert sorted(frame["file"]) == sorted(
+        ["03198.jpg", "sub dir/second.JPG", "third.jpeg", "broken.png"]
+    )
+    good = frame[frame["error"] == ""]
+    assert len(good) == 3
+    assert set(good["label"]) <= set(CAR_NAMES)
+    assert all(len(t.split("; ")) == 3 and ":" in t for t in good["top5"])
+    bad = frame[frame["file"] == "broken.png"].iloc[0]
+    assert bad["label"] == "" and "image" in bad["error"].lower()
+    assert "broken.png" in result.stdout and "3 of 4 images classified" in result.stdout
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'predict'")
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.num_errors"] == 1
+    artifacts = mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])
+    assert [a.path for a in artifacts] == ["predictions.csv"]
+
+
+def test_predict_refuses_a_missing_folder_and_a_missing_champion(tracking_uri, tmp_path):
+    result = run_entry(["--images", str(tmp_path / "nope")], tracking_uri)
+    assert result.returncode == 2 and "is not a folder" in result.stderr
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    result = run_entry(["--images", str(tmp_path / "imgs")], tracking_uri)
+    assert result.returncode == 2
+    assert "models:/stanford-cars-classifier@champion does not resolve" in result.stderr

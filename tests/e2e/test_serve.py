@@ -1,0 +1,148 @@
+"""`mlflow models serve` on the registered champion: real photos in, class names out, bad input 400."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+from serving_helpers import CAR_NAMES, b64_file, register_champion, sample_photos, tiny_mobilenet
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(port: int, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=data,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_until_up(proc: subprocess.Popen, port: int, log_path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"server not up after {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.fixture()
+def server(tracking_uri, tmp_path, monkeypatch):
+    """The champion served on a free port; the whole process group is killed afterwards."""
+    monkeypatch.chdir(tmp_path)
+    register_champion(tiny_mobilenet(), CAR_NAMES)
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+               "models:/stanford-cars-classifier@champion", "--env-manager", "local",
+               "-p", str(port)]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            command,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until_up(proc, port, log_path)
+        yield port, proc
+    finally:
+        # Kill the whole group: the MLflow CLI and the uvicorn server it started.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+def test_serves_real_photos_and_refuses_bad_input_with_400(server, shared_data):
+    port, proc = server
+    photos = [b64_file(p) for p in sample_photos(shared_data)]
+    good_requests = [
+        {"dataframe_split": {"columns": ["image"], "data": [[p] for p in photos]}},
+        {"inputs": {"image": photos}},
+    ]
+    for body in good_requests:
+        status, answer = post(port, body)
+        assert status == 200, answer
+        predictions = answer["predictions"]
+        assert len(predictions) == 3
+        for prediction in predictions:
+            assert prediction["label"] in CAR_NAMES
+            assert CAR_NAMES[prediction["class_id"]] == prediction["label"]
+            assert 0.0 <= prediction["probability"] <= 1.0
+            assert [item["label"] for item in prediction["top_k"]][0] == prediction["label"]
+
+    bomb = png_b64(Image.new("1", (10_000, 10_000)))  # ~16 KB on the wire, 100 megapixels
+    too_big = base64.b64encode(os.urandom(11 * 1024 * 1024)).decode()
+    tiny = png_b64(Image.new("RGB", (4, 4)))
+    bad_requests = {
+        "image 0: not an image": {"inputs": {"image": [base64.b64encode(b"hello").decode()]}},
+        "image 1: invalid base64": {"inputs": {"image": [photos[0], "%%% not base64 %%%"]}},
+        "missing column 'image'": {"dataframe_split": {"columns": ["img"], "data": [[photos[0]]]}},
+        "unexpected column(s) ['extra']": {
+            "dataframe_split": {"columns": ["image", "extra"], "data": [[photos[0], 1]]}
+        },
+        "image 0: expected a base64-encoded image string, got int": {
+            "dataframe_split": {"columns": ["image"], "data": [[5]]}
+        },
+        "over the limit of 10485760 bytes": {"inputs": {"image": [too_big]}},
+        "decompression bomb protection": {"inputs": {"image": [bomb]}},
+        "empty request": {"inputs": {"image": []}},
+        "too many images in one request: 65 > max_images_per_request=64": {
+            "inputs": {"image": [tiny] * 65}
+        },
+    }
+    for message, body in bad_requests.items():
+        status, answer = post(port, body)
+        assert status == 400, (message, answer)
+        assert message in answer["message"], answer["message"][:500]
+        # The reason comes back on its own, not after an echo of megabytes of request.
+        assert len(answer["message"]) < 1000, answer["message"][:300]
+    status, answer = post(port, b"")
+    assert status == 400 and "valid JSON" in answer["message"]
+
+    status, answer = post(port, {"inputs": {"image": photos[:1]}})
+    assert status == 200 and answer["predictions"][0]["label"] in CAR_NAMES
+    assert proc.poll() is None, "the server must keep running"
