@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -22,6 +23,7 @@ from serving_helpers import CAR_NAMES, b64_file, register_champion, sample_photo
 pytestmark = pytest.mark.e2e
 
 START_TIMEOUT_S = 120
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -146,3 +148,39 @@ def test_serves_real_photos_and_refuses_bad_input_with_400(server, shared_data):
     status, answer = post(port, {"inputs": {"image": photos[:1]}})
     assert status == 200 and answer["predictions"][0]["label"] in CAR_NAMES
     assert proc.poll() is None, "the server must keep running"
+
+
+def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    entry = [sys.executable, str(ROOT / "entrypoints" / "serve.py")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    missing = subprocess.run([*entry, "--port", "5999"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "models:/stanford-cars-classifier@champion does not resolve" in missing.stderr
+
+    register_champion(tiny_mobilenet(), CAR_NAMES)
+    port = free_port()
+    log_path = tmp_path / "serve-entry.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*entry, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_up(proc, port, log_path)
+        # Signal only the entry-point process: it became the MLflow CLI, which must take the
+        # uvicorn server down with it.
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+            except OSError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the server still answers after SIGTERM to the serve entry point")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
