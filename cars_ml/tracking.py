@@ -119,11 +119,11 @@ def start_run(
     """
     active = mlflow.active_run()
     resume_env = not nested and active is None and os.environ.get("MLFLOW_RUN_ID")
-    if nested and active is None and parent_run_id is None:
-        nested = False
+    # A step started while another run is active (the pipeline) becomes its child run.
+    nested = active is not None or parent_run_id is not None
     run = mlflow.start_run(
         run_name=None if resume_env else run_name,
-        nested=nested or parent_run_id is not None,
+        nested=nested,
         parent_run_id=parent_run_id,
         tags={**base_tags(), **{k: redact(v) for k, v in (tags or {}).items()}},
     )

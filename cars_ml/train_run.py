@@ -54,6 +54,7 @@ class TrainConfig:
     params_from: str = ""
     storage: str = ""
     run_name: str = ""
+    run_tags: dict[str, str] = field(default_factory=dict)
     verbose: int | str = "auto"
 
     def __post_init__(self) -> None:
@@ -102,7 +103,8 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     # Build the backbone first: weights=imagenet must fail before any data is read or trained.
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
     splits = load_dataset(cfg.data)
-    tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-"}
+    tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-",
+            **cfg.run_tags}  # fmt: skip
     with tracking.start_run(run_name=cfg.run_name or f"train-{cfg.model}", tags=tags) as run:
         tracking.log_params(
             {
@@ -127,6 +129,9 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
         )  # fmt: skip
         tracking.log_params({"training_mode": result.training_mode})
+        # A fresh functional wrapper shares the trained layers but not the optimizer state,
+        # so the saved and served model is the inference graph only (a third of the bytes).
+        result.model = keras.Model(result.model.inputs, result.model.outputs, name=result.model.name)
         metrics = _evaluate_and_log(cfg, splits, result, size)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"

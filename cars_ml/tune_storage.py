@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,20 +41,28 @@ def open_storage(url: str | None) -> RDBStorage:
     engine_kwargs = {"pool_pre_ping": True}
     if scheme.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 5}
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-        )
-    except Exception as exc:  # SQLAlchemy raises many types; all mean "cannot use this storage".
-        raise ValueError(
-            f"Cannot open Optuna storage {redact(url)}: {type(exc).__name__}: "
-            f"{redact(str(exc)).splitlines()[0]}. Check the URL, that the database server "
-            "runs and accepts connections, and that its driver (e.g. psycopg2) is installed."
-        ) from exc
+    error: Exception | None = None
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            )
+        except Exception as exc:  # SQLAlchemy raises many types; all mean "cannot use it".
+            error = exc
+            # Workers starting together race to create Optuna's tables; the loser retries.
+            if isinstance(exc, ImportError) or "could not connect" in str(exc).lower():
+                break
+            log.info("Opening storage failed (attempt %d): %s; retrying", attempt + 1, exc)
+            time.sleep(1.0 + attempt)
+    raise ValueError(
+        f"Cannot open Optuna storage {redact(url)}: {type(error).__name__}: "
+        f"{redact(str(error)).splitlines()[0]}. Check the URL, that the database server "
+        "runs and accepts connections, and that its driver (e.g. psycopg) is installed."
+    ) from error
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

@@ -1,0 +1,165 @@
+"""The ``main`` step: tune -> train (export, benchmark, register) per backbone, then promote.
+
+A parent ``pipeline`` run holds each step as a child run and logs the comparison of all
+backbones. A backbone whose inputs (code, parameters, dataset fingerprint) match a finished
+earlier run is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+import cars_ml
+from cars_ml import backbones, tracking
+from cars_ml.data import DataConfig, load_dataset
+from cars_ml.promote import PromotionConfig
+from cars_ml.train import HParams
+
+log = logging.getLogger(__name__)
+
+COMPARISON_COLUMNS = (
+    "test_f1_macro", "test_accuracy", "latency_ms_p50", "latency_ms_p95", "model_size_mb",
+    "tflite_int8_size_mb", "int8_f1_drop", "num_params",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole comparison; demo budgets apply only to the synthetic data."""
+
+    models: tuple[str, ...] = backbones.ORIGINAL_BACKBONES
+    data: DataConfig = field(default_factory=DataConfig)
+    n_trials: int = 2
+    max_epochs: int = 2
+    storage: str = ""
+    image_size: int = backbones.AUTO_SIZE
+    weights: str = "auto"
+    hparams: HParams = field(default_factory=lambda: HParams(epochs=3, fine_tune_epochs=1))
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    model_name: str = cars_ml.REGISTERED_MODEL_NAME
+    reuse: bool = True
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models is empty; pass e.g. models=mobilenet,resnet.")
+        for name in self.models:
+            backbones.get_backbone(name)
+
+
+def code_version() -> str:
+    """A hash of the library's source, so a code change invalidates reused steps."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(cars_ml.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def step_key(cfg: PipelineConfig, model: str, fingerprint: str) -> str:
+    """Key of one backbone's tune+train: code version, its parameters and the dataset."""
+    inputs = {
+        "code": code_version(), "model": model, "fingerprint": fingerprint,
+        "n_trials": cfg.n_trials, "max_epochs": cfg.max_epochs, "image_size": cfg.image_size,
+        "weights": cfg.weights, "hparams": asdict(cfg.hparams), "data": asdict(cfg.data),
+        "seed": cfg.seed, "storage": tracking.redact(cfg.storage), "model_name": cfg.model_name,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
+    """Run the comparison and promotion; returns the comparison table."""
+    from cars_ml.promotion_run import run_promote
+    from cars_ml.train_run import TrainConfig, run_train
+    from cars_ml.tune import TuneConfig, run_tune
+
+    tracking.check_tracking_server()
+    started = time.perf_counter()
+    splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
+    rows = []
+    with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
+        tracking.log_params({"models": ",".join(cfg.models), "n_trials": cfg.n_trials,
+                             "max_epochs": cfg.max_epochs, "weights": cfg.weights,
+                             **splits.params()})  # fmt: skip
+        for model in cfg.models:
+            key = step_key(cfg, model, splits.fingerprint)
+            previous = tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
+            if previous is not None:
+                print(f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True)
+                metrics, run_id, version = previous.data.metrics, previous.info.run_id, previous.data.tags.get("model_version")
+                reused = True
+            else:
+                study = run_tune(TuneConfig(
+                    model=model, data=cfg.data, n_trials=cfg.n_trials, storage=cfg.storage,
+                    image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
+                    max_epochs=cfg.max_epochs, study_name=f"pipeline-{model}-{key[:8]}"))  # fmt: skip
+                outcome = run_train(TrainConfig(
+                    model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
+                    hparams=cfg.hparams, seed=cfg.seed, model_name=cfg.model_name,
+                    params_from=study.study_name, storage=cfg.storage, verbose=2,
+                    run_tags={"pipeline_step_key": key}))  # fmt: skip
+                metrics, run_id, version, reused = outcome.metrics, outcome.run_id, outcome.model_version, False
+            rows.append({"backbone": model, "run_id": run_id, "model_version": version,
+                         "reused": reused, **{c: metrics.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
+        decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
+        table = pd.DataFrame(rows)
+        table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
+        _log_comparison(table)
+        wall = time.perf_counter() - started
+        tracking.log_metrics({"pipeline_wall_s": wall})
+        _print_report(table, decision, wall, parent.info.experiment_id)
+    return table
+
+
+def _log_comparison(table: pd.DataFrame) -> None:
+    tracking.log_table(table, "comparison")
+    for row in table.itertuples():
+        tracking.log_metrics({f"{row.backbone}_{c}": getattr(row, c) for c in ("test_f1_macro", "latency_ms_p50")
+                              if getattr(row, c) is not None})  # fmt: skip
+    tracking.log_figure(comparison_figure(table), "f1_vs_latency.png")
+
+
+def comparison_figure(table: pd.DataFrame):
+    """Test macro-F1 against batch-1 latency; point size by model size, champion ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    data = table.dropna(subset=["test_f1_macro", "latency_ms_p50"])
+    sizes = 30 + 8 * data["model_size_mb"].fillna(1).astype(float)
+    ax.scatter(data["latency_ms_p50"], data["test_f1_macro"], s=sizes, alpha=0.6)
+    for row in data.itertuples():
+        ax.annotate(row.backbone, (row.latency_ms_p50, row.test_f1_macro), fontsize=8,
+                    xytext=(5, 5), textcoords="offset points")  # fmt: skip
+    champ = data[data["champion"]]
+    ax.scatter(champ["latency_ms_p50"], champ["test_f1_macro"], s=400, facecolors="none",
+               edgecolors="red", linewidths=2, label="champion")  # fmt: skip
+    ax.set_xlabel("batch-1 latency p50 (ms)")
+    ax.set_ylabel("test macro-F1")
+    ax.set_title("Backbones: accuracy against edge latency (point size = model MB)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _print_report(table: pd.DataFrame, decision, wall: float, experiment_id: str) -> None:
+    cols = ["backbone", "model_version", *COMPARISON_COLUMNS, "reused", "champion"]
+    print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\n[pipeline] champion: version {decision.new_champion} ({decision.reason})")
+    print(f"[pipeline] finished in {wall:.0f} s")
+    uri = tracking.tracking_uri()
+    print("\nOpen the MLflow UI:\n"
+          f"  mlflow ui --backend-store-uri {tracking.redact(uri)}  # then http://127.0.0.1:5000/#/experiments/{experiment_id}\n"
+          "Serve the champion:\n"
+          f"  MLFLOW_TRACKING_URI={tracking.redact(uri)} mlflow models serve "
+          f"-m models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS} --env-manager local -p 5001",
+          flush=True)  # fmt: skip
+

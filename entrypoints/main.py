@@ -1,0 +1,64 @@
+"""MLproject entry point `main`: the whole comparison (tune, train, export, register, promote)."""
+
+from _common import non_negative_int, parser, positive_int, run_main, str2bool
+from promote import budget
+from train import image_size
+
+from cars_ml.backbones import ORIGINAL_BACKBONES
+from cars_ml.promote import Budgets
+
+_BUDGETS = Budgets()
+
+
+def build_parser():
+    p = parser("Tune, train, export and register each backbone, then promote the edge champion.")
+    p.add_argument("--models", default=",".join(ORIGINAL_BACKBONES), help="comma-separated")
+    p.add_argument("--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder")
+    p.add_argument("--n_trials", type=positive_int, default=2, help="tuning trials per backbone")
+    p.add_argument("--max_epochs", type=positive_int, default=2, help="epochs per tuning trial")
+    p.add_argument("--epochs", type=positive_int, default=3, help="final training: head epochs")
+    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=1)
+    p.add_argument("--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)")
+    p.add_argument("--image_size", type=image_size, default=-1, help="auto, 0=native or px")
+    p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
+    p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")
+    p.add_argument("--max_latency_ms", type=budget, default=_BUDGETS.max_latency_ms)
+    p.add_argument("--max_size_mb", type=budget, default=_BUDGETS.max_size_mb)
+    p.add_argument("--max_int8_f1_drop", type=budget, default=_BUDGETS.max_int8_f1_drop)
+    p.add_argument("--reuse", type=str2bool, default=True, help="reuse steps with the same inputs")
+    p.add_argument("--seed", type=non_negative_int, default=42)
+    return p
+
+
+def main() -> None:
+    from cars_ml.data import DataConfig
+    from cars_ml.pipeline import PipelineConfig, run_pipeline
+    from cars_ml.promote import PromotionConfig
+    from cars_ml.train import HParams
+
+    a = build_parser().parse_args()
+    run_pipeline(
+        PipelineConfig(
+            models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
+            data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class),
+            n_trials=a.n_trials,
+            max_epochs=a.max_epochs,
+            storage=a.storage,
+            image_size=a.image_size,
+            weights=a.weights,
+            hparams=HParams(epochs=a.epochs, fine_tune_epochs=a.fine_tune_epochs),
+            promotion=PromotionConfig(
+                budgets=Budgets(
+                    max_latency_ms=a.max_latency_ms,
+                    max_size_mb=a.max_size_mb,
+                    max_int8_f1_drop=a.max_int8_f1_drop,
+                )
+            ),
+            reuse=a.reuse,
+            seed=a.seed,
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,59 @@
+"""The project's own files agree: MLproject vs entry-point parsers, conda.yaml vs pyproject pins."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "entrypoints"))
+
+MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+ENTRY_POINTS = MLPROJECT["entry_points"]
+
+
+def _script(entry: dict) -> str:
+    match = re.search(r"python entrypoints/(\w+)\.py", entry["command"])
+    assert match, f"command does not run an entry-point script: {entry['command']}"
+    return match.group(1)
+
+
+def test_required_top_level_layout():
+    for name in ("MLproject", "conda.yaml", "README.md", "cars_ml", "entrypoints", "tests", "deploy",
+                 "pyproject.toml", ".ci/run"):  # fmt: skip
+        assert (ROOT / name).exists(), f"{name} is missing"
+    assert MLPROJECT["conda_env"] == "conda.yaml"
+    for sub in ("code", "data", "model", "e2e"):
+        assert (ROOT / "tests" / sub).is_dir()
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_mlproject_matches_the_entry_point_parser(name):
+    entry = ENTRY_POINTS[name]
+    parser = importlib.import_module(_script(entry)).build_parser()
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    params = entry.get("parameters", {})
+    assert set(params) == set(options), f"{name}: MLproject and parser disagree"
+    for key, spec in params.items():
+        assert "type" in spec and "default" in spec, f"{name}.{key} needs a type and a default"
+        assert f"--{key} {{{key}}}" in entry["command"], f"{name}.{key} missing from the command"
+        # The MLproject default, parsed like MLflow would pass it, equals the parser's default.
+        action = options[key]
+        raw = str(spec["default"])
+        parsed = action.type(raw) if action.type else raw
+        assert parsed == action.default, f"{name}.{key}: MLproject {raw!r} vs parser {action.default!r}"
+
+
+def test_conda_pins_match_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    pins = [p for p in pip_section if not p.startswith("-e")]
+    assert sorted(pins) == sorted(project)
+    assert all("==" in p for p in project), "every runtime dependency is pinned"

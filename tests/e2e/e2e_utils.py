@@ -1,0 +1,24 @@
+"""Helpers for end-to-end tests (importable: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_entry(script: str, *args: str, env: dict, timeout: float = 600, check: bool = True):
+    """Run ``entrypoints/<script>.py`` as a real subprocess; returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "entrypoints" / f"{script}.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
