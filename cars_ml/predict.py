@@ -142,7 +142,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
                         values.append(None)
                 rows.extend(_predict_batch(model, names, values, errors))
                 bar.update(len(batch))
-        pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(output, index=False)
+        table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+        # Nullable integers keep class ids as 7, not 7.0, next to the empty cells of bad files.
+        table.astype({"class_id": "Int64"}).to_csv(output, index=False)
         tracking.log_metrics({"num_images": len(files), "num_errors": len(errors)})
         tracking.log_artifact(output)
     if errors:

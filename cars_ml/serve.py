@@ -2,14 +2,17 @@
 
 The process replaces itself (``os.execvp``) with the MLflow CLI, so signals (Ctrl-C, SIGTERM from
 ``mlflow run`` or a supervisor) reach the server directly; MLflow in turn makes its uvicorn child
-die with it (``PR_SET_PDEATHSIG``).
+die with it (``PR_SET_PDEATHSIG``). Under ``mlflow run`` the server also stops when ``mlflow run``
+itself is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -71,11 +74,29 @@ def serve_command(cfg: ServeConfig) -> list[str]:
     ]
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux to SIGTERM this process (and so the server it becomes) when its parent dies.
+
+    ``mlflow run`` does not pass SIGTERM on to its child: killing it would orphan a server that
+    keeps the port. The setting survives ``exec``. Only used under ``mlflow run``, so a server
+    started from a shell with ``nohup`` still outlives that shell.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError as exc:
+        log.warning("Could not tie the server's life to mlflow run (%s).", exc)
+
+
 def serve(cfg: ServeConfig) -> None:
     """Fail fast if the tracking server or the model is missing, then exec the MLflow server."""
     tracking.check_tracking_server()
     tracking.check_model_uri(cfg.uri)
     command = serve_command(cfg)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        _stop_with_parent()
     log.info("Serving %s on http://%s:%d (POST /invocations)", cfg.uri, cfg.host, cfg.port)
     sys.stdout.flush()
     sys.stderr.flush()

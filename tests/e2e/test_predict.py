@@ -58,6 +58,10 @@ def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, tracking_u
     good = frame[frame["error"] == ""]
     assert len(good) == 3
     assert set(good["label"]) <= set(CAR_NAMES)
+    assert all(
+        CAR_NAMES[int(c)] == label for c, label in zip(good["class_id"], good["label"], strict=True)
+    )
+    assert "." not in "".join(good["class_id"].astype(str))
     assert all(len(t.split("; ")) == 3 and ":" in t for t in good["top5"])
     bad = frame[frame["file"] == "broken.png"].iloc[0]
     assert bad["label"] == "" and "image" in bad["error"].lower()
