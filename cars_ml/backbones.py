@@ -94,7 +94,7 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 AUTO_SIZE = -1
-DEMO_IMAGE_SIZE = 96
+DEMO_IMAGE_SIZE = 64
 
 
 def resolve_image_size(spec: BackboneSpec, image_size: int, *, synthetic: bool = False) -> int:

@@ -149,8 +149,17 @@ def active_run_id() -> str | None:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params (stringified, secrets scrubbed)."""
-    mlflow.log_params({k: redact(v)[:6000] for k, v in params.items()})
+    """Log params (stringified, secrets scrubbed).
+
+    ``mlflow run`` has already logged the MLproject parameters as the user typed them; MLflow
+    forbids changing a param, so keys already on the run keep that value. Resolved values are
+    logged under their own names (``image_size_px``, ``weights_used``).
+    """
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: redact(v)[:6000] for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -23,6 +23,7 @@ from cars_ml.evaluate import macro_f1
 
 log = logging.getLogger(__name__)
 
+BN_MOMENTUM_FROM_SCRATCH = 0.8
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -191,6 +192,12 @@ def fit(
         # Random features are useless frozen: train every layer, BatchNorm included, in one phase.
         mode = "end_to_end"
         backbone.trainable = True
+        # From scratch, BatchNorm's moving statistics must catch up within a short run: at the
+        # default momentum (0.99) they stay near their initial values and inference collapses
+        # to one constant prediction.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = BN_MOMENTUM_FROM_SCRATCH
         run_phase(hp.epochs + hp.fine_tune_epochs, hp.learning_rate, 0, "end_to_end")
     else:
         mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"

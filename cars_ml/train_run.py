@@ -109,7 +109,8 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         tracking.log_params(
             {
                 "backbone": cfg.model,
-                "image_size": size,
+                "image_size": "auto" if cfg.image_size == backbones.AUTO_SIZE else cfg.image_size,
+                "image_size_px": size,
                 "weights": cfg.weights,
                 "weights_used": weights_used,
                 "seed": cfg.seed,

@@ -123,7 +123,7 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                                             name=cfg.model, image_size=size, weights_used=weights_used)  # fmt: skip
             tracking.set_tags({"feature_cache": "hit" if hit else "computed"})
         tracking.log_params(
-            {"backbone": cfg.model, "image_size": size, "weights_used": weights_used,
+            {"backbone": cfg.model, "image_size_px": size, "weights_used": weights_used,
              "study_name": name, "storage": storage_url, "n_trials": cfg.n_trials,
              "timeout_s": cfg.timeout_s, "pruner": cfg.pruner, "objectives": cfg.objectives,
              "max_epochs": cfg.max_epochs, "trial_mode": "cached_head" if use_cache else "end_to_end",

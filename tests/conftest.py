@@ -29,6 +29,8 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Artifacts of a SQLite store default to ./mlruns: keep them in the test's folder.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)

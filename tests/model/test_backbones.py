@@ -28,7 +28,7 @@ def test_image_size_below_minimum_is_refused_with_the_minimum():
         backbones.resolve_image_size(spec, 64)
     assert backbones.resolve_image_size(spec, 0) == 299
     assert backbones.resolve_image_size(spec, backbones.AUTO_SIZE) == 299
-    assert backbones.resolve_image_size(spec, backbones.AUTO_SIZE, synthetic=True) == 96
+    assert backbones.resolve_image_size(spec, backbones.AUTO_SIZE, synthetic=True) == 75
 
 
 def test_imagenet_strict_fails_fast_naming_the_cache(monkeypatch, tmp_path):
