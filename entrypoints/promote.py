@@ -1,0 +1,70 @@
+"""Entry point `promote`: move the `champion` alias to the best version within edge budgets.
+
+python entrypoints/promote.py [--max_latency_ms 100] [--dry_run true] [--rollback true]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import fraction, parser, run_main, str2bool
+
+from cars_ml import REGISTERED_MODEL_NAME
+from cars_ml.promote import RANKING_METRICS, SIZE_METRICS, Budgets, PromotionConfig
+from cars_ml.promotion_run import run_promote
+
+_DEFAULTS = Budgets()
+_OFF = {"none", "off", "inf", ""}
+
+
+def budget(value: str) -> float | None:
+    """A budget >= 0, or none/off to switch the budget off."""
+    if str(value).strip().lower() in _OFF:
+        return None
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or none), got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model_name", default=REGISTERED_MODEL_NAME)
+    p.add_argument("--metric", default="test_f1_macro", choices=RANKING_METRICS)
+    p.add_argument(
+        "--max_latency_ms", type=budget, default=_DEFAULTS.max_latency_ms, help="on latency_ms_p95"
+    )
+    p.add_argument(
+        "--max_size_mb", type=budget, default=_DEFAULTS.max_size_mb, help="on size_metric"
+    )
+    p.add_argument("--size_metric", default=_DEFAULTS.size_metric, choices=SIZE_METRICS)
+    p.add_argument("--max_int8_f1_drop", type=budget, default=_DEFAULTS.max_int8_f1_drop)
+    p.add_argument("--min_improvement", type=fraction, default=0.0)
+    p.add_argument("--dry_run", type=str2bool, default=False)
+    p.add_argument("--rollback", type=str2bool, default=False)
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    budgets = Budgets(
+        max_latency_ms=args.max_latency_ms,
+        max_size_mb=args.max_size_mb,
+        max_int8_f1_drop=args.max_int8_f1_drop,
+        size_metric=args.size_metric,
+    )
+    config = PromotionConfig(
+        metric=args.metric,
+        min_improvement=args.min_improvement,
+        dry_run=args.dry_run,
+        rollback=args.rollback,
+        budgets=budgets,
+    )
+    try:
+        run_promote(config, args.model_name)
+    except TimeoutError as exc:  # another promote holds the lock: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from exc
+
+
+if __name__ == "__main__":
+    run_main(main)
