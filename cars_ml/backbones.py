@@ -6,7 +6,6 @@ are used. Nothing here knows about MLflow or Optuna.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import keras
 
 from cars_ml.serving.layers import ImagePreprocess
 
-log = logging.getLogger(__name__)
 
 KERAS_CACHE = Path.home() / ".keras" / "models"
 
@@ -158,7 +156,6 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str) -> tuple[k
         if weights == "imagenet":
             raise ValueError(hint) from exc
     message = f"WEIGHTS: {hint} Falling back to RANDOM initialisation (weights=auto)."
-    log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)
     return _construct(spec, image_size, None), "random"
 

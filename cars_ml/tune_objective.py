@@ -112,7 +112,9 @@ class Objective:
 
     def _train_full(self, trial: optuna.Trial, params: dict):
         """Train backbone and head end to end (random weights, or fine-tuning trials)."""
-        backbone, _ = backbones.build_backbone(self.spec, self.size, self.cfg.weights)
+        # The study already resolved the weights; do not retry a failed download per trial.
+        weights = "none" if self.weights_used == "random" else self.cfg.weights
+        backbone, _ = backbones.build_backbone(self.spec, self.size, weights)
         known = {k: v for k, v in params.items() if k in HParams.__dataclass_fields__}
         hp = HParams(epochs=self.cfg.max_epochs, fine_tune_epochs=self.cfg.fine_tune_epochs,
                      patience=self.cfg.max_epochs, **known)  # fmt: skip

@@ -86,6 +86,6 @@ def run_main(main) -> None:
     setup_logging()
     try:
         main()
-    except (ValueError, ConnectionError, FileNotFoundError) as exc:
+    except (ValueError, ConnectionError, FileNotFoundError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
