@@ -15,7 +15,6 @@ import keras
 
 from cars_ml.serving.layers import ImagePreprocess
 
-
 KERAS_CACHE = Path.home() / ".keras" / "models"
 
 

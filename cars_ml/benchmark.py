@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 
-def percentiles_ms(fn: Callable[[], object], *, warmup: int = 5, runs: int = 50) -> dict[str, float]:
+def percentiles_ms(
+    fn: Callable[[], object], *, warmup: int = 5, runs: int = 50
+) -> dict[str, float]:
     """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; p50/p95/mean in milliseconds."""
     if runs <= 0:
         raise ValueError(f"runs must be > 0, got {runs}")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 
 def _figure(**kwargs):
@@ -45,7 +50,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, prefix: str) -
 def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
     """Macro F1 over the classes present in ``labels`` (the per-epoch validation score)."""
     preds = probs.argmax(axis=1)
-    return float(f1_score(labels, preds, average="macro", labels=np.unique(labels), zero_division=0))
+    return float(
+        f1_score(labels, preds, average="macro", labels=np.unique(labels), zero_division=0)
+    )
 
 
 def per_class_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]) -> pd.DataFrame:

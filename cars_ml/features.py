@@ -50,7 +50,10 @@ def cached_features(
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Train/val features and labels, from disk when present; returns ``(arrays, was_cached)``."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir() / "features"
-    path = folder / f"{name}-{image_size}-{cache_key(name, image_size, weights_used, splits.fingerprint)}.npz"
+    path = (
+        folder
+        / f"{name}-{image_size}-{cache_key(name, image_size, weights_used, splits.fingerprint)}.npz"
+    )
     if path.exists():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}, True

@@ -91,8 +91,15 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             key = step_key(cfg, model, splits.fingerprint)
             previous = tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
             if previous is not None:
-                print(f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True)
-                metrics, run_id, version = previous.data.metrics, previous.info.run_id, previous.data.tags.get("model_version")
+                print(
+                    f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)",
+                    flush=True,
+                )
+                metrics, run_id, version = (
+                    previous.data.metrics,
+                    previous.info.run_id,
+                    previous.data.tags.get("model_version"),
+                )
                 reused = True
             else:
                 study = run_tune(TuneConfig(
@@ -104,7 +111,12 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                     hparams=cfg.hparams, seed=cfg.seed, model_name=cfg.model_name,
                     params_from=study.study_name, storage=cfg.storage, verbose=2,
                     run_tags={"pipeline_step_key": key}))  # fmt: skip
-                metrics, run_id, version, reused = outcome.metrics, outcome.run_id, outcome.model_version, False
+                metrics, run_id, version, reused = (
+                    outcome.metrics,
+                    outcome.run_id,
+                    outcome.model_version,
+                    False,
+                )
             rows.append({"backbone": model, "run_id": run_id, "model_version": version,
                          "reused": reused, **{c: metrics.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
@@ -162,4 +174,3 @@ def _print_report(table: pd.DataFrame, decision, wall: float, experiment_id: str
           f"  MLFLOW_TRACKING_URI={tracking.redact(uri)} mlflow models serve "
           f"-m models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS} --env-manager local -p 5001",
           flush=True)  # fmt: skip
-

@@ -291,3 +291,65 @@ def find_finished_run(tags: Mapping[str, str]) -> Any | None:
         output_format="list",
     )
     return runs[0] if runs else None
+
+
+def log_new_params(params: Mapping[str, Any]) -> None:
+    """Log only the params the active run does not have yet.
+
+    ``mlflow run`` logs the MLproject parameters as the user typed them (``true``, ``42``);
+    logging the parsed value under the same key (``True``) would raise, so those are kept.
+    """
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    log_params({k: v for k, v in params.items() if k not in existing})
+
+
+# --- Benchmark: a throwaway registry for serving a freshly built model (owner: perf) ----------
+
+
+def register_in_scratch_store(
+    model, class_names, image_size: int, folder: str | Path, *, name: str = "benchmark-model"
+) -> tuple[str, str, str]:
+    """Save ``model`` as the serving pyfunc and register it in a new SQLite store in ``folder``.
+
+    Only an explicit client touches the scratch store: the tracking URI, the active run and the
+    experiment in force are left alone, so it can be called while a benchmark run is open.
+    Returns ``(tracking_uri, model_uri, local_model_path)``: serve ``model_uri`` with
+    ``MLFLOW_TRACKING_URI=tracking_uri``; load ``local_model_path`` in this process.
+    """
+    import shutil
+
+    from cars_ml.serving import package
+
+    root = Path(folder).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Artifacts go beside the database, never into ./mlruns of the working directory.
+    experiment_id = client.create_experiment(
+        "scratch", artifact_location=(root / "artifacts").as_uri()
+    )
+    run = client.create_run(experiment_id, run_name="scratch-model", tags=base_tags())
+    local = root / "model"
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = package.write_model_artifacts(model, class_names, image_size, Path(tmp) / "a")
+        code_dir = Path(tmp) / "code" / "cars_ml"
+        shutil.copytree(
+            Path(cars_ml.__file__).resolve().parent,
+            code_dir,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        mlflow.pyfunc.save_model(
+            path=str(local),
+            python_model=package.MODEL_CODE_PATH,
+            artifacts=artifacts,
+            code_paths=[str(code_dir)],
+            signature=package.model_signature(),
+            input_example=package.input_example(),
+            pip_requirements=package.pip_requirements(),
+        )
+    client.log_artifacts(run.info.run_id, str(local), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
+    return uri, f"models:/{name}/{version.version}", str(local)

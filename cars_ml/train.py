@@ -8,6 +8,7 @@ is useless, so every layer trains from the first epoch in one phase.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -83,18 +84,29 @@ class FitResult:
 class ValidationF1(keras.callbacks.Callback):
     """Adds ``val_f1_macro`` to the epoch logs (for early stopping, pruning and MLflow)."""
 
-    def __init__(self, val_data: tf.data.Dataset, val_labels: np.ndarray, hook: EpochHook | None):
+    def __init__(
+        self,
+        val_data: tf.data.Dataset,
+        val_labels: np.ndarray,
+        hook: EpochHook | None,
+        smoothing: float = 0.0,
+    ):
         super().__init__()
         self.val_data = val_data
         self.val_labels = val_labels
+        self.smoothing = smoothing
         self.hook = hook
         self.phase = "head"
         self.history: list[dict[str, float]] = []
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs if logs is not None else {}
+        # One compiled forward pass gives F1, accuracy and loss; Keras' own validation would
+        # trace a second graph of the whole network.
         probs = predict_probabilities(self.model, self.val_data)
         logs["val_f1_macro"] = macro_f1(self.val_labels, probs)
+        logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.val_labels))
+        logs["val_loss"] = cross_entropy(self.val_labels, probs, self.smoothing)
         row = {
             "epoch": epoch,
             "phase": self.phase,
@@ -108,11 +120,37 @@ class ValidationF1(keras.callbacks.Callback):
             self.hook(epoch, row)
 
 
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_fn(model: keras.Model):
+    """The model's compiled batch inference (float32 pixels in [0, 255]), traced once per model.
+
+    Tracing a large backbone takes tens of seconds on a CPU, so every caller (per-epoch
+    validation, evaluation, benchmark) shares one function with a batch-agnostic signature.
+    """
+    fn = _INFERENCE.get(model)
+    if fn is None:
+        size = model.input_shape[1]
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        _INFERENCE[model] = fn
+    return fn
+
+
 def predict_probabilities(model: keras.Model, data: tf.data.Dataset) -> np.ndarray:
-    """Probabilities over a batched dataset through a compiled call (not eager per batch)."""
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    """Probabilities over a batched dataset through the model's compiled inference."""
+    infer = inference_fn(model)
     outputs = [infer(batch[0] if isinstance(batch, tuple) else batch).numpy() for batch in data]
     return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
+
+
+def cross_entropy(labels: np.ndarray, probs: np.ndarray, smoothing: float = 0.0) -> float:
+    """Mean categorical cross-entropy with label smoothing, as Keras computes the loss."""
+    n = probs.shape[1]
+    target = np.full(probs.shape, smoothing / n)
+    target[np.arange(len(labels)), labels] += 1.0 - smoothing
+    return float(-(target * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
 
 
 def labels_of(records: Sequence[ImageRecord]) -> np.ndarray:
@@ -156,7 +194,9 @@ def fit(
     """Train ``backbone`` + a new head on ``splits``; returns the best-weights model."""
     keras.utils.set_random_seed(seed)
     n = splits.num_classes
-    head = backbones.build_head(backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay)
+    head = backbones.build_head(
+        backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
+    )
     model = backbones.build_classifier(spec, image_size, backbone, head)
     train_ds = make_dataset(
         splits.train,
@@ -168,8 +208,7 @@ def fit(
     ).map(_one_hot(n))
     val_ds = make_dataset(splits.val, image_size, hp.batch_size, training=False)
     val_labels = labels_of(splits.val)
-    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook)
-    val_onehot = val_ds.map(_one_hot(n))
+    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing)
     weights = class_weights(labels_of(splits.train), n)
 
     def run_phase(epochs: int, lr: float, initial_epoch: int, phase: str) -> None:
@@ -180,7 +219,6 @@ def fit(
         )
         model.fit(
             train_ds,
-            validation_data=val_onehot,
             epochs=initial_epoch + epochs,
             initial_epoch=initial_epoch,
             class_weight=weights,
@@ -206,6 +244,8 @@ def fit(
         if hp.fine_tune_epochs > 0:
             unfrozen = backbones.set_fine_tune_layers(backbone, hp.unfreeze_fraction)
             log.info("Fine-tuning %d backbone layers (BatchNorm frozen)", unfrozen)
-            run_phase(hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune")
+            run_phase(
+                hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune"
+            )
     best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
     return FitResult(model, backbone, head, f1_cb.history, mode, best)

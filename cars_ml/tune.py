@@ -14,9 +14,10 @@ from pathlib import Path
 import keras
 import optuna
 
-from cars_ml import backbones, search_space, tracking
+from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
 from cars_ml.tune_objective import Objective, trial_summary
+from cars_ml.tune_sampler import make_sampler
 from cars_ml.tune_storage import best_trial, default_storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,13 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     storage_url = cfg.storage or default_storage()
     storage = open_storage(storage_url)  # Fails fast on a bad or unreachable URL.
     spec = backbones.get_backbone(cfg.model)
-    size = backbones.resolve_image_size(spec, cfg.image_size, synthetic=cfg.data.data == "synthetic")
+    size = backbones.resolve_image_size(
+        spec, cfg.image_size, synthetic=cfg.data.data == "synthetic"
+    )
     name = cfg.study_name or default_study_name(cfg, size)
     multi = len(cfg.objective_names) > 1
-    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.seed) if multi
-               else optuna.samplers.TPESampler(seed=cfg.seed))  # fmt: skip
+    # Seeded per trial number: parallel workers and resumed studies never repeat a draw.
+    sampler = make_sampler(cfg.seed, multi_objective=multi)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -123,11 +126,21 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                                             name=cfg.model, image_size=size, weights_used=weights_used)  # fmt: skip
             tracking.set_tags({"feature_cache": "hit" if hit else "computed"})
         tracking.log_params(
-            {"backbone": cfg.model, "image_size_px": size, "weights_used": weights_used,
-             "study_name": name, "storage": storage_url, "n_trials": cfg.n_trials,
-             "timeout_s": cfg.timeout_s, "pruner": cfg.pruner, "objectives": cfg.objectives,
-             "max_epochs": cfg.max_epochs, "trial_mode": "cached_head" if use_cache else "end_to_end",
-             "pins": dict(cfg.pins), **splits.params()}  # fmt: skip
+            {
+                "backbone": cfg.model,
+                "image_size_px": size,
+                "weights_used": weights_used,
+                "study_name": name,
+                "storage": storage_url,
+                "n_trials": cfg.n_trials,
+                "timeout_s": cfg.timeout_s,
+                "pruner": cfg.pruner,
+                "objectives": cfg.objectives,
+                "max_epochs": cfg.max_epochs,
+                "trial_mode": "cached_head" if use_cache else "end_to_end",
+                "pins": dict(cfg.pins),
+                **splits.params(),
+            }  # fmt: skip
         )
         objective = Objective(cfg, splits, spec, size, weights_used, features)
         objective.backbone_for_latency = backbone

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from cars_ml import backbones, benchmark, search_space, tracking
 from cars_ml.evaluate import macro_f1
-from cars_ml.train import HParams, class_weights, fit
+from cars_ml.train import HParams, class_weights, fit, inference_fn
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,21 @@ class Objective:
         start = time.perf_counter()
         with tracking.start_run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            tracking.log_params({**params, "trial_mode": "cached_head" if head_only else "end_to_end"})
+            tracking.log_params(
+                {**params, "trial_mode": "cached_head" if head_only else "end_to_end"}
+            )
             try:
-                f1, model = self._train_head(trial, params) if head_only else self._train_full(trial, params)
+                f1, model = (
+                    self._train_head(trial, params)
+                    if head_only
+                    else self._train_full(trial, params)
+                )
                 values = [f1]
                 metrics = {"final_val_f1_macro": f1}
                 if self.multi:
-                    infer = tf.function(lambda x: model(x, training=False))
-                    lat = benchmark.benchmark_inference(infer, self.size, runs=self.cfg.latency_runs)
+                    lat = benchmark.benchmark_inference(
+                        inference_fn(model), self.size, runs=self.cfg.latency_runs
+                    )
                     values.append(lat["latency_ms_p50"])
                     metrics["latency_ms_p50"] = lat["latency_ms_p50"]
                 metrics["trial_seconds"] = time.perf_counter() - start
@@ -107,7 +114,9 @@ class Objective:
                  class_weight=class_weights(f["train_y"], n))  # fmt: skip
         model = None
         if self.multi:
-            model = backbones.build_classifier(self.spec, self.size, self.backbone_for_latency, head)
+            model = backbones.build_classifier(
+                self.spec, self.size, self.backbone_for_latency, head
+            )
         return float(max(scores)), model
 
     def _train_full(self, trial: optuna.Trial, params: dict):
@@ -127,7 +136,11 @@ class Objective:
 
 def trial_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Print one line per finished trial (the progress bar shows the rest)."""
-    took = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else np.nan
+    took = (
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete
+        else np.nan
+    )
     value = "-" if trial.values is None else ", ".join(f"{v:.4f}" for v in trial.values)
     print(f"[tune] trial {trial.number} {trial.state.name} value={value} ({took:.1f}s) "
           f"params={trial.params}", flush=True)  # fmt: skip

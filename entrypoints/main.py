@@ -13,12 +13,16 @@ _BUDGETS = Budgets()
 def build_parser():
     p = parser("Tune, train, export and register each backbone, then promote the edge champion.")
     p.add_argument("--models", default=",".join(ORIGINAL_BACKBONES), help="comma-separated")
-    p.add_argument("--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder")
+    p.add_argument(
+        "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
+    )
     p.add_argument("--n_trials", type=positive_int, default=2, help="tuning trials per backbone")
     p.add_argument("--max_epochs", type=positive_int, default=2, help="epochs per tuning trial")
     p.add_argument("--epochs", type=positive_int, default=3, help="final training: head epochs")
     p.add_argument("--fine_tune_epochs", type=non_negative_int, default=1)
-    p.add_argument("--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)")
+    p.add_argument(
+        "--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)"
+    )
     p.add_argument("--image_size", type=image_size, default=-1, help="auto, 0=native or px")
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
     p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")

@@ -21,7 +21,9 @@ def image_size(value: str) -> int:
 def build_parser():
     p = parser("Train one backbone on Stanford Cars (or synthetic) and log it to MLflow.")
     p.add_argument("--model", default="mobilenet", help="backbone name")
-    p.add_argument("--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder")
+    p.add_argument(
+        "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
+    )
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
     p.add_argument("--image_size", type=image_size, default=AUTO_SIZE, help="auto, 0=native or px")
     p.add_argument("--epochs", type=positive_int, default=8, help="phase-1 (head) epochs")

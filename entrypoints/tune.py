@@ -13,10 +13,16 @@ from train import image_size
 def build_parser():
     p = parser("Tune one backbone's hyperparameters with Optuna (one parent run, nested trials).")
     p.add_argument("--model", default="mobilenet", help="backbone name")
-    p.add_argument("--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder")
+    p.add_argument(
+        "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
+    )
     p.add_argument("--n_trials", type=positive_int, default=10, help="trials for this worker")
-    p.add_argument("--timeout_s", type=float, default=0.0, help="stop after this many seconds (0: none)")
-    p.add_argument("--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)")
+    p.add_argument(
+        "--timeout_s", type=float, default=0.0, help="stop after this many seconds (0: none)"
+    )
+    p.add_argument(
+        "--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)"
+    )
     p.add_argument("--study_name", default="", help="empty: <model>-<data>-<size>px")
     p.add_argument("--pruner", default="median", help="median, hyperband, none or threshold:X")
     p.add_argument("--objectives", default="f1", help="f1, or f1,latency for NSGA-II")
@@ -42,8 +48,9 @@ def main() -> None:
     run_tune(
         TuneConfig(
             model=a.model,
-            data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class,
-                            max_classes=a.max_classes),  # fmt: skip
+            data=DataConfig(
+                data=a.data, seed=a.seed, max_per_class=a.max_per_class, max_classes=a.max_classes
+            ),  # fmt: skip
             n_trials=a.n_trials,
             timeout_s=a.timeout_s,
             storage=a.storage,

@@ -47,7 +47,9 @@ def test_mlproject_matches_the_entry_point_parser(name):
         action = options[key]
         raw = str(spec["default"])
         parsed = action.type(raw) if action.type else raw
-        assert parsed == action.default, f"{name}.{key}: MLproject {raw!r} vs parser {action.default!r}"
+        assert parsed == action.default, (
+            f"{name}.{key}: MLproject {raw!r} vs parser {action.default!r}"
+        )
 
 
 def test_conda_pins_match_pyproject():

@@ -10,13 +10,12 @@ import keras
 import mlflow
 import optuna
 import pytest
+from e2e_utils import ROOT, run_entry
 
 from cars_ml import backbones
 from cars_ml.data import DataConfig
 from cars_ml.tune import TuneConfig, run_tune
 from cars_ml.tune_storage import best_params
-
-from e2e_utils import ROOT, run_entry
 
 pytestmark = pytest.mark.e2e
 TINY = DataConfig(max_classes=4, max_per_class=12)

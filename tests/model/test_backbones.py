@@ -13,7 +13,12 @@ NAMES = sorted(backbones.BACKBONES)
 
 def test_table_has_the_original_seven_and_the_modern_four():
     assert set(backbones.ORIGINAL_BACKBONES) <= set(NAMES)
-    assert {"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0"} <= set(NAMES)
+    assert {
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_v2_b0",
+    } <= set(NAMES)
     assert len(NAMES) == 11
 
 
