@@ -11,6 +11,10 @@ class DataError(ValueError):
     """A dataset problem the user must fix; the message names the file and the fix."""
 
 
+class DataWarning(UserWarning):
+    """Something the user should know about a dataset that does not stop the run."""
+
+
 def default_cache_dir() -> Path:
     """Folder for generated data and cached features (``CARS_ML_CACHE`` overrides it)."""
     return Path(os.environ.get("CARS_ML_CACHE", Path.home() / ".cache" / "cars_ml"))
@@ -55,7 +59,9 @@ class DataConfig:
                 raise ValueError(f"{name}={value} must be between 0 and 0.5 (exclusive).")
         for name in ("max_classes", "max_per_class"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}.")
+                raise ValueError(
+                    f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}."
+                )
 
 
 @dataclass(frozen=True)
@@ -102,3 +108,21 @@ class DatasetSplits:
             "num_classes": str(self.num_classes),
             "test_split": self.test_source,
         }
+
+
+@dataclass
+class LayoutData:
+    """What a layout reader (Stanford Cars, image folder) found, before selection and splitting.
+
+    ``test`` is ``None`` when the layout has no labelled test set. ``bbox_fallback_paths`` are
+    images whose annotated box did not fit, so they are used whole.
+    """
+
+    layout: str
+    root: str
+    class_names: list[str]
+    train: list[ImageRecord]
+    test: list[ImageRecord] | None
+    test_source: str
+    skipped: list[str] = field(default_factory=list)
+    bbox_fallback_paths: set[str] = field(default_factory=set)

@@ -1,0 +1,117 @@
+"""The ``tf.data`` input pipeline: decode, crop, resize, cache, shuffle, augment, batch.
+
+Pixels stay RGB in [0, 255]: every model carries its own preprocessing layer
+(``cars_ml.serving.layers.ImagePreprocess``), so training, evaluation and serving feed the same
+values. Decoded images are cached as uint8 (a quarter of the float32 memory) and cast to float32
+per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cars_ml.data.types import ImageRecord
+
+AUTOTUNE = tf.data.AUTOTUNE
+NO_BOX = (-1, -1, -1, -1)
+
+
+def labels_array(records: Sequence[ImageRecord]) -> np.ndarray:
+    """The records' labels as an int32 vector."""
+    return np.asarray([r.label for r in records], dtype=np.int32)
+
+
+def _decode(path: tf.Tensor, box: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read one file, decode to 3 channels, crop to ``box`` if set, resize; uint8 (s, s, 3)."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+
+    def crop() -> tf.Tensor:
+        # Boxes are inclusive pixel coordinates, already clamped by the loader; clamp again so
+        # a file edited since loading cannot crash the pipeline.
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        x1 = tf.clip_by_value(box[0], 0, width - 1)
+        y1 = tf.clip_by_value(box[1], 0, height - 1)
+        x2 = tf.clip_by_value(box[2], x1, width - 1)
+        y2 = tf.clip_by_value(box[3], y1, height - 1)
+        return tf.image.crop_to_bounding_box(image, y1, x1, y2 - y1 + 1, x2 - x1 + 1)
+
+    image = tf.cond(box[0] >= 0, crop, lambda: image)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _decoded(records: Sequence[ImageRecord], image_size: int) -> tf.data.Dataset:
+    """Unbatched ``(uint8 image, int32 label)`` pairs in record order."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}.")
+    if not records:
+        raise ValueError("No records to build a dataset from; check the dataset split.")
+    paths = [r.path for r in records]
+    boxes = np.asarray([r.bbox or NO_BOX for r in records], dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, boxes, labels_array(records)))
+    return ds.map(
+        lambda path, box, label: (_decode(path, box, image_size), label),
+        num_parallel_calls=AUTOTUNE,
+    )
+
+
+def augmenter(strength: float, seed: int = 0) -> keras.Sequential:
+    """Flip, translation, zoom and contrast, each scaled by ``strength`` (0..1 typical)."""
+    if strength < 0:
+        raise ValueError(f"augment_strength must be >= 0, got {strength}.")
+    s = min(float(strength), 1.0)
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomTranslation(0.1 * s, 0.1 * s, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomZoom(0.2 * s, fill_mode="reflect", seed=seed + 2),
+            keras.layers.RandomContrast(0.3 * s, value_range=(0, 255), seed=seed + 3),
+        ],
+        name="augment",
+    )
+
+
+def make_dataset(
+    records: Sequence[ImageRecord],
+    image_size: int,
+    batch_size: int,
+    *,
+    training: bool,
+    augment_strength: float = 0.0,
+    shuffle_seed: int = 0,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """Batches of ``(float32 RGB images in [0, 255] (b, s, s, 3), int32 labels)``.
+
+    Training shuffles (seeded, reshuffled every epoch) and, with ``augment_strength > 0``,
+    augments after the cache so each epoch sees new variants. Evaluation keeps record order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if augment_strength < 0:
+        raise ValueError(f"augment_strength must be >= 0, got {augment_strength}.")
+    ds = _decoded(records, image_size)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(records), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if training and augment_strength > 0:
+        augment = augmenter(augment_strength, seed=shuffle_seed)
+        # Sequential on purpose: random ops in a parallel map draw in a racy order, which made
+        # augmentation irreproducible for a fixed seed. Each call is a whole vectorised batch.
+        ds = ds.map(lambda x, y: (augment(x, training=True), y))
+    return ds.prefetch(AUTOTUNE)
+
+
+def load_images_array(records: Sequence[ImageRecord], image_size: int) -> np.ndarray:
+    """All records decoded like the pipeline does, as uint8 ``(n, s, s, 3)`` in record order."""
+    if not records:
+        return np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+    batches = [x.numpy() for x, _ in _decoded(records, image_size).batch(256)]
+    return np.concatenate(batches, axis=0)
