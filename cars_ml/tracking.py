@@ -293,17 +293,6 @@ def find_finished_run(tags: Mapping[str, str]) -> Any | None:
     return runs[0] if runs else None
 
 
-def log_new_params(params: Mapping[str, Any]) -> None:
-    """Log only the params the active run does not have yet.
-
-    ``mlflow run`` logs the MLproject parameters as the user typed them (``true``, ``42``);
-    logging the parsed value under the same key (``True``) would raise, so those are kept.
-    """
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    log_params({k: v for k, v in params.items() if k not in existing})
-
-
 # --- Benchmark: a throwaway registry for serving a freshly built model (owner: perf) ----------
 
 
