@@ -189,18 +189,24 @@ def edge_metrics(
     out_dir: str | Path,
     *,
     latency_runs: int = 50,
+    keras_test_preds: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Export both files, then measure size, 1-thread latency, test macro-F1 and agreement.
 
     ``int8_f1_drop`` is ``float_test_f1`` (the Keras model's test macro-F1) minus the int8
-    file's; ``int8_agreement`` is the fraction of test images whose int8 top-1 class equals the
+    file's; ``keras_test_preds`` (top-1 classes of the Keras model on ``test_images``) saves a
+    second trace when given. ``int8_agreement`` is the fraction of test images whose int8 top-1 class equals the
     Keras model's.
     """
     test_images = _check_images(test_images, "test_images")
     if len(test_labels) != len(test_images):
         raise ValueError(f"{len(test_labels)} test labels for {len(test_images)} test images.")
     paths = export_tflite(model, out_dir, rep_images)
-    keras_preds = _keras_predictions(model, test_images)
+    # The caller usually has the Keras predictions already; tracing the model again for them
+    # costs seconds to minutes on large backbones.
+    keras_preds = (
+        keras_test_preds if keras_test_preds is not None else _keras_predictions(model, test_images)
+    )
     metrics: dict[str, float] = {}
     for kind, path in paths.items():
         runner = LiteRTRunner(path, num_threads=1)

@@ -36,12 +36,13 @@ class PipelineConfig:
 
     models: tuple[str, ...] = backbones.ORIGINAL_BACKBONES
     data: DataConfig = field(default_factory=DataConfig)
-    n_trials: int = 2
-    max_epochs: int = 2
+    n_trials: int = 0  # 0 = auto: DEMO_BUDGET on synthetic data, REAL_BUDGET otherwise
+    max_epochs: int = 0
     storage: str = ""
     image_size: int = backbones.AUTO_SIZE
     weights: str = "auto"
-    hparams: HParams = field(default_factory=lambda: HParams(epochs=3, fine_tune_epochs=1))
+    epochs: int = 0
+    fine_tune_epochs: int = -1
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     model_name: str = cars_ml.REGISTERED_MODEL_NAME
     reuse: bool = True
@@ -54,6 +55,22 @@ class PipelineConfig:
             backbones.get_backbone(name)
 
 
+# (n_trials, max_epochs per trial, epochs, fine_tune_epochs): the demo's small budget must
+# never leak into real-data runs, so "auto" picks by dataset.
+DEMO_BUDGET = (2, 1, 2, 0)
+REAL_BUDGET = (20, 5, 8, 4)
+
+
+def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
+    """Resolve the auto (0 / -1) budget knobs: ``(n_trials, max_epochs, hparams)``."""
+    base = DEMO_BUDGET if cfg.data.data == "synthetic" else REAL_BUDGET
+    n_trials = cfg.n_trials or base[0]
+    max_epochs = cfg.max_epochs or base[1]
+    epochs = cfg.epochs or base[2]
+    fine_tune = base[3] if cfg.fine_tune_epochs < 0 else cfg.fine_tune_epochs
+    return n_trials, max_epochs, HParams(epochs=epochs, fine_tune_epochs=fine_tune)
+
+
 def code_version() -> str:
     """A hash of the library's source, so a code change invalidates reused steps."""
     digest = hashlib.sha256()
@@ -64,61 +81,61 @@ def code_version() -> str:
 
 def step_key(cfg: PipelineConfig, model: str, fingerprint: str) -> str:
     """Key of one backbone's tune+train: code version, its parameters and the dataset."""
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
     inputs = {
         "code": code_version(), "model": model, "fingerprint": fingerprint,
-        "n_trials": cfg.n_trials, "max_epochs": cfg.max_epochs, "image_size": cfg.image_size,
-        "weights": cfg.weights, "hparams": asdict(cfg.hparams), "data": asdict(cfg.data),
+        "n_trials": n_trials, "max_epochs": max_epochs, "image_size": cfg.image_size,
+        "weights": cfg.weights, "hparams": asdict(hparams), "data": asdict(cfg.data),
         "seed": cfg.seed, "storage": tracking.redact(cfg.storage), "model_name": cfg.model_name,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _run_backbone(cfg: PipelineConfig, model: str, key: str) -> dict:
+    """Tune then train one backbone (or reuse a finished run with the same key)."""
+    from cars_ml.train_run import TrainConfig, run_train
+    from cars_ml.tune import TuneConfig, run_tune
+
+    previous = tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
+    if previous is not None:
+        print(f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True)
+        return {"run_id": previous.info.run_id, "model_version": previous.data.tags.get("model_version"),
+                "reused": True, **previous.data.metrics}  # fmt: skip
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
+    print(f"[pipeline] {model}: tuning ({n_trials} trials x {max_epochs} epochs), then training",
+          flush=True)  # fmt: skip
+    study = run_tune(TuneConfig(
+        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
+        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
+        max_epochs=max_epochs, study_name=f"pipeline-{model}-{key[:8]}"))  # fmt: skip
+    outcome = run_train(TrainConfig(
+        model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
+        hparams=hparams, seed=cfg.seed, model_name=cfg.model_name,
+        params_from=study.study_name, storage=cfg.storage, verbose=2,
+        run_tags={"pipeline_step_key": key}))  # fmt: skip
+    return {"run_id": outcome.run_id, "model_version": outcome.model_version, "reused": False,
+            **outcome.metrics}  # fmt: skip
+
+
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Run the comparison and promotion; returns the comparison table."""
     from cars_ml.promotion_run import run_promote
-    from cars_ml.train_run import TrainConfig, run_train
-    from cars_ml.tune import TuneConfig, run_tune
 
     tracking.check_tracking_server()
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
     rows = []
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
-        tracking.log_params({"models": ",".join(cfg.models), "n_trials": cfg.n_trials,
-                             "max_epochs": cfg.max_epochs, "weights": cfg.weights,
+        tracking.log_params({"models": ",".join(cfg.models), "n_trials": n_trials,
+                             "max_epochs": max_epochs, "epochs": hparams.epochs,
+                             "fine_tune_epochs": hparams.fine_tune_epochs, "weights": cfg.weights,
                              **splits.params()})  # fmt: skip
         for model in cfg.models:
-            key = step_key(cfg, model, splits.fingerprint)
-            previous = tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
-            if previous is not None:
-                print(
-                    f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)",
-                    flush=True,
-                )
-                metrics, run_id, version = (
-                    previous.data.metrics,
-                    previous.info.run_id,
-                    previous.data.tags.get("model_version"),
-                )
-                reused = True
-            else:
-                study = run_tune(TuneConfig(
-                    model=model, data=cfg.data, n_trials=cfg.n_trials, storage=cfg.storage,
-                    image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
-                    max_epochs=cfg.max_epochs, study_name=f"pipeline-{model}-{key[:8]}"))  # fmt: skip
-                outcome = run_train(TrainConfig(
-                    model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
-                    hparams=cfg.hparams, seed=cfg.seed, model_name=cfg.model_name,
-                    params_from=study.study_name, storage=cfg.storage, verbose=2,
-                    run_tags={"pipeline_step_key": key}))  # fmt: skip
-                metrics, run_id, version, reused = (
-                    outcome.metrics,
-                    outcome.run_id,
-                    outcome.model_version,
-                    False,
-                )
-            rows.append({"backbone": model, "run_id": run_id, "model_version": version,
-                         "reused": reused, **{c: metrics.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
+            result = _run_backbone(cfg, model, step_key(cfg, model, splits.fingerprint))
+            rows.append({"backbone": model, "run_id": result["run_id"],
+                         "model_version": result["model_version"], "reused": result["reused"],
+                         **{c: result.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)

@@ -1,6 +1,6 @@
 """MLproject entry point `main`: the whole comparison (tune, train, export, register, promote)."""
 
-from _common import non_negative_int, parser, positive_int, run_main, str2bool
+from _common import integer, non_negative_int, parser, run_main, str2bool
 from promote import budget
 from train import image_size
 
@@ -16,10 +16,15 @@ def build_parser():
     p.add_argument(
         "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
     )
-    p.add_argument("--n_trials", type=positive_int, default=2, help="tuning trials per backbone")
-    p.add_argument("--max_epochs", type=positive_int, default=2, help="epochs per tuning trial")
-    p.add_argument("--epochs", type=positive_int, default=3, help="final training: head epochs")
-    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=1)
+    auto = "0 = auto: a small demo budget on synthetic data, a full one on real data"
+    p.add_argument(
+        "--n_trials", type=non_negative_int, default=0, help=f"trials per backbone; {auto}"
+    )
+    p.add_argument(
+        "--max_epochs", type=non_negative_int, default=0, help=f"epochs per trial; {auto}"
+    )
+    p.add_argument("--epochs", type=non_negative_int, default=0, help=f"final head epochs; {auto}")
+    p.add_argument("--fine_tune_epochs", type=integer, default=-1, help="-1 = auto")
     p.add_argument(
         "--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)"
     )
@@ -38,7 +43,6 @@ def main() -> None:
     from cars_ml.data import DataConfig
     from cars_ml.pipeline import PipelineConfig, run_pipeline
     from cars_ml.promote import PromotionConfig
-    from cars_ml.train import HParams
 
     a = build_parser().parse_args()
     run_pipeline(
@@ -50,7 +54,8 @@ def main() -> None:
             storage=a.storage,
             image_size=a.image_size,
             weights=a.weights,
-            hparams=HParams(epochs=a.epochs, fine_tune_epochs=a.fine_tune_epochs),
+            epochs=a.epochs,
+            fine_tune_epochs=a.fine_tune_epochs,
             promotion=PromotionConfig(
                 budgets=Budgets(
                     max_latency_ms=a.max_latency_ms,
