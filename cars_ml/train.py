@@ -153,6 +153,15 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray, smoothing: float = 0.0)
     return float(-(target * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
 
 
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def fits_in_cache(count: int, image_size: int) -> bool:
+    """Cache decoded uint8 images in memory only while they fit a 2 GiB budget; the full
+    Stanford Cars at native sizes would not, and is decoded each epoch instead."""
+    return count * image_size * image_size * 3 <= CACHE_LIMIT_BYTES
+
+
 def labels_of(records: Sequence[ImageRecord]) -> np.ndarray:
     return np.array([r.label for r in records], dtype=np.int32)
 
@@ -205,8 +214,12 @@ def fit(
         training=True,
         augment_strength=hp.augment_strength,
         shuffle_seed=seed,
+        cache=fits_in_cache(len(splits.train), image_size),
     ).map(_one_hot(n))
-    val_ds = make_dataset(splits.val, image_size, hp.batch_size, training=False)
+    val_ds = make_dataset(
+        splits.val, image_size, hp.batch_size, training=False,
+        cache=fits_in_cache(len(splits.val), image_size),
+    )  # fmt: skip
     val_labels = labels_of(splits.val)
     f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing)
     weights = class_weights(labels_of(splits.train), n)
