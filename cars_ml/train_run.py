@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import cars_ml
-from cars_ml import backbones, benchmark, evaluate, tracking
+from cars_ml import backbones, benchmark, distribute, evaluate, tracking
 from cars_ml.data import DataConfig, load_dataset, make_dataset
 from cars_ml.train import HParams, fit, labels_of, predict_probabilities
 
@@ -56,8 +56,15 @@ class TrainConfig:
     run_name: str = ""
     run_tags: dict[str, str] = field(default_factory=dict)
     verbose: int | str = "auto"
+    devices: str = "auto"  # tf.distribute: auto, default or mirrored (see cars_ml.distribute)
 
     def __post_init__(self) -> None:
+        if self.devices == "multi_worker":
+            raise ValueError(distribute.MULTI_WORKER_BLOCKED)
+        if self.devices not in distribute.MODES:
+            raise ValueError(
+                f"devices={self.devices!r} is not one of {', '.join(distribute.MODES)}."
+            )
         spec = backbones.get_backbone(self.model)
         backbones.resolve_image_size(spec, self.image_size)
         backbones.validate_weights(self.weights)
@@ -95,13 +102,17 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     """Run the whole train step inside one MLflow run and return its outcome."""
     tracking.check_tracking_server()
     cfg = _with_study_params(cfg)
+    # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
+    strat = distribute.strategy(cfg.devices)
     spec = backbones.get_backbone(cfg.model)
     size = backbones.resolve_image_size(
         spec, cfg.image_size, synthetic=cfg.data.data == "synthetic"
     )
     keras.utils.set_random_seed(cfg.seed)
     # Build the backbone first: weights=imagenet must fail before any data is read or trained.
-    backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    # Variables created in the strategy's scope are mirrored on every replica.
+    with strat.scope():
+        backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
     splits = load_dataset(cfg.data)
     tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-",
             **cfg.run_tags}  # fmt: skip
@@ -118,6 +129,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 **splits.params(),
                 **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
                 **cfg.hparams.as_params(),
+                **distribute.describe(strat),
             }
         )
         tracking.log_metrics(splits.summary())
@@ -125,10 +137,11 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch)
 
-        result = fit(
-            splits, spec, size, backbone, weights_used, cfg.hparams,
-            seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
-        )  # fmt: skip
+        with strat.scope():  # The head, the optimizer and compile() must be mirrored too.
+            result = fit(
+                splits, spec, size, backbone, weights_used, cfg.hparams,
+                seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
+            )  # fmt: skip
         tracking.log_params({"training_mode": result.training_mode})
         # A fresh functional wrapper shares the trained layers but not the optimizer state,
         # so the saved and served model is the inference graph only (a third of the bytes).
