@@ -148,11 +148,16 @@ def _set_stage(model_name: str, version: str) -> None:
     # The stage API is deprecated (FutureWarning) but users still read it: keep it in step.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        # An int: MLflow compares it with the INTEGER version column, and PostgreSQL with
-        # psycopg 3 (server-side binding) refuses `integer <> varchar` for a str version.
-        _client().transition_model_version_stage(
-            model_name, int(version), PRODUCTION, archive_existing_versions=True
-        )
+        # Archive the others one by one instead of `archive_existing_versions=True`: that query
+        # compares the INTEGER version column with the version as received, which a tracking
+        # server gets as a string over REST; on PostgreSQL with psycopg 3 (server-side binding)
+        # it fails with `integer <> character varying` whatever the client sends. The promotion
+        # lock makes the two steps one move.
+        client = _client()
+        for other in list_versions(model_name):
+            if other.current_stage == PRODUCTION and str(other.version) != str(version):
+                client.transition_model_version_stage(model_name, str(other.version), ARCHIVED)
+        client.transition_model_version_stage(model_name, str(version), PRODUCTION)
 
 
 def sync_stage(model_name: str, version: str) -> bool:
