@@ -73,6 +73,7 @@ def check_tracking_server(timeout_s: float = 5.0) -> None:
             "(`mlflow server ...`) or point MLFLOW_TRACKING_URI at one that runs; unset it to "
             "use the local sqlite:///mlflow.db."
         ) from exc
+    _check_credentials(uri, timeout_s)
 
 
 def _git_commit() -> str:
@@ -342,3 +343,64 @@ def register_in_scratch_store(
     client.create_registered_model(name)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
     return uri, f"models:/{name}/{version.version}", str(local)
+
+# --- Fail-fast check of tracking-server credentials (owner: scale-out) -------------------------
+
+
+def _check_credentials(uri: str, timeout_s: float) -> None:
+    """One authenticated API call; ``ConnectionError`` naming the URI and the variables to set
+    when the server (e.g. behind MLflow's basic-auth app) refuses our credentials.
+
+    ``/health`` answers without credentials, so without this a wrong password would surface
+    only later, as a stack trace from the first MLflow call.
+    """
+    import base64
+
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    )
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return
+        body = redact(exc.read(300).decode("utf-8", "replace")).strip()
+        if "Host header" in body:
+            raise ConnectionError(
+                f"MLflow tracking server at {redact(uri)} rejected the host name ({body}). Add "
+                "it to the server's --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS)."
+            ) from exc
+        who = f"user {user!r}" if user else "no credentials"
+        raise ConnectionError(
+            f"MLflow tracking server at {redact(uri)} refused {who} ({exc.code}). Set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+            "to an account the server knows; see README, 'Scale-out', for the set-up."
+        ) from exc
+    except OSError:
+        return  # /health answered; leave other failures to MLflow's own retries and messages.
+
+
+def running_parent_runs(run_ids) -> list[str]:
+    """Parents (``mlflow.parentRunId``) of ``run_ids`` that are still RUNNING, excluding the
+    active run: the parent of a dead worker's trial is that dead worker's own run."""
+    client = mlflow.MlflowClient()
+    active = active_run_id()
+    parents: list[str] = []
+    for run_id in run_ids:
+        try:
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+            fresh = parent and parent != active and parent not in parents
+            if fresh and client.get_run(parent).info.status == "RUNNING":
+                parents.append(parent)
+        except mlflow.exceptions.MlflowException:
+            log.warning("Could not look up the parent of run %s", run_id)
+    return parents
