@@ -119,7 +119,7 @@ def run_promote(
     """
     tracking.check_tracking_server()
     tracking.use_experiment(experiment)
-    with tracking.start_run("promote", tags={"model_name": model_name}):
+    with tracking.start_run("promote", tags={"model_name": model_name, "step": "promote"}):
         tracking.log_params(_params(config, model_name))
         if config.dry_run:
             decision = decide_now(config, model_name)
