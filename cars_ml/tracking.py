@@ -344,6 +344,7 @@ def register_in_scratch_store(
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
     return uri, f"models:/{name}/{version.version}", str(local)
 
+
 # --- Fail-fast check of tracking-server credentials (owner: scale-out) -------------------------
 
 
