@@ -164,7 +164,8 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     assert champion.version in {"1", "2"}
 
     # The tune runs logged the storage URL, with its password scrubbed (the positive control).
-    tune_runs = [r for r in _experiment_runs(client) if r.data.tags.get("step") == "tune"]
+    tune_runs = [r for r in _experiment_runs(client) if r.data.tags.get("step") == "tune"
+                 and r.data.tags.get("study_name", "").startswith("pipeline-")]  # fmt: skip
     assert len(tune_runs) == 2
     for run in tune_runs:
         assert run.data.params["storage"] == storage.replace(DB_PASSWORD, "***")
