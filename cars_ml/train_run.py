@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import cars_ml
 from cars_ml import backbones, benchmark, distribute, evaluate, tracking
 from cars_ml.data import DataConfig, load_dataset, make_dataset
-from cars_ml.train import HParams, fit, labels_of, predict_probabilities
+from cars_ml.train import HParams, fit, inference_fn, labels_of, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,6 @@ class TrainOutcome:
     model_version: str | None
 
 
-def compile_inference(model: keras.Model, image_size: int):
-    """The batch-1 inference path serving uses: one traced graph, float32 pixels in [0, 255]."""
-    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
-
-
 def _with_study_params(cfg: TrainConfig) -> TrainConfig:
     """Replace hyperparameters with a finished study's best ones (``params_from``)."""
     if not cfg.params_from:
@@ -135,7 +129,18 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         tracking.log_metrics(splits.summary())
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
-            tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch)
+            tracking.log_metrics(
+                {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch
+            )
+
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[f"time_{name}_s"] = now - clock
+            clock = now
 
         with strat.scope():  # The head, the optimizer and compile() must be mirrored too.
             result = fit(
@@ -145,23 +150,33 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         tracking.log_params({"training_mode": result.training_mode})
         # A fresh functional wrapper shares the trained layers but not the optimizer state,
         # so the saved and served model is the inference graph only (a third of the bytes).
-        result.model = keras.Model(result.model.inputs, result.model.outputs, name=result.model.name)
+        result.model = keras.Model(
+            result.model.inputs, result.model.outputs, name=result.model.name
+        )
+        lap("fit")
         metrics = _evaluate_and_log(cfg, splits, result, size)
+        lap("evaluate")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"
             result.model.save(path)
             metrics["model_size_mb"] = benchmark.file_size_mb(path)
         metrics["num_params"] = float(result.model.count_params())
-        infer = compile_inference(result.model, size)
+        infer = inference_fn(result.model)
         metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
+        lap("benchmark")
         if cfg.export_tflite:
             metrics.update(_export(cfg, splits, result.model, size, metrics["test_f1_macro"]))
+            lap("export")
         tracking.log_metrics(metrics)
         info = tracking.log_classifier_model(result.model, list(splits.class_names), size)
+        lap("log_model")
+        tracking.log_metrics(timings)
         version = None
         if cfg.register:
             tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
-            mv = tracking.register_model(info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags})
+            mv = tracking.register_model(
+                info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}
+            )
             version = str(mv.version)
             tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
         _print_summary(cfg, metrics, version)
@@ -171,13 +186,19 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
 def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
     batch = cfg.hparams.batch_size
     names = list(splits.class_names)
-    val_probs = predict_probabilities(result.model, make_dataset(splits.val, size, batch, training=False))
-    test_probs = predict_probabilities(result.model, make_dataset(splits.test, size, batch, training=False))
+    val_probs = predict_probabilities(
+        result.model, make_dataset(splits.val, size, batch, training=False)
+    )
+    test_probs = predict_probabilities(
+        result.model, make_dataset(splits.test, size, batch, training=False)
+    )
     test_labels = labels_of(splits.test)
     metrics = {"val_f1_macro": evaluate.macro_f1(labels_of(splits.val), val_probs)}
     metrics.update(evaluate.classification_metrics(test_labels, test_probs, "test"))
     preds = test_probs.argmax(axis=1)
-    tracking.log_figure(evaluate.confusion_matrix_figure(test_labels, preds, names), "confusion_matrix.png")
+    tracking.log_figure(
+        evaluate.confusion_matrix_figure(test_labels, preds, names), "confusion_matrix.png"
+    )
     tracking.log_figure(evaluate.training_curves_figure(result.history), "training_curves.png")
     tracking.log_table(evaluate.per_class_report(test_labels, preds, names), "per_class_report")
     return metrics
@@ -193,9 +214,15 @@ def _export(cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: f
     rep = load_images_array([pool[i] for i in picks], size)
     test_images = load_images_array(list(splits.test), size)
     with tempfile.TemporaryDirectory() as tmp:
+        infer = inference_fn(model)
+        keras_preds = np.concatenate(
+            [infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
+             for i in range(0, len(test_images), 64)]
+        )  # fmt: skip
         metrics, paths = edge_metrics(
-            model, rep, test_images, labels_of(splits.test), float_f1, Path(tmp)
-        )
+            model, rep, test_images, labels_of(splits.test), float_f1, Path(tmp),
+            keras_test_preds=keras_preds,
+        )  # fmt: skip
         for path in paths.values():
             tracking.log_artifact(path, "tflite")
     return metrics
