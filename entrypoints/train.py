@@ -48,6 +48,12 @@ def build_parser():
     p.add_argument("--max_per_class", type=non_negative_int, default=0)
     p.add_argument("--crop_to_bbox", type=str2bool, default=True)
     p.add_argument("--skip_bad_images", type=str2bool, default=False)
+    p.add_argument(
+        "--devices",
+        default="auto",
+        choices=("auto", "default", "mirrored"),
+        help="tf.distribute: auto mirrors across several local GPUs",
+    )
     return p
 
 
@@ -92,6 +98,7 @@ def main() -> None:
             export_tflite=a.export_tflite,
             params_from=a.params_from,
             storage=a.storage,
+            devices=a.devices,
         )
     )
 
