@@ -1,0 +1,279 @@
+"""The MLflow UI, in a real headless Chromium, shows every backbone's run with its metrics.
+
+The `main` pipeline runs on a tiny synthetic budget, `mlflow server` serves its store, and
+Playwright drives Debian's Chromium the way a user would: open the experiment, filter to the
+train runs, expand the parent `pipeline` run, tick every backbone and press Compare. The run
+names and metric cells read there must match what MLflow stored, formatted as the UI formats them.
+With CARS_ML_SAVE_SCREENSHOT=1 the comparison screenshot also goes to docs/mlflow_compare.png
+(shown in README); that run adds `resnet` so the picture shows a three-way trade-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_utils import ROOT
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Playwright cannot download its own browser here; these flags keep Debian's Chromium headless,
+# sandbox-free (we run as root in a container) and off the network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]  # fmt: skip
+EXPERIMENT = "cars-ml-demo"
+METRICS = ("test_f1_macro", "latency_ms_p50")
+SAVE_SCREENSHOT = os.environ.get("CARS_ML_SAVE_SCREENSHOT") == "1"
+BACKBONES = ("mobilenet", "vgg16", *(("resnet",) if SAVE_SCREENSHOT else ()))
+PIPELINE_ARGS = ["--models", ",".join(BACKBONES), "--n_trials", "1", "--max_epochs", "1",
+                 "--epochs", "1", "--fine_tune_epochs", "0", "--image_size", "32",
+                 "--weights", "none", "--max_per_class", "8"]  # fmt: skip
+TIMEOUT_MS = 60_000  # The UI shares 2 busy cores with other work: be patient, not flaky.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Cells of the UI's virtualised metric grids: (top px, column index, text).
+_GRID_CELLS = """grid => Array.from(
+  grid.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > div'),
+  el => [parseFloat(el.style.top), Math.round(parseFloat(el.style.left) / parseFloat(el.style.width)),
+         el.innerText.trim()])"""
+
+
+def ui_metric(value: float) -> str:
+    """``value`` as MLflow's UI prints a metric (``Utils.formatMetric`` in its JS bundle)."""
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:  # JS toExponential(3): "1.234e-4", no zero padding in the exponent.
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:.3e}")
+    scale = 1000 if abs(value) < 10 else 100 if abs(value) < 100 else 10
+    rounded = math.floor(value * scale + 0.5) / scale  # JS Math.round rounds halves up.
+    text = repr(rounded)  # Shortest round-trip digits, like JS Number.toString.
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _require_browser():
+    """Skip unless Debian's Chromium and the Playwright package are both installed."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install chromium` (.ci/run does it)")
+    return pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_ui(store_uri: str, workdir: Path) -> Iterator[str]:
+    """``mlflow server`` on ``store_uri`` (own process group, killed afterwards); yields its URL."""
+    port, log_path = _free_port(), workdir / "mlflow-server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # One worker and no job runner: 2 processes instead of ~3 GB of them (FACTS.md).
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-4000:]}")
+            if _answers(url + "/health"):
+                break
+            time.sleep(0.5)
+        yield url
+    finally:
+        # uvicorn's worker outlives a killed leader unless the whole group goes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def chromium_page(sync_api, workdir: Path):
+    """A page of Debian's Chromium with a fresh, empty profile."""
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=workdir)
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1400, "height": 1450},
+        )  # fmt: skip
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            context.close()
+
+
+def _close_assistant(page) -> None:
+    """Close the "MLflow Assistant" side panel a fresh profile shows; it squeezes the tables."""
+    close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+    if close.count() and close.first.is_visible():
+        close.first.click()
+
+
+def open_comparison(page, url: str, experiment_id: str, run_names: list[str]) -> None:
+    """Do what a user does: filter the runs, expand `pipeline`, tick each run, press Compare."""
+    search = urllib.parse.quote_plus("attributes.run_name LIKE 'train-%'")
+    page.goto(f"{url}/#/experiments/{experiment_id}/runs?searchFilter={search}")
+    name_cells = page.locator('[role=gridcell][col-id="attributes.`Run Name`"]')
+    parent = name_cells.filter(has=page.get_by_text("pipeline", exact=True))
+    parent.wait_for()
+    _close_assistant(page)
+    # The train runs are children of the pipeline run: the table shows them once expanded.
+    parent.get_by_role("button").click()
+    for name in run_names:
+        row = page.get_by_role("row").filter(has=page.get_by_text(name, exact=True))
+        row.get_by_role("checkbox").first.check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text(f"Comparing {len(run_names)} Runs").wait_for()
+    _close_assistant(page)
+
+
+def _metric_grids(page):
+    """The comparison page's metric grids: (metric names, values)."""
+    section = page.locator(".du-bois-light-collapse-item").filter(
+        has=page.get_by_label("collapse Metrics")
+    )
+    return section.get_by_role("grid").nth(0), section.get_by_role("grid").nth(1)
+
+
+def read_comparison(page) -> tuple[list[str], dict[str, list[str]]]:
+    """Run names (column order) and every metric's cells from the comparison page.
+
+    The metric table is two virtualised grids (names, values) that render only the rows in
+    view, so it is scrolled through and read piecewise. The names grid follows a programmatic
+    scroll one step late, so cells are matched by their ``top`` offset, never by position on
+    screen, and every value row must have been seen with its name.
+    """
+    table = page.locator("table.mlflow-compare-run-table")
+    names = [c.inner_text().strip() for c in table.locator("tr", has_text="Run Name:")
+             .locator("td").all()]  # fmt: skip
+    diff_only = page.get_by_role("switch", name="Metrics - Show diff only")
+    if diff_only.get_attribute("aria-checked") == "true":
+        diff_only.click()  # Equal metrics (F1 of untrained models often is) must show too.
+    name_grid, value_grid = _metric_grids(page)
+    value_grid.wait_for()
+    rows: dict[float, str] = {}
+    cells: dict[tuple[float, int], str] = {}
+    height = value_grid.evaluate("g => g.scrollHeight")
+    for top in range(0, int(height) + 200, 200):
+        value_grid.evaluate("(g, top) => { g.scrollTop = top; }", top)
+        page.wait_for_timeout(150)  # Let both grids render the rows now in view.
+        rows.update({t: text for t, _, text in name_grid.evaluate(_GRID_CELLS)})
+        cells.update({(t, col): text for t, col, text in value_grid.evaluate(_GRID_CELLS)})
+    unnamed = {t for t, _ in cells} - rows.keys()
+    assert not unnamed, f"metric rows at {sorted(unnamed)} px never showed their names"
+    metrics = {name: [cells.get((t, col), "") for col in range(len(names))]
+               for t, name in rows.items()}  # fmt: skip
+    return names, metrics
+
+
+def screenshot_comparison(page, path: Path, backbones: tuple[str, ...]) -> str:
+    """Plot backbone vs the key metrics, fold the long sections, screenshot; returns plot text."""
+    page.get_by_test_id("clear-button").click()
+    boxes = page.get_by_role("combobox")  # Parameters, then Metrics, of the coordinates plot.
+    for index, keys in (
+        (0, ["backbone"]),
+        (1, ["latency_ms_p50", "model_size_mb", "test_f1_macro"]),
+    ):
+        for key in keys:
+            boxes.nth(index).click()
+            boxes.nth(index).press_sequentially(key)
+            page.wait_for_timeout(300)
+            boxes.nth(index).press("Enter")
+        page.keyboard.press("Escape")
+    for section in ("Parameters", "Artifacts", "Tags"):
+        page.get_by_label(f"collapse {section}").click()
+    # Differing metrics only: latency and size then sit at the top of the table.
+    page.get_by_role("switch", name="Metrics - Show diff only").click()
+    plot = page.locator(".pcp-plot")
+    for backbone in backbones:
+        plot.get_by_text(backbone, exact=True).first.wait_for()
+    page.get_by_text("Comparing ").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(path))
+    return plot.text_content() or ""
+
+
+def test_mlflow_ui_compares_every_backbone(sub_env, tmp_path):
+    sync_api = _require_browser()
+    env = {**sub_env, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "entrypoints" / "main.py"), *PIPELINE_ARGS],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    stored = {r.info.run_name: r for r in client.search_runs(
+        [experiment.experiment_id], "attributes.run_name LIKE 'train-%'")}  # fmt: skip
+    assert set(stored) == {f"train-{b}" for b in BACKBONES}
+    expected = {name: {m: ui_metric(run.data.metrics[m]) for m in METRICS}
+                for name, run in stored.items()}  # fmt: skip
+
+    shot = tmp_path / "mlflow_compare.png"
+    with (
+        mlflow_ui(sub_env["MLFLOW_TRACKING_URI"], tmp_path) as url,
+        chromium_page(sync_api, tmp_path) as page,
+    ):
+        open_comparison(page, url, experiment.experiment_id, sorted(stored))
+        # Screenshot first: the metric grids are still scrolled to the top and aligned.
+        plot_text = screenshot_comparison(page, shot, BACKBONES)
+        names, metrics = read_comparison(page)
+
+    assert sorted(names) == sorted(expected), names
+    for metric in METRICS:
+        assert metric in metrics, f"{metric} not in the UI's metric table: {sorted(metrics)}"
+        shown = dict(zip(names, metrics[metric], strict=True))
+        assert shown == {name: values[metric] for name, values in expected.items()}, metric
+    assert all(b in plot_text for b in BACKBONES), plot_text
+    data = shot.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    if SAVE_SCREENSHOT:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, ROOT / "docs" / "mlflow_compare.png")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(0.0, "0"), (0.01818181818, "0.018"), (9.608928, "9.609"), (16.3362, "16.34"),
+     (14719818.0, "14719818"), (-0.0441, "-0.044"), (272.2008, "272.2"), (0.1, "0.1"),
+     (0.00012346, "1.235e-4"), (1.23456, "1.235")],
+)  # fmt: skip
+def test_ui_metric_matches_the_ui_format(value, shown):
+    assert ui_metric(value) == shown
