@@ -92,6 +92,9 @@ def get_backbone(name: str) -> BackboneSpec:
 
 AUTO_SIZE = -1
 DEMO_IMAGE_SIZE = 64
+# Far above every native size (224-299 px); a 100000 px request would otherwise pass the checks
+# and exhaust memory only once images are resized.
+MAX_IMAGE_SIZE = 1024
 
 
 def resolve_image_size(spec: BackboneSpec, image_size: int, *, synthetic: bool = False) -> int:
@@ -106,6 +109,11 @@ def resolve_image_size(spec: BackboneSpec, image_size: int, *, synthetic: bool =
         return spec.native_size
     if image_size < 0:
         raise ValueError(f"image_size={image_size} must be 0 (native), auto, or a pixel size.")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size={image_size} is above the maximum of {MAX_IMAGE_SIZE} px; pass 0 for "
+            f"{spec.name}'s native {spec.native_size} px or a size up to {MAX_IMAGE_SIZE}."
+        )
     if image_size < spec.min_size:
         raise ValueError(
             f"image_size={image_size} is below {spec.name}'s minimum of {spec.min_size} px; "

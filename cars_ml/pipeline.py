@@ -52,7 +52,9 @@ class PipelineConfig:
         if not self.models:
             raise ValueError("models is empty; pass e.g. models=mobilenet,resnet.")
         for name in self.models:
-            backbones.get_backbone(name)
+            # Every backbone's image size is checked now, not after earlier backbones trained.
+            backbones.resolve_image_size(backbones.get_backbone(name), self.image_size)
+        backbones.validate_weights(self.weights)
 
 
 # (n_trials, max_epochs per trial, epochs, fine_tune_epochs): the demo's small budget must
@@ -120,8 +122,10 @@ def _run_backbone(cfg: PipelineConfig, model: str, key: str) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Run the comparison and promotion; returns the comparison table."""
     from cars_ml.promotion_run import run_promote
+    from cars_ml.tune_storage import open_storage
 
     tracking.check_tracking_server()
+    open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)

@@ -53,8 +53,15 @@ def tracking_uri() -> str:
 
 
 def check_tracking_server(timeout_s: float = 5.0) -> None:
-    """Fail within seconds, naming the URI, when an HTTP tracking server does not answer."""
+    """Fail within seconds, naming the URI, when the tracking server or database does not answer.
+
+    HTTP servers are asked for ``/health``; database URIs (PostgreSQL, MySQL, MSSQL) get one
+    connection attempt, because MLflow itself retries an unreachable database for ~100 s.
+    """
     uri = tracking_uri()
+    if uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_SCHEMES:
+        _check_database(uri, timeout_s)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     url = uri.rstrip("/") + "/health"
@@ -345,6 +352,50 @@ def register_in_scratch_store(
     return uri, f"models:/{name}/{version.version}", str(local)
 
 
+# --- Reliability: unreachable database stores, dead workers' runs (owner: reliability) -------
+
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    """One connection to a database tracking store; ``ConnectionError`` naming it on failure."""
+    import sqlalchemy
+
+    connect_args = {}
+    if uri.startswith(("postgresql", "mysql")):
+        connect_args["connect_timeout"] = max(1, int(timeout_s))
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
+        )
+        with engine.connect():
+            pass
+    except Exception as exc:  # Drivers raise many types; every one means "cannot use it".
+        first_line = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConnectionError(
+            f"MLflow tracking database at {redact(uri)} is unreachable ({type(exc).__name__}: "
+            f"{first_line}). Start the database, check the URL and credentials, or point "
+            "MLFLOW_TRACKING_URI elsewhere; unset it to use the local sqlite:///mlflow.db."
+        ) from exc
+
+
+def running_parent_runs(run_ids) -> list[str]:
+    """Parents (``mlflow.parentRunId``) of ``run_ids`` that are still RUNNING, excluding the
+    active run: the parent of a dead worker's trial is that dead worker's own run."""
+    client = mlflow.MlflowClient()
+    active = active_run_id()
+    parents: list[str] = []
+    for run_id in run_ids:
+        try:
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+            fresh = parent and parent != active and parent not in parents
+            if fresh and client.get_run(parent).info.status == "RUNNING":
+                parents.append(parent)
+        except mlflow.exceptions.MlflowException:
+            log.warning("Could not look up the parent of run %s", run_id)
+    return parents
+
+
 # --- Fail-fast check of tracking-server credentials (owner: scale-out) -------------------------
 
 
@@ -388,20 +439,3 @@ def _check_credentials(uri: str, timeout_s: float) -> None:
         ) from exc
     except OSError:
         return  # /health answered; leave other failures to MLflow's own retries and messages.
-
-
-def running_parent_runs(run_ids) -> list[str]:
-    """Parents (``mlflow.parentRunId``) of ``run_ids`` that are still RUNNING, excluding the
-    active run: the parent of a dead worker's trial is that dead worker's own run."""
-    client = mlflow.MlflowClient()
-    active = active_run_id()
-    parents: list[str] = []
-    for run_id in run_ids:
-        try:
-            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-            fresh = parent and parent != active and parent not in parents
-            if fresh and client.get_run(parent).info.status == "RUNNING":
-                parents.append(parent)
-        except mlflow.exceptions.MlflowException:
-            log.warning("Could not look up the parent of run %s", run_id)
-    return parents

@@ -18,7 +18,13 @@ from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
 from cars_ml.tune_objective import Objective, trial_summary
 from cars_ml.tune_sampler import make_sampler
-from cars_ml.tune_storage import best_trial, default_storage, open_storage
+from cars_ml.tune_storage import (
+    best_trial,
+    close_dead_trial_runs,
+    default_storage,
+    open_storage,
+    storage_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +122,8 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
     features = None
     tags = {"step": "tune", "backbone": cfg.model, "study_name": name}
-    with tracking.start_run(run_name=f"tune-{name}", tags=tags):
+    # A database lost mid-study ends the run FAILED with one clear line, not a traceback.
+    with storage_errors(storage_url), tracking.start_run(run_name=f"tune-{name}", tags=tags):
         use_cache = cfg.cached_features and weights_used != "random" and cfg.fine_tune_epochs == 0
         if use_cache:
             from cars_ml.features import cached_features
@@ -160,12 +167,10 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
 
 def _close_stale(study: optuna.Study) -> None:
     """Fail trials whose worker died (no heartbeat) and close their MLflow runs as KILLED."""
-    optuna.storages.fail_stale_trials(study)
-    stale = [t.user_attrs["mlflow_run_id"] for t in study.trials
-             if t.state == optuna.trial.TrialState.FAIL and "mlflow_run_id" in t.user_attrs]  # fmt: skip
-    closed = tracking.close_stale_runs(stale)
-    if closed:
-        log.warning("Closed %d MLflow trial run(s) left RUNNING by a dead worker", len(closed))
+    optuna.storages.fail_stale_trials(study)  # RetryAndCloseRuns closes their runs.
+    # Trials failed earlier (e.g. by a worker that could not reach MLflow) may still hold one.
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    close_dead_trial_runs(failed)
 
 
 def _log_study(study: optuna.Study, before: int, multi: bool) -> None:

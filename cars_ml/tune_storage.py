@@ -2,20 +2,117 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from cars_ml import tracking
 from cars_ml.tracking import redact, tracking_uri
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 10
 GRACE_S = 30
+HEARTBEAT_ENV = "CARS_ML_OPTUNA_HEARTBEAT_S"
+GRACE_ENV = "CARS_ML_OPTUNA_GRACE_S"
+
+
+def _seconds(env: str, default: int) -> int:
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(
+            f"{env}={value!r} must be a whole number of seconds >= 1; unset it for the default "
+            f"of {default} s."
+        )
+    return seconds
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """``(heartbeat interval, grace period)`` in seconds for trial heartbeats.
+
+    A running trial writes a heartbeat every interval; a trial whose last heartbeat is older than
+    the grace period is failed (and retried) by the next worker that opens the study. Defaults
+    10 s / 30 s; ``CARS_ML_OPTUNA_HEARTBEAT_S`` and ``CARS_ML_OPTUNA_GRACE_S`` override them
+    (read on every call, so tests and operators can shorten them). The grace period must exceed
+    the interval, or live trials would be failed between two heartbeats.
+    """
+    interval = _seconds(HEARTBEAT_ENV, HEARTBEAT_S)
+    grace = _seconds(GRACE_ENV, GRACE_S)
+    if grace <= interval:
+        raise ValueError(
+            f"{GRACE_ENV}={grace} must be greater than {HEARTBEAT_ENV}={interval}, or running "
+            "trials would be failed between two heartbeats."
+        )
+    return interval, grace
+
+
+class RetryAndCloseRuns(RetryHeartbeatStaleTrialCallback):
+    """Retry a trial whose worker died (stale heartbeat) and close its MLflow runs as KILLED.
+
+    Optuna calls this for every stale trial it fails, in whichever worker notices first.
+    """
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().__call__(study, trial)
+        close_dead_trial_runs([trial])
+
+
+class ResilientRDBStorage(RDBStorage):
+    """An ``RDBStorage`` whose trial heartbeat survives a dropped database connection.
+
+    Optuna records heartbeats from a thread that dies on the first exception; a connection
+    killed by a database restart or failover would silence a live trial, and after the grace
+    period another worker would fail and re-run it while it still trains. SQLAlchemy discards
+    the broken connection, so the next beat reconnects: a failed beat is only logged.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            log.warning("Heartbeat of trial id %d not recorded (%s); retrying at the next beat",
+                        trial_id, redact(str(exc.__cause__ or exc)).splitlines()[0])  # fmt: skip
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn a database failure in the middle of a study into one clear ``ConnectionError``."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
+        cause = redact(str(exc.__cause__ or exc)).strip().splitlines()
+        raise ConnectionError(
+            f"Lost the connection to Optuna storage {redact(url)} during the study "
+            f"({cause[0] if cause else type(exc).__name__}). Completed trials are kept: run the "
+            "same command again to resume; a trial left RUNNING is failed and retried once its "
+            "heartbeat is older than the grace period."
+        ) from exc
+
+
+def close_dead_trial_runs(trials) -> list[str]:
+    """End the RUNNING MLflow runs of failed trials, and their dead workers' parent runs."""
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials if "mlflow_run_id" in t.user_attrs]
+    closed = tracking.close_stale_runs(run_ids)
+    closed += tracking.close_stale_runs(tracking.running_parent_runs(closed))
+    if closed:
+        log.warning(
+            "Closed %d MLflow run(s) left RUNNING by a dead worker: %s", len(closed), closed
+        )
+    return closed
 
 
 def default_storage() -> str:
@@ -38,18 +135,19 @@ def open_storage(url: str | None) -> RDBStorage:
             f"storage={redact(url)!r} is not a storage URL; use e.g. sqlite:///optuna.db or "
             "postgresql://user@host:5432/db (empty means a SQLite file beside the tracking DB)."
         )
+    heartbeat_s, grace_s = heartbeat_settings()
     engine_kwargs = {"pool_pre_ping": True}
     if scheme.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 5}
     error: Exception | None = None
     for attempt in range(3):
         try:
-            return RDBStorage(
+            return ResilientRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+                heartbeat_interval=heartbeat_s,
+                grace_period=grace_s,
+                heartbeat_stale_trial_callback=RetryAndCloseRuns(max_retry=2),
             )
         except Exception as exc:  # SQLAlchemy raises many types; all mean "cannot use it".
             error = exc

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 import sys
 
 # The entry points are run as scripts (`python entrypoints/train.py`); make the project root
@@ -54,6 +56,8 @@ def positive_int(value: str) -> int:
 
 def positive_float(value: str) -> float:
     number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
@@ -81,11 +85,46 @@ def setup_logging() -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (``kill``, Kubernetes)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    # A second SIGTERM while the first is being handled kills the process outright (the default
+    # action), so a stuck clean-up can still be stopped without SIGKILL.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into ``KeyboardInterrupt`` so runs end KILLED instead of staying RUNNING.
+
+    Python's default action for SIGTERM ends the process at once: no ``finally`` block runs,
+    so the MLflow run would stay RUNNING forever and an Optuna trial would wait for its
+    heartbeat to go stale. Raising ``KeyboardInterrupt`` lets ``tracking.start_run`` end the run
+    KILLED and Optuna mark the trial FAIL, exactly as Ctrl-C does.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def run_main(main) -> None:
-    """Run ``main()`` and turn user errors (ValueError) into one clear line and exit code 2."""
+    """Run ``main()``; user errors (ValueError, ...) become one clear line and exit code 2.
+
+    SIGTERM and Ctrl-C end the active MLflow run KILLED and exit with 143 and 130 (the shell's
+    128 + signal number) after one line on stderr, not a traceback.
+    """
     setup_logging()
+    install_sigterm_handler()
     try:
         main()
     except (ValueError, ConnectionError, FileNotFoundError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print(
+            "error: terminated by SIGTERM; an active MLflow run was ended KILLED.", file=sys.stderr
+        )
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        print("error: interrupted; an active MLflow run was ended KILLED.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

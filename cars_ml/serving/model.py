@@ -110,6 +110,10 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
     """Stanford Cars classifier as an MLflow pyfunc (models-from-code, see model_code.py)."""
 
     def load_context(self, context) -> None:
+        from cars_ml.serving.scoring_guard import harden_scoring_server
+
+        # In `mlflow models serve` this turns two request shapes MLflow answers with 500 into 4xx.
+        harden_scoring_server()
         artifacts = context.artifacts
         self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"])
 
