@@ -1,9 +1,11 @@
 """The served pyfunc model: base64 images in, class names and probabilities out.
 
 It loads a Keras model in safe mode, its class names and its serving config, and runs inference
-through one traced ``tf.function`` (several times faster than ``model.predict`` or eager calls
-at batch 1, see ../shared/FACTS.md). Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``,
-which ``mlflow models serve`` answers with HTTP 400 and keeps serving.
+through LiteRT on the model converted at load time (``engine.py``; about 3x faster than a traced
+``tf.function`` at batch 1), or through one traced ``tf.function`` (several times faster than
+``model.predict`` or eager calls, see ../shared/FACTS.md) when that conversion fails. Bad input
+raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with
+HTTP 400 and keeps serving.
 
 Output, one row per image: ``label`` (class name), ``class_id`` (0-based index into the class
 names stored with the model, ``labels.json``; NOT the 1-based Stanford Cars devkit id),
@@ -31,6 +33,8 @@ OUTPUT_COLUMNS = ("label", "class_id", "probability", "top_k")
 DEFAULT_TOP_K = 5
 # Images per forward pass: bounds activation memory for large requests without hurting speed.
 INFERENCE_CHUNK = 32
+# Inference engines: LiteRT (float32 flatbuffer, XNNPACK) by default, TensorFlow as fallback.
+ENGINES = ("litert", "tensorflow")
 
 
 class BadRequest(MlflowException):
@@ -132,6 +136,7 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
             int(config["image_size"]),
             top_k=int(config.get("top_k", DEFAULT_TOP_K)),
             limits=Limits(**config.get("limits", {})),
+            engine=str(config.get("engine", "litert")),
         )
 
     def setup(
@@ -142,9 +147,20 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         *,
         top_k: int = DEFAULT_TOP_K,
         limits: Limits | None = None,
+        engine: str = "litert",
     ) -> CarsClassifier:
-        """Wire an in-memory Keras model (also used by benchmarks to time the serving path)."""
+        """Wire an in-memory Keras model (also used by benchmarks to time the serving path).
+
+        ``engine="litert"`` runs inference through LiteRT (``serving/engine.py``), falling back
+        to the compiled ``tf.function`` when conversion fails; ``"tensorflow"`` always uses the
+        latter. ``self.engine`` says which one is in use.
+        """
         import tensorflow as tf
+
+        from cars_ml.serving.engine import litert_engine
+
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {ENGINES}.")
 
         num_classes = int(model.output_shape[-1])
         if len(class_names) != num_classes:
@@ -166,6 +182,8 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         self._infer = infer
         # Trace once now, so the first request does not pay for graph construction.
         self._infer(tf.zeros([1, self.image_size, self.image_size, 3], tf.float32))
+        self._lite = litert_engine(model, self.image_size, infer) if engine == "litert" else None
+        self.engine = "litert" if self._lite is not None else "tensorflow"
         return self
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
@@ -176,6 +194,8 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must have shape (n, {expected}), got {images.shape}.")
+        if self._lite is not None:
+            return self._lite(images)
         chunks = [
             self._infer(tf.constant(images[i : i + INFERENCE_CHUNK], tf.float32)).numpy()
             for i in range(0, len(images), INFERENCE_CHUNK)

@@ -121,5 +121,6 @@ def pip_requirements() -> list[str]:
         ("pillow",),
         ("numpy",),
         ("pandas",),
+        ("ai-edge-litert",),  # The LiteRT inference engine (serving/engine.py).
     )
     return [f"{name}=={version}" for name, version in (_version(*group) for group in groups)]
