@@ -1,0 +1,122 @@
+"""Edge: LiteRT int8 vs float32 at one thread, each against its compute floor on this core.
+
+The floor of a precision is the model's multiply-adds divided by the peak rate the same runtime
+reaches in that precision on the same core, measured in the same run on a large fully-connected
+layer (dense matrix multiplication is what these kernels do best). ``latency / floor`` says how
+much of the remaining time is overhead and memory traffic rather than arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cars_ml.export import LiteRTRunner, export_tflite
+from cars_ml.perf.macs import count_macs
+from cars_ml.perf.timing import interleaved_medians
+
+THREADS = 1
+# (batch, inputs, units): the example of issue 7, and a shape whose float weights (4 MB) stay
+# in this core's caches and so reached the highest rate here; the peak is the better of the two.
+PEAK_SHAPES = ((64, 1024, 4096), (256, 1024, 1024))
+
+
+def dense_tflite(batch: int, inputs: int, units: int, *, int8: bool, seed: int = 0) -> bytes:
+    """A single ``inputs x units`` Dense layer at a fixed batch as a TFLite flatbuffer.
+
+    The int8 file is fully integer (int8 in and out), so nothing but the matrix product runs.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((inputs,), batch_size=batch), keras.layers.Dense(units)])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        rng = np.random.default_rng(seed)
+
+        def samples():
+            for _ in range(4):
+                yield [rng.uniform(-1.0, 1.0, (batch, inputs)).astype(np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+class _Invoker:
+    """A LiteRT interpreter on one flatbuffer with its input set once; ``()`` runs it."""
+
+    def __init__(self, content: bytes, num_threads: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=content, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        detail = self.interpreter.get_input_details()[0]
+        rng = np.random.default_rng(0)
+        if np.dtype(detail["dtype"]) == np.float32:
+            value = rng.uniform(-1, 1, detail["shape"]).astype(np.float32)
+        else:
+            value = rng.integers(-100, 100, detail["shape"]).astype(detail["dtype"])
+        self.interpreter.set_tensor(detail["index"], value)
+
+    def __call__(self) -> None:
+        self.interpreter.invoke()
+
+
+def compare_edge(
+    model,
+    image: np.ndarray,
+    representative: np.ndarray,
+    workdir: Path,
+    *,
+    runs: int = 100,
+    warmup: int = 10,
+    peak_shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES,
+) -> dict[str, float]:
+    """Export ``model`` to LiteRT float32 and int8 and time both, and both peaks, side by side.
+
+    ``image`` is one uint8 ``(s, s, 3)`` photo; ``representative`` calibrates int8. Latency is
+    the product's ``LiteRTRunner.predict`` (quantize, invoke, dequantize), as the train step
+    logs it. ``peak_shapes`` are (batch, inputs, units) of fully-connected probes; the peak of
+    a precision is the best rate among them.
+    """
+    paths = export_tflite(model, Path(workdir) / "tflite", representative)
+    one = np.asarray(image)[None]
+    float_runner = LiteRTRunner(paths["float32"], num_threads=THREADS)
+    int8_runner = LiteRTRunner(paths["int8"], num_threads=THREADS)
+    contenders = {
+        "float32": lambda: float_runner.predict(one),
+        "int8": lambda: int8_runner.predict(one),
+    }
+    for i, shape in enumerate(peak_shapes):
+        contenders[f"peak{i}_float32"] = _Invoker(dense_tflite(*shape, int8=False), THREADS)
+        contenders[f"peak{i}_int8"] = _Invoker(dense_tflite(*shape, int8=True), THREADS)
+    medians = interleaved_medians(contenders, runs=runs, warmup=warmup)
+
+    def peak(precision: str) -> float:
+        rates = [math.prod(shape) / (medians[f"peak{i}_{precision}"] / 1000.0) / 1e9
+                 for i, shape in enumerate(peak_shapes)]  # fmt: skip
+        return max(rates)
+
+    macs = count_macs(model)
+    peak_f, peak_q = peak("float32"), peak("int8")
+    floor_f_ms = macs / (peak_f * 1e9) * 1000.0
+    floor_q_ms = macs / (peak_q * 1e9) * 1000.0
+    return {
+        "tflite_float32_ms": medians["float32"],
+        "tflite_int8_ms": medians["int8"],
+        "int8_speedup_vs_float": medians["float32"] / medians["int8"],
+        "model_macs": float(macs),
+        "peak_float32_gmacs": peak_f,
+        "peak_int8_gmacs": peak_q,
+        "float_floor_ms": floor_f_ms,
+        "int8_floor_ms": floor_q_ms,
+        "float_latency_over_floor": medians["float32"] / floor_f_ms,
+        "int8_latency_over_floor": medians["int8"] / floor_q_ms,
+    }

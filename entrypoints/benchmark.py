@@ -1,0 +1,43 @@
+"""MLproject entry point `benchmark`: the product against its baselines, side by side, one run."""
+
+from _common import parser, positive_float, positive_int, run_main
+
+
+def build_parser():
+    p = parser(
+        "Benchmark inference, the served endpoint, LiteRT edge models, the input pipeline and "
+        "tuning against their baselines; logs one `benchmark` run and prints a markdown table."
+    )
+    p.add_argument("--model_uri", default="",
+                   help="model to measure (models:/name@alias); empty: a MobileNet built here")  # fmt: skip
+    p.add_argument(
+        "--image_size", type=positive_int, default=224, help="pixels (built model, data)"
+    )
+    p.add_argument("--runs", type=positive_int, default=100, help="timed calls per latency median")
+    p.add_argument("--serve_seconds", type=positive_float, default=10.0,
+                   help="seconds of load per client count against the served endpoint")  # fmt: skip
+    p.add_argument("--pipeline_images", type=positive_int, default=4000,
+                   help="images for the input pipeline and tuning comparisons")  # fmt: skip
+    p.add_argument("--sections", default="all",
+                   help="all, or a comma list of inference,serve,edge,pipeline,tuning")  # fmt: skip
+    return p
+
+
+def main() -> None:
+    from cars_ml.perf.run import BenchmarkConfig, parse_sections, run_benchmark
+
+    a = build_parser().parse_args()
+    run_benchmark(
+        BenchmarkConfig(
+            model_uri=a.model_uri,
+            image_size=a.image_size,
+            runs=a.runs,
+            serve_seconds=a.serve_seconds,
+            pipeline_images=a.pipeline_images,
+            sections=parse_sections(a.sections),
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)
