@@ -8,3 +8,16 @@ __version__ = "0.1.0"
 
 REGISTERED_MODEL_NAME = "stanford-cars-classifier"
 CHAMPION_ALIAS = "champion"
+
+# Plain constants the entry points need while parsing arguments, kept here so that `--help`
+# and argument errors do not wait for TensorFlow to import.
+AUTO_SIZE = -1
+ORIGINAL_BACKBONES = (
+    "inception_resnet",
+    "inception",
+    "mobilenet",
+    "resnet",
+    "vgg16",
+    "vgg19",
+    "xception",
+)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 
+from cars_ml import AUTO_SIZE, ORIGINAL_BACKBONES  # noqa: F401  (re-exported)
 from cars_ml.serving.layers import ImagePreprocess
 
 KERAS_CACHE = Path.home() / ".keras" / "models"
@@ -69,15 +70,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     )
 }
 
-ORIGINAL_BACKBONES = (
-    "inception_resnet",
-    "inception",
-    "mobilenet",
-    "resnet",
-    "vgg16",
-    "vgg19",
-    "xception",
-)
 WEIGHT_CHOICES = ("auto", "imagenet", "none")
 
 
@@ -90,7 +82,6 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ValueError(f"Unknown backbone {name!r}. Valid names: {valid}.") from None
 
 
-AUTO_SIZE = -1
 DEMO_IMAGE_SIZE = 64
 # Far above every native size (224-299 px); a 100000 px request would otherwise pass the checks
 # and exhaust memory only once images are resized.

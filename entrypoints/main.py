@@ -4,7 +4,7 @@ from _common import integer, non_negative_int, parser, run_main, str2bool
 from promote import budget
 from train import image_size
 
-from cars_ml.backbones import ORIGINAL_BACKBONES
+from cars_ml import ORIGINAL_BACKBONES
 from cars_ml.promote import Budgets
 
 _BUDGETS = Budgets()
@@ -40,11 +40,11 @@ def build_parser():
 
 
 def main() -> None:
+    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
     from cars_ml.data import DataConfig
     from cars_ml.pipeline import PipelineConfig, run_pipeline
     from cars_ml.promote import PromotionConfig
 
-    a = build_parser().parse_args()
     run_pipeline(
         PipelineConfig(
             models=tuple(m.strip() for m in a.models.split(",") if m.strip()),

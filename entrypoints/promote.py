@@ -11,7 +11,6 @@ from _common import fraction, parser, run_main, str2bool
 
 from cars_ml import REGISTERED_MODEL_NAME
 from cars_ml.promote import RANKING_METRICS, SIZE_METRICS, Budgets, PromotionConfig
-from cars_ml.promotion_run import run_promote
 
 _DEFAULTS = Budgets()
 _OFF = {"none", "off", "inf", ""}
@@ -46,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from cars_ml.promotion_run import run_promote
+
     args = build_parser().parse_args()
     budgets = Budgets(
         max_latency_ms=args.max_latency_ms,

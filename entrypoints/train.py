@@ -10,7 +10,7 @@ from _common import (
     str2bool,
 )
 
-from cars_ml.backbones import AUTO_SIZE
+from cars_ml import AUTO_SIZE
 
 
 def image_size(value: str) -> int:
@@ -58,11 +58,11 @@ def build_parser():
 
 
 def main() -> None:
+    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
     from cars_ml.data import DataConfig
     from cars_ml.train import HParams
     from cars_ml.train_run import TrainConfig, run_train
 
-    a = build_parser().parse_args()
     hparams = HParams(
         epochs=a.epochs,
         fine_tune_epochs=a.fine_tune_epochs,

@@ -40,11 +40,11 @@ def build_parser():
 
 
 def main() -> None:
+    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
     from cars_ml.data import DataConfig
     from cars_ml.search_space import parse_pins
     from cars_ml.tune import TuneConfig, run_tune
 
-    a = build_parser().parse_args()
     run_tune(
         TuneConfig(
             model=a.model,
