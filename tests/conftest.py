@@ -34,11 +34,25 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
+    _forget_experiment()
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    _forget_experiment()
+
+
+def _forget_experiment() -> None:
+    """Drop the experiment an earlier test selected in this process.
+
+    ``mlflow.set_experiment`` keeps the id in a module global and in ``MLFLOW_EXPERIMENT_ID``;
+    against the next test's fresh store that id does not exist.
+    """
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(autouse=True)
