@@ -23,24 +23,12 @@ from mlflow.exceptions import MlflowException
 
 from cars_ml import CHAMPION_ALIAS, tracking
 from cars_ml.promote import RollbackPlan, decide_rollback
+from cars_ml.schema import EDGE_HEADLINE, METRIC_SCHEMA
 
 log = logging.getLogger(__name__)
 
-METRICS = (
-    "test_f1_macro",
-    "test_f1_weighted",
-    "test_accuracy",
-    "test_top5_accuracy",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "throughput_img_per_s",
-    "model_size_mb",
-    "num_params",
-    "tflite_int8_size_mb",
-    "tflite_int8_latency_ms_p50",
-    "tflite_int8_test_f1_macro",
-    "int8_f1_drop",
-)
+# Everything a train run logs except the validation score, plus the edge headline figures.
+METRICS = (*METRIC_SCHEMA[1:], *EDGE_HEADLINE)
 HISTORY_TAG = "champion_history"
 # Set on the version a rollback moved away from, so that the next promote does not bring it
 # straight back; deleting the tag makes the version eligible again.

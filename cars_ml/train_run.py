@@ -18,22 +18,11 @@ import numpy as np
 import cars_ml
 from cars_ml import backbones, benchmark, distribute, evaluate, tracking
 from cars_ml.data import DataConfig, load_dataset, make_dataset
+from cars_ml.schema import METRIC_SCHEMA
 from cars_ml.train import HParams, fit, inference_fn, labels_of, predict_probabilities
 
 log = logging.getLogger(__name__)
 
-METRIC_SCHEMA = (
-    "val_f1_macro",
-    "test_f1_macro",
-    "test_f1_weighted",
-    "test_accuracy",
-    "test_top5_accuracy",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "throughput_img_per_s",
-    "model_size_mb",
-    "num_params",
-)
 HEADLINE_TAGS = ("test_f1_macro", "test_accuracy", "latency_ms_p95", "model_size_mb")
 
 
