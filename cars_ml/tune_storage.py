@@ -71,21 +71,86 @@ class RetryAndCloseRuns(RetryHeartbeatStaleTrialCallback):
         close_dead_trial_runs([trial])
 
 
-class ResilientRDBStorage(RDBStorage):
-    """An ``RDBStorage`` whose trial heartbeat survives a dropped database connection.
+def _connection_lost(exc: optuna.exceptions.StorageInternalError) -> bool:
+    """Whether a storage error came from a dropped connection (worth retrying) or bad data."""
+    cause = exc.__cause__
+    return isinstance(cause, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
 
-    Optuna records heartbeats from a thread that dies on the first exception; a connection
-    killed by a database restart or failover would silence a live trial, and after the grace
-    period another worker would fail and re-run it while it still trains. SQLAlchemy discards
-    the broken connection, so the next beat reconnects: a failed beat is only logged.
+
+class ResilientRDBStorage(RDBStorage):
+    """An ``RDBStorage`` whose trials survive a dropped database connection.
+
+    A connection killed by a database restart or failover surfaces as one failed statement;
+    SQLAlchemy then discards it, so the same call on a fresh connection succeeds. Writes that
+    are idempotent (intermediate values, attributes, params, heartbeats) and reads are retried,
+    so a live trial is neither failed by its own objective nor silenced: Optuna records
+    heartbeats from a thread that dies on the first exception, and after the grace period
+    another worker would fail and re-run a trial that still trains. Creating a trial is not
+    retried: a lost acknowledgement could leave a duplicate trial behind.
     """
+
+    RETRIES = 3
+
+    def _retry(self, call, *args, **kwargs):
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return call(*args, **kwargs)
+            except optuna.exceptions.StorageInternalError as exc:
+                if attempt == self.RETRIES or not _connection_lost(exc):
+                    raise
+                log.warning("Optuna storage connection lost in %s (%s); retry %d of %d",
+                            call.__name__, _first_line(exc), attempt + 1, self.RETRIES)  # fmt: skip
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")  # The loop either returns or raises.
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        return self._retry(super().get_trial, trial_id)
+
+    # Optuna's cached storage calls these private methods directly (Optuna 5.0); the public
+    # ``get_all_trials`` and ``set_trial_param`` go through them too.
+    def _get_trials(self, study_id, states, included_trial_ids, trial_id_greater_than) -> list:
+        return self._retry(super()._get_trials, study_id, states, included_trial_ids,
+                           trial_id_greater_than)  # fmt: skip
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self._retry(super()._get_stale_trial_ids, study_id)
+
+    def _set_trial_param(self, trial_id, param_name, value, distribution, previous) -> None:
+        # A repeated insert of the same param is an IntegrityError that Optuna ignores.
+        self._retry(super()._set_trial_param, trial_id, param_name, value, distribution,
+                    previous)  # fmt: skip
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        self._retry(super().set_trial_intermediate_value, trial_id, step, value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value) -> None:
+        self._retry(super().set_trial_user_attr, trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
+        self._retry(super().set_trial_system_attr, trial_id, key, value)
+
+    def set_trial_state_values(self, trial_id: int, state, values=None) -> bool:
+        try:
+            return self._retry(super().set_trial_state_values, trial_id, state, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # The first attempt committed before its connection died: the retry finds the
+            # trial already finished. That is success only if it finished the way we asked.
+            if self.get_trial(trial_id).state == state:
+                return True
+            raise
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            super().record_heartbeat(trial_id)
+            self._retry(super().record_heartbeat, trial_id)
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            # Never let the exception reach Optuna's heartbeat thread, which would die with it.
             log.warning("Heartbeat of trial id %d not recorded (%s); retrying at the next beat",
-                        trial_id, redact(str(exc.__cause__ or exc)).splitlines()[0])  # fmt: skip
+                        trial_id, _first_line(exc))  # fmt: skip
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact(str(exc.__cause__ or exc)).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -94,10 +159,9 @@ def storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as exc:
-        cause = redact(str(exc.__cause__ or exc)).strip().splitlines()
         raise ConnectionError(
             f"Lost the connection to Optuna storage {redact(url)} during the study "
-            f"({cause[0] if cause else type(exc).__name__}). Completed trials are kept: run the "
+            f"({_first_line(exc)}). Completed trials are kept: run the "
             "same command again to resume; a trial left RUNNING is failed and retried once its "
             "heartbeat is older than the grace period."
         ) from exc
