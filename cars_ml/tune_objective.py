@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from cars_ml import backbones, benchmark, search_space, tracking
 from cars_ml.evaluate import macro_f1
-from cars_ml.train import HParams, class_weights, fit, inference_fn
+from cars_ml.train import HParams, class_weights, compile_for_training, fit, inference_fn
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ class Objective:
         n = self.splits.num_classes
         head = backbones.build_head(f["train_x"].shape[1], n, params["dropout"],
                                     params["head_units"], params["weight_decay"])  # fmt: skip
-        head.compile(
-            optimizer=keras.optimizers.Adam(params["learning_rate"]),
+        compile_for_training(
+            head,
+            keras.optimizers.Adam(params["learning_rate"]),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
         )
         train = (

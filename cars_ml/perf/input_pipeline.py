@@ -120,6 +120,7 @@ def data_wait(
 
     from cars_ml import backbones
     from cars_ml.data.pipeline import make_dataset
+    from cars_ml.train import compile_for_training
 
     if max_steps:
         records = list(records)[: max_steps * batch_size]
@@ -130,7 +131,8 @@ def data_wait(
     num_classes = max(r.label for r in records) + 1
     head = backbones.build_head(backbone.output_shape[-1], num_classes, 0.3, 0)
     model = backbones.build_classifier(spec, image_size, backbone, head)
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy())
+    compile_for_training(model, keras.optimizers.Adam(1e-3),
+                         loss=keras.losses.SparseCategoricalCrossentropy())  # fmt: skip
     fed = make_dataset(records, image_size, batch_size, training=True,
                        augment_strength=TRAIN_AUGMENT)  # fmt: skip
     # The in-memory feed only slices tensors that are already decoded, cast and batched.
