@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from cars_ml.data.augment import BatchAugment
 from cars_ml.data.types import ImageRecord
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -74,22 +74,6 @@ def _decoded(records: Sequence[ImageRecord], image_size: int) -> tf.data.Dataset
     )
 
 
-def augmenter(strength: float, seed: int = 0) -> keras.Sequential:
-    """Flip, translation, zoom and contrast, each scaled by ``strength`` (0..1 typical)."""
-    if strength < 0:
-        raise ValueError(f"augment_strength must be >= 0, got {strength}.")
-    s = min(float(strength), 1.0)
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomTranslation(0.1 * s, 0.1 * s, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomZoom(0.2 * s, fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomContrast(0.3 * s, value_range=(0, 255), seed=seed + 3),
-        ],
-        name="augment",
-    )
-
-
 def make_dataset(
     records: Sequence[ImageRecord],
     image_size: int,
@@ -116,10 +100,14 @@ def make_dataset(
         ds = ds.shuffle(len(records), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if training and augment_strength > 0:
-        augment = augmenter(augment_strength, seed=shuffle_seed)
-        # Sequential on purpose: random ops in a parallel map draw in a racy order, which made
-        # augmentation irreproducible for a fixed seed. Each call is a whole vectorised batch.
-        ds = ds.map(lambda x, y: (augment(x, training=True), y))
+        augment = BatchAugment(augment_strength, name="augment")
+        # One seed per batch, a new sequence every epoch, the same sequences for the same
+        # shuffle_seed: the parallel map then reproduces a run exactly.
+        seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, seeds.batch(2)).map(
+            lambda batch, seed: (augment(batch[0], seed), batch[1]),
+            num_parallel_calls=AUTOTUNE,
+        )
     return ds.prefetch(AUTOTUNE)
 
 
