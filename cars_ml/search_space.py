@@ -67,3 +67,25 @@ def sample(trial: optuna.Trial, pins: dict[str, Any], *, head_only: bool) -> dic
         else:
             params[name] = trial.suggest_categorical(name, list(dim.choices))
     return params
+
+
+def baseline(pins: dict[str, Any], *, head_only: bool) -> dict[str, Any]:
+    """The training defaults (``HParams``) as a point of the search space, for trial 0.
+
+    Evaluated first, they guarantee a study never recommends worse than the defaults, which
+    matters most for small budgets where a few random draws can all land badly. Values outside
+    a dimension's range are clamped to it (weight decay 0 becomes its lowest value).
+    """
+    from cars_ml.train import HParams
+
+    defaults = HParams()
+    point: dict[str, Any] = {}
+    for name, dim in SEARCH_SPACE.items():
+        if name in pins or (head_only and dim.fine_tune_only):
+            continue
+        value = getattr(defaults, name)
+        if dim.kind == "choice":
+            point[name] = value if value in dim.choices else dim.choices[0]
+        else:
+            point[name] = min(max(value, dim.low), dim.high)
+    return point

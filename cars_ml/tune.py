@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import optuna
 
-from cars_ml import backbones, tracking
+from cars_ml import backbones, search_space, tracking
 from cars_ml.data import DataConfig, load_dataset
 from cars_ml.tune_objective import Objective, trial_summary
 from cars_ml.tune_sampler import make_sampler
@@ -109,14 +109,13 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     multi = len(cfg.objective_names) > 1
     # Seeded per trial number: parallel workers and resumed studies never repeat a draw.
     sampler = make_sampler(cfg.seed, multi_objective=multi)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        sampler=sampler,
-        pruner=make_pruner(cfg.pruner, cfg.max_epochs),
-        directions=[OBJECTIVES[o] for o in cfg.objective_names],
-        load_if_exists=True,
-    )
+    study_args = dict(study_name=name, storage=storage, sampler=sampler,
+                      pruner=make_pruner(cfg.pruner, cfg.max_epochs),
+                      directions=[OBJECTIVES[o] for o in cfg.objective_names])  # fmt: skip
+    try:
+        study, created = optuna.create_study(**study_args), True
+    except optuna.exceptions.DuplicatedStudyError:  # Resuming, or another worker was first.
+        study, created = optuna.create_study(**study_args, load_if_exists=True), False
     _close_stale(study)
     splits = load_dataset(cfg.data)  # Once per process, never inside the objective.
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
@@ -149,6 +148,10 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                 **splits.params(),
             }  # fmt: skip
         )
+        if created:
+            # A new study first tries the defaults. Only the worker whose insert created the
+            # study queues them (the database keeps study names unique), never two at once.
+            study.enqueue_trial(search_space.baseline(dict(cfg.pins), head_only=use_cache))
         objective = Objective(cfg, splits, spec, size, weights_used, features)
         objective.backbone_for_latency = backbone
         before = len(study.trials)

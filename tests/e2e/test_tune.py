@@ -12,8 +12,9 @@ import optuna
 import pytest
 from e2e_utils import ROOT, run_entry
 
-from cars_ml import backbones
+from cars_ml import backbones, search_space
 from cars_ml.data import DataConfig
+from cars_ml.train import HParams
 from cars_ml.tune import TuneConfig, run_tune
 from cars_ml.tune_storage import best_params
 
@@ -60,6 +61,11 @@ def test_three_trials_nested_under_one_parent_and_params_from(tracking_uri, tmp_
     assert len(children) == 3
     assert {c.data.tags["optuna_state"] for c in children} == {"COMPLETE"}
     assert all("val_f1_macro" in c.data.metrics for c in children)
+    # Trial 0 is the training defaults, so the study can never recommend worse than them.
+    defaults = search_space.baseline({}, head_only=False)
+    assert study.trials[0].params == defaults
+    assert defaults["learning_rate"] == HParams().learning_rate
+    assert all(t.params != defaults for t in study.trials[1:])
     best = study.best_trial
     assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(best.value)
     assert parent.data.params["best_learning_rate"] == str(best.params["learning_rate"])
