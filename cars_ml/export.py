@@ -44,26 +44,33 @@ def _check_images(images: np.ndarray, what: str) -> np.ndarray:
     return images
 
 
-def _saved_model(model, directory: Path) -> Path:
-    """Export the model's inference call (``training=False``) as a SavedModel, once.
+def frozen_inference(model):
+    """The model's inference call (``training=False``, any batch) as a graph with its weights
+    folded into constants: what both TFLite conversions and the serving engine start from.
 
-    ``TFLiteConverter.from_keras_model`` does exactly this export on every call; both
-    conversions reading one export saves a full trace and write of the model (about 11 s for
-    Inception-ResNet-v2 on 2 cores).
+    ``TFLiteConverter.from_keras_model`` writes and re-reads a whole SavedModel on every call
+    instead; freezing one traced function makes an identical flatbuffer (same outputs, same
+    size to within metadata) in less than half the time (Inception-v3 at 75 px on 2 cores:
+    about 22 s for both files instead of 30 s, most of it the int8 calibration).
     """
-    import keras
     import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     size = model.input_shape[1:]
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve",
-        lambda images: model(images, training=False),
-        [tf.TensorSpec([None, *size], tf.float32, name="image")],
+    call = tf.function(
+        lambda image: model(image, training=False),
+        input_signature=[tf.TensorSpec([None, *size], tf.float32, name="image")],
     )
-    archive.write_out(str(directory), verbose=False)
-    return directory
+    return convert_variables_to_constants_v2(call.get_concrete_function())
+
+
+def float32_flatbuffer(frozen) -> bytes:
+    """A float32 TFLite flatbuffer of a :func:`frozen_inference` graph."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert()
 
 
 def export_tflite(model, out_dir: str | Path, representative: np.ndarray) -> dict[str, Path]:
@@ -72,24 +79,21 @@ def export_tflite(model, out_dir: str | Path, representative: np.ndarray) -> dic
     ``representative`` holds uint8 training images (n, s, s, 3) used to calibrate int8 ranges;
     at most ``MAX_REPRESENTATIVE`` are used.
     """
-    import tempfile
-
     import tensorflow as tf
 
     rep = _check_images(representative, "representative")[:MAX_REPRESENTATIVE]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"float32": out / "model_float32.tflite", "int8": out / "model_int8.tflite"}
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = _saved_model(model, Path(tmp) / "saved_model")
-        paths["float32"].write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: _samples(rep)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
-        paths["int8"].write_bytes(converter.convert())
+    frozen = frozen_inference(model)
+    paths["float32"].write_bytes(float32_flatbuffer(frozen))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: _samples(rep)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    paths["int8"].write_bytes(converter.convert())
     return paths
 
 

@@ -212,11 +212,14 @@ def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
 # --- Serving model: log, register, load (owner: serving) ---------------------------------------
 
 
-def log_classifier_model(model, class_names, image_size: int, *, name: str = "model"):
+def log_classifier_model(
+    model, class_names, image_size: int, *, name: str = "model", litert_model=None
+):
     """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
 
     Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
-    ``labels.json``, ``serving_config.json``) plus a copy of the ``cars_ml`` package as code, so
+    ``labels.json``, ``serving_config.json``, and the exported float32 ``.tflite`` when
+    ``litert_model`` names it) plus a copy of the ``cars_ml`` package as code, so
     ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
     """
     import shutil
@@ -226,7 +229,9 @@ def log_classifier_model(model, class_names, image_size: int, *, name: str = "mo
     if mlflow.active_run() is None:
         raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = package.write_model_artifacts(model, class_names, image_size, Path(tmp) / "a")
+        artifacts = package.write_model_artifacts(
+            model, class_names, image_size, Path(tmp) / "a", litert_model=litert_model
+        )
         # Copy the package without caches so the logged model carries only source files.
         code_dir = Path(tmp) / "code" / "cars_ml"
         shutil.copytree(

@@ -153,11 +153,21 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         infer = inference_fn(result.model)
         metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
         lap("benchmark")
-        if cfg.export_tflite:
-            metrics.update(_export(cfg, splits, result.model, size, metrics["test_f1_macro"]))
-            lap("export")
-        tracking.log_metrics(metrics)
-        info = tracking.log_classifier_model(result.model, list(splits.class_names), size)
+        with tempfile.TemporaryDirectory() as export_dir:
+            litert_model = None
+            if cfg.export_tflite:
+                edge, paths = _export(cfg, splits, result.model, size, metrics["test_f1_macro"],
+                                      Path(export_dir))  # fmt: skip
+                metrics.update(edge)
+                litert_model = paths["float32"]
+                lap("export")
+            tracking.log_metrics(metrics)
+            # The served model carries the float32 flatbuffer just exported, so neither this
+            # logging (MLflow loads the model to check the input example) nor a server start
+            # converts the model again.
+            info = tracking.log_classifier_model(
+                result.model, list(splits.class_names), size, litert_model=litert_model
+            )
         lap("log_model")
         tracking.log_metrics(timings)
         version = None
@@ -193,7 +203,10 @@ def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, 
     return metrics
 
 
-def _export(cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: float) -> dict:
+def _export(
+    cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: float, out_dir: Path
+) -> tuple[dict, dict[str, Path]]:
+    """Export, measure and log the TFLite files into ``out_dir``; returns (metrics, paths)."""
     from cars_ml.data.pipeline import load_images_array
     from cars_ml.export import edge_metrics
 
@@ -202,19 +215,18 @@ def _export(cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: f
     picks = rng.choice(len(pool), size=min(100, len(pool)), replace=False)
     rep = load_images_array([pool[i] for i in picks], size)
     test_images = load_images_array(list(splits.test), size)
-    with tempfile.TemporaryDirectory() as tmp:
-        infer = inference_fn(model)
-        keras_preds = np.concatenate(
-            [infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
-             for i in range(0, len(test_images), 64)]
-        )  # fmt: skip
-        metrics, paths = edge_metrics(
-            model, rep, test_images, labels_of(splits.test), float_f1, Path(tmp),
-            keras_test_preds=keras_preds,
-        )  # fmt: skip
-        for path in paths.values():
-            tracking.log_artifact(path, "tflite")
-    return metrics
+    infer = inference_fn(model)
+    keras_preds = np.concatenate(
+        [infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
+         for i in range(0, len(test_images), 64)]
+    )  # fmt: skip
+    metrics, paths = edge_metrics(
+        model, rep, test_images, labels_of(splits.test), float_f1, out_dir,
+        keras_test_preds=keras_preds,
+    )  # fmt: skip
+    for path in paths.values():
+        tracking.log_artifact(path, "tflite")
+    return metrics, paths
 
 
 def _print_summary(cfg: TrainConfig, metrics: dict[str, float], version: str | None) -> None:

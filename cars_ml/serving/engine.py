@@ -63,14 +63,22 @@ class LiteRTEngine:
         return out
 
 
-def litert_engine(model, image_size: int, reference) -> LiteRTEngine | None:
-    """Convert ``model`` and check it against ``reference`` (TensorFlow inference, float32
-    pixels in, probabilities out) on two probe images; ``None`` (with a warning) when the
-    conversion fails or disagrees, so serving falls back to TensorFlow."""
+def litert_engine(
+    model, image_size: int, reference, content: bytes | None = None
+) -> LiteRTEngine | None:
+    """An engine over ``content`` (a float32 flatbuffer of ``model``, e.g. the one the train step
+    exported), or over ``model`` converted now when it is ``None``; checked against
+    ``reference`` (TensorFlow inference, float32 pixels in, probabilities out) on two probe
+    images. ``None`` (with a warning) when conversion fails or disagrees, so serving falls back
+    to TensorFlow. A shipped flatbuffer spares every server start the conversion (tens of
+    seconds for a large backbone); the check still proves it is this model."""
     try:
         import tensorflow as tf
 
-        content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        from cars_ml.export import float32_flatbuffer, frozen_inference
+
+        if content is None:
+            content = float32_flatbuffer(frozen_inference(model))
         engine = LiteRTEngine(content, image_size)
         rng = np.random.default_rng(0)
         probe = rng.integers(0, 256, (2, image_size, image_size, 3), dtype=np.uint8)

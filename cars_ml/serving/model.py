@@ -119,10 +119,13 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         # In `mlflow models serve` this turns two request shapes MLflow answers with 500 into 4xx.
         harden_scoring_server()
         artifacts = context.artifacts
-        self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"])
+        self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"],
+                  artifacts.get("litert_model"))  # fmt: skip
 
-    def load(self, model_path: str, labels_path: str, config_path: str) -> None:
-        """Load the three artifacts written by ``package.write_model_artifacts``."""
+    def load(
+        self, model_path: str, labels_path: str, config_path: str, litert_path: str | None = None
+    ) -> None:
+        """Load the artifacts written by ``package.write_model_artifacts``."""
         import keras
 
         import cars_ml.serving.layers  # noqa: F401 -- registers ImagePreprocess for safe mode
@@ -137,6 +140,7 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
             top_k=int(config.get("top_k", DEFAULT_TOP_K)),
             limits=Limits(**config.get("limits", {})),
             engine=str(config.get("engine", "litert")),
+            litert_content=Path(litert_path).read_bytes() if litert_path else None,
         )
 
     def setup(
@@ -148,12 +152,14 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         top_k: int = DEFAULT_TOP_K,
         limits: Limits | None = None,
         engine: str = "litert",
+        litert_content: bytes | None = None,
     ) -> CarsClassifier:
         """Wire an in-memory Keras model (also used by benchmarks to time the serving path).
 
         ``engine="litert"`` runs inference through LiteRT (``serving/engine.py``), falling back
         to the compiled ``tf.function`` when conversion fails; ``"tensorflow"`` always uses the
-        latter. ``self.engine`` says which one is in use.
+        latter. ``self.engine`` says which one is in use. ``litert_content`` is the model's
+        float32 flatbuffer when one was exported with it (then nothing is converted here).
         """
         import tensorflow as tf
 
@@ -182,7 +188,11 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         self._infer = infer
         # Trace once now, so the first request does not pay for graph construction.
         self._infer(tf.zeros([1, self.image_size, self.image_size, 3], tf.float32))
-        self._lite = litert_engine(model, self.image_size, infer) if engine == "litert" else None
+        self._lite = (
+            litert_engine(model, self.image_size, infer, litert_content)
+            if engine == "litert"
+            else None
+        )
         self.engine = "litert" if self._lite is not None else "tensorflow"
         return self
 

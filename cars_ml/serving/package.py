@@ -10,6 +10,7 @@ import base64
 import importlib.metadata
 import io
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def write_model_artifacts(
     *,
     top_k: int = DEFAULT_TOP_K,
     limits: Limits | None = None,
+    litert_model: str | Path | None = None,
 ) -> dict[str, str]:
-    """Save ``model.keras``, ``labels.json`` and ``serving_config.json`` into ``out_dir``.
+    """Save ``model.keras``, ``labels.json`` and ``serving_config.json`` into ``out_dir``, plus
+    ``model_float32.tflite`` when ``litert_model`` (the exported float32 flatbuffer) is given,
+    so the server runs LiteRT without converting at start.
 
     Returns the ``artifacts`` mapping for ``mlflow.pyfunc.log_model`` (key -> local path).
     """
@@ -68,6 +72,9 @@ def write_model_artifacts(
         "input_dtype": "uint8 RGB pixels resized to image_size x image_size (PIL bilinear)",
     }
     paths["serving_config"].write_text(json.dumps(config, indent=2), "utf-8")
+    if litert_model is not None:
+        paths["litert_model"] = out / "model_float32.tflite"
+        shutil.copyfile(litert_model, paths["litert_model"])
     return {key: str(path) for key, path in paths.items()}
 
 

@@ -4,6 +4,7 @@ refused (so serving falls back to TensorFlow) when it disagrees with TensorFlow.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from serving_helpers import SIZE, colour_classifier, colour_images
@@ -36,3 +37,34 @@ def test_engine_that_disagrees_with_tensorflow_is_refused():
         return np.zeros((int(x.shape[0]), 3), np.float32)
 
     assert litert_engine(model, SIZE, wrong_reference) is None
+
+
+def test_shipped_flatbuffer_is_served_without_converting_and_a_wrong_one_refused(
+    tmp_path, monkeypatch
+):
+    import keras
+
+    from cars_ml.export import export_tflite
+    from cars_ml.serving.package import write_model_artifacts
+
+    model, names = colour_classifier()
+    images, _ = colour_images(8, seed=5)
+    exported = export_tflite(model, tmp_path / "right", images)["float32"]
+    stranger = keras.models.clone_model(model)  # same graph, freshly initialised weights
+    wrong = export_tflite(stranger, tmp_path / "wrong", images)["float32"]
+    expected = CarsClassifier().setup(model, names, SIZE, engine="tensorflow")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the shipped flatbuffer must be used, not a new conversion")
+
+    monkeypatch.setattr("cars_ml.export.float32_flatbuffer", no_conversion)
+    paths = write_model_artifacts(model, names, SIZE, tmp_path / "a", litert_model=exported)
+    served = CarsClassifier()
+    served.load(paths["model"], paths["labels"], paths["serving_config"], paths["litert_model"])
+    assert served.engine == "litert"
+    np.testing.assert_allclose(
+        served.predict_images(images), expected.predict_images(images), atol=1e-5
+    )
+    # A flatbuffer of another model fails the check against TensorFlow: serving falls back.
+    mixed_up = CarsClassifier().setup(model, names, SIZE, litert_content=Path(wrong).read_bytes())
+    assert mixed_up.engine == "tensorflow"
