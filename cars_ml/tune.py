@@ -52,6 +52,7 @@ class TuneConfig:
     cached_features: bool = True
     pins: tuple[tuple[str, object], ...] = ()
     latency_runs: int = 20
+    parent_run_id: str = ""  # nest this worker's parent run under another run (the pipeline's)
 
     def __post_init__(self) -> None:
         backbones.get_backbone(self.model)
@@ -122,7 +123,12 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     features = None
     tags = {"step": "tune", "backbone": cfg.model, "study_name": name}
     # A database lost mid-study ends the run FAILED with one clear line, not a traceback.
-    with storage_errors(storage_url), tracking.start_run(run_name=f"tune-{name}", tags=tags):
+    with (
+        storage_errors(storage_url),
+        tracking.start_run(
+            run_name=f"tune-{name}", tags=tags, parent_run_id=cfg.parent_run_id or None
+        ),
+    ):
         use_cache = cfg.cached_features and weights_used != "random" and cfg.fine_tune_epochs == 0
         if use_cache:
             from cars_ml.features import cached_features

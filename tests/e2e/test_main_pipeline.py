@@ -8,7 +8,7 @@ from e2e_utils import run_entry
 
 pytestmark = pytest.mark.e2e
 
-TINY = ["--models", "mobilenet,vgg16", "--n_trials", "1", "--max_epochs", "1", "--epochs", "1",
+TINY = ["--models", "mobilenet,vgg16", "--n_trials", "2", "--max_epochs", "1", "--epochs", "1",
         "--fine_tune_epochs", "0", "--image_size", "32", "--weights", "none", "--max_per_class", "8",
         "--max_latency_ms", "none", "--max_size_mb", "none", "--max_int8_f1_drop", "none"]  # fmt: skip
 
@@ -29,8 +29,19 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     assert "mlflow models serve -m models:/stanford-cars-classifier@champion" in first.stdout
 
     (parent,) = _pipelines()
-    steps = sorted(c.data.tags.get("step") for c in _children(parent.info.run_id))
-    assert steps == ["promote", "train", "train", "tune", "tune"]
+    children = _children(parent.info.run_id)
+    steps = sorted(c.data.tags.get("step") for c in children)
+    # On synthetic data two worker processes tune each backbone's study side by side: one tune
+    # run per worker, each holding the one trial it ran, both under the pipeline run.
+    assert steps == ["promote", "train", "train", "tune", "tune", "tune", "tune"]
+    tunes = [c for c in children if c.data.tags.get("step") == "tune"]
+    assert len({t.data.tags["study_name"] for t in tunes}) == 2
+    trials = [_children(t.info.run_id) for t in tunes]
+    assert [len(t) for t in trials] == [1, 1, 1, 1]
+    for study in {t.data.tags["study_name"] for t in tunes}:
+        numbers = sorted(trial.data.tags["optuna_trial"] for tune, runs in zip(tunes, trials, strict=True)
+                         if tune.data.tags["study_name"] == study for trial in runs)  # fmt: skip
+        assert numbers == ["0", "1"], (study, numbers)
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.html", "f1_vs_latency.png"} <= artifacts
