@@ -13,7 +13,6 @@ callers always pass uint8 pixels and get float probabilities for either file.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,17 +188,13 @@ def measure_latency_ms(
     runner: LiteRTRunner, image: np.ndarray, n: int = 50, warmup: int = 5
 ) -> dict[str, float]:
     """Batch-1 latency percentiles (ms) of ``runner`` on one uint8 image ``(s, s, 3)``."""
+    from cars_ml.benchmark import percentiles_ms
+
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}.")
     one = np.asarray(image)[None] if np.ndim(image) == 3 else np.asarray(image)[:1]
-    for _ in range(warmup):
-        runner.predict(one)
-    times = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        runner.predict(one)
-        times[i] = (time.perf_counter() - start) * 1000.0
-    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+    timing = percentiles_ms(lambda: runner.predict(one), warmup=warmup, runs=n)
+    return {"p50": timing["p50"], "p95": timing["p95"]}
 
 
 def _scores(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:

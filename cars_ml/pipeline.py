@@ -21,6 +21,7 @@ from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
 from cars_ml.promote import PromotionConfig
 from cars_ml.train import HParams
+from cars_ml.tune_ahead import TuningAhead
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,11 @@ def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
 
 
 def resolve_tune_workers(cfg: PipelineConfig, n_trials: int) -> int:
-    """Processes that run one backbone's trials side by side on its shared study.
+    """Processes that tune: this one, plus ``workers - 1`` that tune ahead (``tune_ahead``).
 
-    Building a large backbone's training graph is single-threaded (Inception-ResNet-v2: ~40 s
-    of one core per trial), so a second worker puts the idle core to work. Auto means 2 for the
-    synthetic demo on a machine with two or more cores and 1 otherwise: on real data each trial
-    is long and compute-bound, and workers sharing one GPU would each claim its memory.
+    Auto means 2 for the synthetic demo on a machine with two or more cores and 1 otherwise: on
+    real data each trial is long and compute-bound, and workers sharing one GPU would each
+    claim its memory.
     """
     import os
 
@@ -90,52 +90,6 @@ def resolve_tune_workers(cfg: PipelineConfig, n_trials: int) -> int:
     if workers == 0:
         workers = 2 if cfg.data.data == "synthetic" and (os.cpu_count() or 1) >= 2 else 1
     return max(1, min(workers, n_trials))
-
-
-def _tune_worker(tune_cfg) -> None:
-    """Entry of a spawned tuning worker: the same study, its own nested parent run."""
-    import os
-
-    from cars_ml.tune import run_tune
-
-    # A worker started under `mlflow run` must not resume the pipeline's own run.
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    run_tune(tune_cfg)
-
-
-def _tune(tune_cfg, workers: int):
-    """Run the study with ``workers`` processes (this one included); returns the study."""
-    import multiprocessing
-    from dataclasses import replace
-
-    from cars_ml.tune import run_tune
-
-    if workers == 1:
-        return run_tune(tune_cfg)
-    shares = [tune_cfg.n_trials // workers + (i < tune_cfg.n_trials % workers)
-              for i in range(workers)]  # fmt: skip
-    parent = tracking.active_run_id() or ""
-    # Spawned, not forked: TensorFlow's runtime threads do not survive a fork.
-    context = multiprocessing.get_context("spawn")
-    helpers = [
-        context.Process(target=_tune_worker, args=(replace(tune_cfg, n_trials=share,
-                                                           parent_run_id=parent),))
-        for share in shares[1:]
-    ]  # fmt: skip
-    for helper in helpers:
-        helper.start()
-    try:
-        study = run_tune(replace(tune_cfg, n_trials=shares[0]))
-    finally:
-        for helper in helpers:
-            helper.join()
-    failed = [h.exitcode for h in helpers if h.exitcode != 0]
-    if failed:
-        # Its trials are FAILED (or failed as stale by the next worker); the study keeps the
-        # trials that completed, and the best of those is trained.
-        log.warning("%d tuning worker(s) exited with %s; continuing with the completed trials.",
-                    len(failed), failed)  # fmt: skip
-    return study  # It reads the storage: every worker's trials are there.
 
 
 def code_version() -> str:
@@ -158,29 +112,40 @@ def step_key(cfg: PipelineConfig, model: str, fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _run_backbone(cfg: PipelineConfig, model: str, key: str) -> dict:
-    """Tune then train one backbone (or reuse a finished run with the same key)."""
-    from cars_ml.train_run import TrainConfig, run_train
+def _reusable(cfg: PipelineConfig, key: str):
+    """A finished train run with the same step key, when reuse is on."""
+    return tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
+
+
+def _tune_config(cfg: PipelineConfig, model: str, key: str):
     from cars_ml.tune import TuneConfig
 
-    previous = tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
+    n_trials, max_epochs, _ = resolve_budget(cfg)
+    return TuneConfig(
+        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
+        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
+        max_epochs=max_epochs, study_name=f"pipeline-{model}-{key[:8]}")  # fmt: skip
+
+
+def _run_backbone(cfg: PipelineConfig, model: str, key: str, ahead: TuningAhead) -> dict:
+    """Tune then train one backbone (or reuse a finished run with the same key)."""
+    from cars_ml.train_run import TrainConfig, run_train
+
+    previous = _reusable(cfg, key)
     if previous is not None:
         print(f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True)
         return {"run_id": previous.info.run_id, "model_version": previous.data.tags.get("model_version"),
                 "reused": True, **previous.data.metrics}  # fmt: skip
     n_trials, max_epochs, hparams = resolve_budget(cfg)
-    workers = resolve_tune_workers(cfg, n_trials)
-    print(f"[pipeline] {model}: tuning ({n_trials} trials x {max_epochs} epochs, {workers} "
-          "worker(s)), then training", flush=True)  # fmt: skip
-    study = _tune(TuneConfig(
-        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
-        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
-        max_epochs=max_epochs, study_name=f"pipeline-{model}-{key[:8]}"), workers)  # fmt: skip
-    outcome = run_train(TrainConfig(
-        model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
-        hparams=hparams, seed=cfg.seed, model_name=cfg.model_name,
-        params_from=study.study_name, storage=cfg.storage, verbose=2,
-        run_tags={"pipeline_step_key": key}))  # fmt: skip
+    print(f"[pipeline] {model}: tuning ({n_trials} trials x {max_epochs} epochs, "
+          f"{1 + ahead.workers} worker(s)), then training", flush=True)  # fmt: skip
+    study = ahead.tune(_tune_config(cfg, model, key))
+    with ahead.measuring():
+        outcome = run_train(TrainConfig(
+            model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
+            hparams=hparams, seed=cfg.seed, model_name=cfg.model_name,
+            params_from=study.study_name, storage=cfg.storage, verbose=2,
+            run_tags={"pipeline_step_key": key}))  # fmt: skip
     return {"run_id": outcome.run_id, "model_version": outcome.model_version, "reused": False,
             **outcome.metrics}  # fmt: skip
 
@@ -201,11 +166,18 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                              "max_epochs": max_epochs, "epochs": hparams.epochs,
                              "fine_tune_epochs": hparams.fine_tune_epochs, "weights": cfg.weights,
                              **splits.params()})  # fmt: skip
-        for model in cfg.models:
-            result = _run_backbone(cfg, model, step_key(cfg, model, splits.fingerprint))
-            rows.append({"backbone": model, "run_id": result["run_id"],
-                         "model_version": result["model_version"], "reused": result["reused"],
-                         **{c: result.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
+        keys = {model: step_key(cfg, model, splits.fingerprint) for model in cfg.models}
+        helpers = resolve_tune_workers(cfg, n_trials) - 1
+        with TuningAhead(helpers, parent.info.run_id) as ahead:
+            # The workers start on every study the pipeline will need, in order, right away.
+            for model in cfg.models:
+                if _reusable(cfg, keys[model]) is None:
+                    ahead.submit(_tune_config(cfg, model, keys[model]))
+            for model in cfg.models:
+                result = _run_backbone(cfg, model, keys[model], ahead)
+                rows.append({"backbone": model, "run_id": result["run_id"],
+                             "model_version": result["model_version"], "reused": result["reused"],
+                             **{c: result.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)

@@ -53,6 +53,9 @@ class TuneConfig:
     pins: tuple[tuple[str, object], ...] = ()
     latency_runs: int = 20
     parent_run_id: str = ""  # nest this worker's parent run under another run (the pipeline's)
+    # True: n_trials is the study's total over every worker (this one stops when the study has
+    # that many); False: this worker runs n_trials more.
+    study_total: bool = False
 
     def __post_init__(self) -> None:
         backbones.get_backbone(self.model)
@@ -118,6 +121,12 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     except optuna.exceptions.DuplicatedStudyError:  # Resuming, or another worker was first.
         study, created = optuna.create_study(**study_args, load_if_exists=True), False
     _close_stale(study)
+    n_trials = cfg.n_trials
+    if cfg.study_total:
+        n_trials -= len(_counted(study))
+        if n_trials <= 0:
+            print(f"[tune] study {name} already has {cfg.n_trials} trials", flush=True)
+            return study
     splits = load_dataset(cfg.data)  # Once per process, never inside the objective.
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
     features = None
@@ -161,17 +170,35 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
         objective = Objective(cfg, splits, spec, size, weights_used, features)
         objective.backbone_for_latency = backbone
         before = len(study.trials)
+        callbacks = [trial_summary]
+        if cfg.study_total:
+            # Stop as soon as finished and running trials reach the total, so workers that
+            # share the study do not overshoot it (one extra trial at most, when they race).
+            callbacks.append(optuna.study.MaxTrialsCallback(cfg.n_trials, states=COUNTED))
         study.optimize(
             objective,
-            n_trials=cfg.n_trials,
+            n_trials=n_trials,
             timeout=cfg.timeout_s or None,
             catch=(Exception,),
-            callbacks=[trial_summary],
+            callbacks=callbacks,
             show_progress_bar=True,
         )
         _log_study(study, before, multi)
     keras.backend.clear_session()
     return study
+
+
+# Trials that count towards a study's total: all but failed ones (a failed trial is retried).
+COUNTED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.WAITING,
+)
+
+
+def _counted(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=COUNTED)
 
 
 def _close_stale(study: optuna.Study) -> None:

@@ -34,6 +34,24 @@ def test_grayscale_cmyk_rgba_and_rgb_decode_to_three_channels(tmp_path):
     np.testing.assert_allclose(means, expected, atol=6)
 
 
+@pytest.mark.parametrize("size", [12, 64])  # a downscale (antialiased) and an upscale
+def test_greyscale_jpeg_gives_the_pixels_of_decoding_it_to_rgb_first(tmp_path, size):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    grey = tmp_path / "grey.jpg"
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L").save(grey, quality=90)
+    # The same decoded pixels as 3 channels, stored losslessly: the 3-channel path's input.
+    rgb = tf.io.decode_jpeg(grey.read_bytes(), channels=3, dct_method="INTEGER_ACCURATE")
+    as_rgb = tmp_path / "as_rgb.png"
+    Image.fromarray(rgb.numpy()).save(as_rgb)
+    for box in (None, (3, 2, 30, 25)):
+        got = load_images_array([ImageRecord(str(grey), 0, box), ImageRecord(str(as_rgb), 0, box)],
+                                size)  # fmt: skip
+        assert got.shape == (2, size, size, 3)
+        np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_crop_uses_inclusive_box(tmp_path):
     img = Image.new("RGB", (40, 30), (255, 0, 0))
     img.paste((0, 0, 255), (20, 10, 40, 30))  # blue block: x 20..39, y 10..29 inclusive

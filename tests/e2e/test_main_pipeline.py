@@ -31,16 +31,16 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     (parent,) = _pipelines()
     children = _children(parent.info.run_id)
     steps = sorted(c.data.tags.get("step") for c in children)
-    # On synthetic data two worker processes tune each backbone's study side by side: one tune
-    # run per worker, each holding the one trial it ran, both under the pipeline run.
-    assert steps == ["promote", "train", "train", "tune", "tune", "tune", "tune"]
+    # On synthetic data a second process tunes ahead: each backbone's study gets its two
+    # trials from one or both processes (one tune run each), all under the pipeline run.
+    assert [s for s in steps if s != "tune"] == ["promote", "train", "train"]
     tunes = [c for c in children if c.data.tags.get("step") == "tune"]
-    assert len({t.data.tags["study_name"] for t in tunes}) == 2
-    trials = [_children(t.info.run_id) for t in tunes]
-    assert [len(t) for t in trials] == [1, 1, 1, 1]
-    for study in {t.data.tags["study_name"] for t in tunes}:
-        numbers = sorted(trial.data.tags["optuna_trial"] for tune, runs in zip(tunes, trials, strict=True)
-                         if tune.data.tags["study_name"] == study for trial in runs)  # fmt: skip
+    studies = {t.data.tags["study_name"] for t in tunes}
+    assert len(studies) == 2 and 2 <= len(tunes) <= 4
+    for study in studies:
+        numbers = sorted(trial.data.tags["optuna_trial"] for tune in tunes
+                         if tune.data.tags["study_name"] == study
+                         for trial in _children(tune.info.run_id))  # fmt: skip
         assert numbers == ["0", "1"], (study, numbers)
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
