@@ -202,6 +202,47 @@ def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
     )
 
 
+RECALIBRATION_BATCHES = 20
+
+
+def recalibrate_batchnorm(model: keras.Model, backbone: keras.Model, data: tf.data.Dataset) -> int:
+    """Re-estimate the trainable BatchNorm layers' moving statistics with the final weights.
+
+    Trained from scratch for a few epochs, weights move faster than the moving averages follow,
+    and inference (which uses the averages) can collapse to one class while training accuracy
+    climbs: Xception after the demo's two epochs scored validation macro-F1 0.02 before and 1.0
+    after. Forward passes in training mode over up to ``RECALIBRATION_BATCHES`` unaugmented
+    training batches (no weight changes) replace the averages by the plain mean of those
+    batches' statistics ("precise BN"). Frozen BatchNorm layers run in inference mode and are
+    left alone. Returns the number of batches used.
+    """
+    layers = [
+        layer
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    if not layers:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    # A variable momentum, read by the traced step, turns the moving average into a running
+    # mean: batch i weighs 1/(i+1), so the stale averages vanish after the first batch.
+    momentum = tf.Variable(0.0, trainable=False)
+    for layer in layers:
+        layer.momentum = momentum
+    step = tf.function(lambda x: model(x, training=True))
+    batches = 0
+    try:
+        for x, _ in data.take(RECALIBRATION_BATCHES):
+            momentum.assign(batches / (batches + 1.0))
+            step(x)
+            batches += 1
+    finally:
+        for layer, value in zip(layers, saved, strict=True):
+            layer.momentum = value
+    log.info("Recalibrated %d BatchNorm layers on %d training batches", len(layers), batches)
+    return batches
+
+
 def fit(
     splits: DatasetSplits,
     spec: backbones.BackboneSpec,
@@ -214,8 +255,13 @@ def fit(
     epoch_hook: EpochHook | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
+    recalibrate: bool = True,
 ) -> FitResult:
-    """Train ``backbone`` + a new head on ``splits``; returns the best-weights model."""
+    """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
+
+    After end-to-end training the BatchNorm statistics are recalibrated (``recalibrate``);
+    tuning trials skip it, as they are scored on their per-epoch validation macro-F1.
+    """
     keras.utils.set_random_seed(seed)
     n = splits.num_classes
     head = backbones.build_head(
@@ -265,6 +311,10 @@ def fit(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = BN_MOMENTUM_FROM_SCRATCH
         run_phase(hp.epochs + hp.fine_tune_epochs, hp.learning_rate, 0, "end_to_end")
+        if recalibrate:
+            recalibrate_batchnorm(model, backbone, make_dataset(
+                splits.train, image_size, hp.batch_size, training=False,
+                cache=fits_in_cache(len(splits.train), image_size)))  # fmt: skip
     else:
         mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
         backbone.trainable = False

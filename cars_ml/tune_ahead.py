@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -27,16 +28,27 @@ JOIN_TIMEOUT_S = 60
 
 def _worker(jobs, done) -> None:
     """A worker's loop: run each study job until the ``None`` sentinel, report each one."""
+    import threading
+
     from cars_ml.tune import run_tune
 
     # A worker started under `mlflow run` must not resume the pipeline's own run.
     os.environ.pop("MLFLOW_RUN_ID", None)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     while (cfg := jobs.get()) is not None:
         try:
             run_tune(cfg)
             done.put((cfg.study_name, None))
         except Exception as exc:  # noqa: BLE001 -- reported to the pipeline, which carries on.
             done.put((cfg.study_name, f"{type(exc).__name__}: {exc}"))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once its pipeline is gone, however it died (SIGKILL included): a
+    worker whose parent died is adopted by another process, so its parent id changes."""
+    while os.getppid() == parent:
+        time.sleep(2.0)
+    os._exit(1)
 
 
 class TuningAhead:
@@ -67,13 +79,16 @@ class TuningAhead:
                 proc.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        for _ in self._procs:
-            self._jobs.put(None)
-        for proc in self._procs:
-            proc.join(timeout=JOIN_TIMEOUT_S)
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:  # Done: let the workers finish cleanly.
+            for _ in self._procs:
+                self._jobs.put(None)
+            for proc in self._procs:
+                proc.join(timeout=JOIN_TIMEOUT_S)
+        for proc in self._procs:  # Failed or interrupted: stop them now.
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=10)
 
     @property
     def pids(self) -> list[int]:

@@ -129,7 +129,8 @@ class Objective:
         hp = HParams(epochs=self.cfg.max_epochs, fine_tune_epochs=self.cfg.fine_tune_epochs,
                      patience=self.cfg.max_epochs, **known)  # fmt: skip
         result = fit(self.splits, self.spec, self.size, backbone, self.weights_used, hp,
-                     seed=self.cfg.seed, epoch_hook=self._hook(trial), verbose=0)  # fmt: skip
+                     seed=self.cfg.seed, epoch_hook=self._hook(trial), verbose=0,
+                     recalibrate=False)  # fmt: skip
         return float(result.best_val_f1_macro), result.model
 
     backbone_for_latency: keras.Model | None = None

@@ -371,3 +371,46 @@ def test_storage_writes_survive_connections_killed_mid_statement(postgres_url, m
     assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5
     assert sorted(frozen.intermediate_values) == list(range(150))
     assert frozen.user_attrs["attr4"] == 149
+
+
+def _children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc; Linux only)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_pipeline_killed_outright_takes_its_tuning_worker_with_it(sub_env, tmp_path):
+    args = ["--models", "mobilenet,vgg16", "--n_trials", "2", "--max_epochs", "1",
+            "--epochs", "1", "--fine_tune_epochs", "0", "--image_size", "32",
+            "--weights", "none", "--max_per_class", "8", "--tune_workers", "2"]  # fmt: skip
+    mlflow.search_experiments()
+    log = tmp_path / "pipeline.log"
+    pipeline = _start("main", *args, env=sub_env, log=log)
+    try:
+        _wait_for("a trial", lambda: "[tune] trial" in log.read_text(), pipeline, log)
+        workers = _children_of(pipeline.pid)  # the tuning worker (and multiprocessing's helper)
+        assert workers
+        os.kill(pipeline.pid, signal.SIGKILL)
+        pipeline.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_state(w) not in ("", "Z") for w in workers):
+            time.sleep(0.5)
+        assert [w for w in workers if _state(w) not in ("", "Z")] == [], "a worker outlived it"
+    finally:
+        _kill_group(pipeline)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
