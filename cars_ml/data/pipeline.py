@@ -28,24 +28,14 @@ def labels_array(records: Sequence[ImageRecord]) -> np.ndarray:
 def _decode(path: tf.Tensor, box: tf.Tensor, image_size: int) -> tf.Tensor:
     """Read one file, decode to 3 channels, crop to ``box`` if set, resize; uint8 (s, s, 3)."""
     raw = tf.io.read_file(path)
-
     # INTEGER_ACCURATE is the IDCT that PIL (serving) uses: training then sees the very pixels
     # serving decodes. decode_image's default fast IDCT differs by up to 19 grey levels.
-    def jpeg(channels: int):
-        return lambda: tf.io.decode_jpeg(raw, channels=channels, dct_method="INTEGER_ACCURATE")
-
-    def any_jpeg() -> tf.Tensor:
-        # A greyscale JPEG stays one channel through crop and resize (a third of the work) and
-        # is repeated to RGB at the end: the same pixels as decoding it to RGB first.
-        grey = tf.equal(tf.io.extract_jpeg_shape(raw)[2], 1)
-        return tf.cond(grey, jpeg(1), jpeg(3))
-
     image = tf.cond(
         tf.io.is_jpeg(raw),
-        any_jpeg,
+        lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_image(raw, channels=3, expand_animations=False),
     )
-    image.set_shape([None, None, None])
+    image.set_shape([None, None, 3])
 
     def crop() -> tf.Tensor:
         # Boxes are inclusive pixel coordinates, already clamped by the loader; clamp again so
@@ -66,11 +56,7 @@ def _decode(path: tf.Tensor, box: tf.Tensor, image_size: int) -> tf.Tensor:
         lambda: tf.image.resize(image, (image_size, image_size), antialias=True),
         lambda: tf.image.resize(image, (image_size, image_size), antialias=False),
     )
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-    image = tf.cond(tf.equal(tf.shape(image)[2], 1), lambda: tf.tile(image, [1, 1, 3]),
-                    lambda: image)  # fmt: skip
-    image.set_shape([image_size, image_size, 3])
-    return image
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def _decoded(records: Sequence[ImageRecord], image_size: int) -> tf.data.Dataset:
