@@ -21,6 +21,7 @@ from cars_ml import backbones
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
 from cars_ml.evaluate import macro_f1
+from cars_ml.optimizers import FusedAdam
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class HParams:
 
 @dataclass
 class FitResult:
-    """What training produced: the full model, its parts, and per-epoch history."""
+    """What training produced: the model to serve, its parts, and per-epoch history."""
 
-    model: keras.Model
+    model: keras.Model  # pixels in, probabilities out; no optimizer attached
     backbone: keras.Model
     head: keras.Model
     history: list[dict[str, float]]
@@ -90,8 +91,10 @@ class ValidationF1(keras.callbacks.Callback):
         val_labels: np.ndarray,
         hook: EpochHook | None,
         smoothing: float = 0.0,
+        inference_model: keras.Model | None = None,
     ):
         super().__init__()
+        self.inference_model = inference_model
         self.val_data = val_data
         self.val_labels = val_labels
         self.smoothing = smoothing
@@ -103,7 +106,7 @@ class ValidationF1(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         # One compiled forward pass gives F1, accuracy and loss; Keras' own validation would
         # trace a second graph of the whole network.
-        probs = predict_probabilities(self.model, self.val_data)
+        probs = predict_probabilities(self.inference_model or self.model, self.val_data)
         logs["val_f1_macro"] = macro_f1(self.val_labels, probs)
         logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.val_labels))
         logs["val_loss"] = cross_entropy(self.val_labels, probs, self.smoothing)
@@ -132,8 +135,9 @@ def inference_fn(model: keras.Model):
     fn = _INFERENCE.get(model)
     if fn is None:
         size = model.input_shape[1]
-        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        # Named like the input of the exported TFLite files, which start from this graph.
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="image")
+        fn = tf.function(lambda image: model(image, training=False), input_signature=[spec])
         _INFERENCE[model] = fn
     return fn
 
@@ -196,7 +200,7 @@ def compile_for_training(
 def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
     compile_for_training(
         model,
-        keras.optimizers.Adam(lr),
+        FusedAdam(lr),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
@@ -268,6 +272,10 @@ def fit(
         backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
     )
     model = backbones.build_classifier(spec, image_size, backbone, head)
+    # The model to serve: the same layers without the optimizer that compile() attaches (a third
+    # of the saved bytes). Validation, evaluation, benchmark and export all run its one traced
+    # inference function.
+    served = keras.Model(model.inputs, model.outputs, name=model.name)
     train_ds = make_dataset(
         splits.train,
         image_size,
@@ -282,7 +290,7 @@ def fit(
         cache=fits_in_cache(len(splits.val), image_size),
     )  # fmt: skip
     val_labels = labels_of(splits.val)
-    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing)
+    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
     weights = class_weights(labels_of(splits.train), n)
 
     def run_phase(epochs: int, lr: float, initial_epoch: int, phase: str) -> None:
@@ -312,7 +320,7 @@ def fit(
                 layer.momentum = BN_MOMENTUM_FROM_SCRATCH
         run_phase(hp.epochs + hp.fine_tune_epochs, hp.learning_rate, 0, "end_to_end")
         if recalibrate:
-            recalibrate_batchnorm(model, backbone, make_dataset(
+            recalibrate_batchnorm(served, backbone, make_dataset(
                 splits.train, image_size, hp.batch_size, training=False,
                 cache=fits_in_cache(len(splits.train), image_size)))  # fmt: skip
     else:
@@ -326,4 +334,4 @@ def fit(
                 hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune"
             )
     best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
-    return FitResult(model, backbone, head, f1_cb.history, mode, best)
+    return FitResult(served, backbone, head, f1_cb.history, mode, best)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from cars_ml import backbones, benchmark, search_space, tracking
 from cars_ml.evaluate import macro_f1
+from cars_ml.optimizers import FusedAdam
 from cars_ml.train import HParams, class_weights, compile_for_training, fit, inference_fn
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Objective:
                                     params["head_units"], params["weight_decay"])  # fmt: skip
         compile_for_training(
             head,
-            keras.optimizers.Adam(params["learning_rate"]),
+            FusedAdam(params["learning_rate"]),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
         )
         train = (

@@ -120,6 +120,7 @@ def data_wait(
 
     from cars_ml import backbones
     from cars_ml.data.pipeline import make_dataset
+    from cars_ml.optimizers import FusedAdam
     from cars_ml.train import compile_for_training
 
     if max_steps:
@@ -131,7 +132,7 @@ def data_wait(
     num_classes = max(r.label for r in records) + 1
     head = backbones.build_head(backbone.output_shape[-1], num_classes, 0.3, 0)
     model = backbones.build_classifier(spec, image_size, backbone, head)
-    compile_for_training(model, keras.optimizers.Adam(1e-3),
+    compile_for_training(model, FusedAdam(1e-3),
                          loss=keras.losses.SparseCategoricalCrossentropy())  # fmt: skip
     fed = make_dataset(records, image_size, batch_size, training=True,
                        augment_strength=TRAIN_AUGMENT)  # fmt: skip
