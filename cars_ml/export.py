@@ -44,9 +44,12 @@ def _check_images(images: np.ndarray, what: str) -> np.ndarray:
     return images
 
 
-def frozen_inference(model):
+def frozen_inference(model, infer=None):
     """The model's inference call (``training=False``, any batch) as a graph with its weights
     folded into constants: what both TFLite conversions and the serving engine start from.
+
+    ``infer``, when given, is the model's already traced ``tf.function`` (float32 pixels of any
+    batch in, probabilities out); its graph is reused instead of tracing the model again.
 
     ``TFLiteConverter.from_keras_model`` writes and re-reads a whole SavedModel on every call.
     Converting one frozen function instead gives the same flatbuffers (outputs equal to 1e-8,
@@ -58,12 +61,13 @@ def frozen_inference(model):
         convert_variables_to_constants_v2,
     )
 
-    size = model.input_shape[1:]
-    call = tf.function(
-        lambda image: model(image, training=False),
-        input_signature=[tf.TensorSpec([None, *size], tf.float32, name="image")],
-    )
-    return convert_variables_to_constants_v2(call.get_concrete_function())
+    if infer is None:
+        size = model.input_shape[1:]
+        infer = tf.function(
+            lambda image: model(image, training=False),
+            input_signature=[tf.TensorSpec([None, *size], tf.float32, name="image")],
+        )
+    return convert_variables_to_constants_v2(infer.get_concrete_function())
 
 
 class _DropNotice(logging.Filter):
@@ -99,11 +103,13 @@ def float32_flatbuffer(frozen) -> bytes:
     return _convert(_converter(frozen))
 
 
-def export_tflite(model, out_dir: str | Path, representative: np.ndarray) -> dict[str, Path]:
+def export_tflite(
+    model, out_dir: str | Path, representative: np.ndarray, infer=None
+) -> dict[str, Path]:
     """Write ``model_float32.tflite`` and ``model_int8.tflite`` into ``out_dir``.
 
     ``representative`` holds uint8 training images (n, s, s, 3) used to calibrate int8 ranges;
-    at most ``MAX_REPRESENTATIVE`` are used.
+    at most ``MAX_REPRESENTATIVE`` are used. ``infer``: see :func:`frozen_inference`.
     """
     import tensorflow as tf
 
@@ -111,7 +117,7 @@ def export_tflite(model, out_dir: str | Path, representative: np.ndarray) -> dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"float32": out / "model_float32.tflite", "int8": out / "model_int8.tflite"}
-    frozen = frozen_inference(model)
+    frozen = frozen_inference(model, infer)
     paths["float32"].write_bytes(float32_flatbuffer(frozen))
     converter = _converter(frozen)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -236,18 +242,19 @@ def edge_metrics(
     *,
     latency_runs: int = 50,
     keras_test_preds: np.ndarray | None = None,
+    infer=None,
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Export both files, then measure size, 1-thread latency, test macro-F1 and agreement.
 
     ``int8_f1_drop`` is ``float_test_f1`` (the Keras model's test macro-F1) minus the int8
-    file's; ``keras_test_preds`` (top-1 classes of the Keras model on ``test_images``) saves a
-    second trace when given. ``int8_agreement`` is the fraction of test images whose int8 top-1 class equals the
-    Keras model's.
+    file's; ``int8_agreement`` is the fraction of test images whose int8 top-1 class equals the
+    Keras model's. ``keras_test_preds`` (top-1 classes of the Keras model on ``test_images``)
+    and ``infer`` (see :func:`frozen_inference`) each spare a trace of the model when given.
     """
     test_images = _check_images(test_images, "test_images")
     if len(test_labels) != len(test_images):
         raise ValueError(f"{len(test_labels)} test labels for {len(test_images)} test images.")
-    paths = export_tflite(model, out_dir, rep_images)
+    paths = export_tflite(model, out_dir, rep_images, infer)
     # The caller usually has the Keras predictions already; tracing the model again for them
     # costs seconds to minutes on large backbones.
     keras_preds = (

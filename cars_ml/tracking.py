@@ -129,10 +129,15 @@ def start_run(
     resume_env = not nested and active is None and os.environ.get("MLFLOW_RUN_ID")
     # A step started while another run is active (the pipeline) becomes its child run.
     nested = active is not None or parent_run_id is not None
+    # A child started in another process (a pipeline worker) goes where its parent is.
+    experiment_id = None
+    if parent_run_id and active is None:
+        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
     run = mlflow.start_run(
         run_name=None if resume_env else run_name,
         nested=nested,
         parent_run_id=parent_run_id,
+        experiment_id=experiment_id,
         tags={**base_tags(), **{k: redact(v) for k, v in (tags or {}).items()}},
     )
     if resume_env and run_name:
@@ -213,13 +218,20 @@ def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
 
 
 def log_classifier_model(
-    model, class_names, image_size: int, *, name: str = "model", litert_model=None
+    model,
+    class_names,
+    image_size: int,
+    *,
+    name: str = "model",
+    litert_model=None,
+    saved_model=None,
+    reference=None,
 ):
     """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
 
     Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
     ``labels.json``, ``serving_config.json``, and the exported float32 ``.tflite`` when
-    ``litert_model`` names it) plus a copy of the ``cars_ml`` package as code, so
+    ``litert_model`` names it, with its check) plus a copy of the ``cars_ml`` package as code, so
     ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
     """
     import shutil
@@ -230,8 +242,9 @@ def log_classifier_model(
         raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = package.write_model_artifacts(
-            model, class_names, image_size, Path(tmp) / "a", litert_model=litert_model
-        )
+            model, class_names, image_size, Path(tmp) / "a", litert_model=litert_model,
+            saved_model=saved_model, reference=reference,
+        )  # fmt: skip
         # Copy the package without caches so the logged model carries only source files.
         code_dir = Path(tmp) / "code" / "cars_ml"
         shutil.copytree(

@@ -44,6 +44,7 @@ class TrainConfig:
     storage: str = ""
     run_name: str = ""
     run_tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str = ""  # make the run a child of this run (the pipeline's)
     verbose: int | str = "auto"
     devices: str = "auto"  # tf.distribute: auto, default or mirrored (see cars_ml.distribute)
 
@@ -99,7 +100,8 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     splits = load_dataset(cfg.data)
     tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-",
             **cfg.run_tags}  # fmt: skip
-    with tracking.start_run(run_name=cfg.run_name or f"train-{cfg.model}", tags=tags) as run:
+    with tracking.start_run(run_name=cfg.run_name or f"train-{cfg.model}", tags=tags,
+                            parent_run_id=cfg.parent_run_id or None) as run:  # fmt: skip
         tracking.log_params(
             {
                 "backbone": cfg.model,
@@ -137,37 +139,33 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
             )  # fmt: skip
         tracking.log_params({"training_mode": result.training_mode})
-        # A fresh functional wrapper shares the trained layers but not the optimizer state,
-        # so the saved and served model is the inference graph only (a third of the bytes).
-        result.model = keras.Model(
-            result.model.inputs, result.model.outputs, name=result.model.name
-        )
         lap("fit")
         metrics = _evaluate_and_log(cfg, splits, result, size)
         lap("evaluate")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.keras"
-            result.model.save(path)
-            metrics["model_size_mb"] = benchmark.file_size_mb(path)
-        metrics["num_params"] = float(result.model.count_params())
-        infer = inference_fn(result.model)
-        metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
-        lap("benchmark")
-        with tempfile.TemporaryDirectory() as export_dir:
+            saved = Path(tmp) / "model.keras"
+            result.model.save(saved)  # Saved once: measured here, logged below.
+            metrics["model_size_mb"] = benchmark.file_size_mb(saved)
+            metrics["num_params"] = float(result.model.count_params())
+            infer = inference_fn(result.model)
+            metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
+            lap("benchmark")
             litert_model = None
             if cfg.export_tflite:
                 edge, paths = _export(cfg, splits, result.model, size, metrics["test_f1_macro"],
-                                      Path(export_dir))  # fmt: skip
+                                      Path(tmp))  # fmt: skip
                 metrics.update(edge)
                 litert_model = paths["float32"]
                 lap("export")
             tracking.log_metrics(metrics)
-            # The served model carries the float32 flatbuffer just exported, so neither this
-            # logging (MLflow loads the model to check the input example) nor a server start
-            # converts the model again.
+            # The served model carries the float32 flatbuffer just exported and the
+            # probabilities TensorFlow gives on its probe images, so neither this logging
+            # (MLflow loads the model to check the input example) nor a server start converts
+            # the model again or even loads it into Keras.
             info = tracking.log_classifier_model(
-                result.model, list(splits.class_names), size, litert_model=litert_model
-            )
+                result.model, list(splits.class_names), size, litert_model=litert_model,
+                saved_model=saved, reference=infer,
+            )  # fmt: skip
         lap("log_model")
         tracking.log_metrics(timings)
         version = None
@@ -222,7 +220,7 @@ def _export(
     )  # fmt: skip
     metrics, paths = edge_metrics(
         model, rep, test_images, labels_of(splits.test), float_f1, out_dir,
-        keras_test_preds=keras_preds,
+        keras_test_preds=keras_preds, infer=infer,
     )  # fmt: skip
     for path in paths.values():
         tracking.log_artifact(path, "tflite")

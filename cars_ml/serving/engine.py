@@ -63,6 +63,36 @@ class LiteRTEngine:
         return out
 
 
+def probe_images(image_size: int) -> np.ndarray:
+    """Two seeded random uint8 images: what an engine is checked on against TensorFlow."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
+
+
+def _checked(engine: LiteRTEngine, probe: np.ndarray, expected: np.ndarray) -> LiteRTEngine:
+    gap = float(np.max(np.abs(engine(probe) - np.asarray(expected, np.float32))))
+    if not gap <= AGREEMENT_TOLERANCE:
+        raise ValueError(f"its probabilities differ from TensorFlow's by {gap:.2e}")
+    return engine
+
+
+def recorded_engine(content: bytes, image_size: int, check: str) -> LiteRTEngine | None:
+    """An engine over the shipped flatbuffer ``content``, checked against the probabilities
+    TensorFlow gave for the probe images when the model was logged (``check``: the
+    ``litert_check.npz`` artifact). This proves the flatbuffer is this model as the TensorFlow
+    check does, without loading the Keras model or importing TensorFlow at all. ``None`` (with
+    a warning) when it fails: the caller then loads the Keras model and checks live."""
+    try:
+        with np.load(check) as recorded:
+            probe, expected = recorded["images"], recorded["probabilities"]
+        if probe.shape[1:3] != (image_size, image_size):
+            raise ValueError(f"its probe images are {probe.shape[1]} px, not {image_size} px")
+        return _checked(LiteRTEngine(content, image_size), probe, expected)
+    except Exception as exc:  # noqa: BLE001 -- any failure means: check against TensorFlow.
+        log.warning("The shipped LiteRT model failed its recorded check (%s).", exc)
+        return None
+
+
 def litert_engine(
     model, image_size: int, reference, content: bytes | None = None
 ) -> LiteRTEngine | None:
@@ -79,14 +109,9 @@ def litert_engine(
 
         if content is None:
             content = float32_flatbuffer(frozen_inference(model))
-        engine = LiteRTEngine(content, image_size)
-        rng = np.random.default_rng(0)
-        probe = rng.integers(0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
+        probe = probe_images(image_size)
         expected = np.asarray(reference(tf.constant(probe, tf.float32)))
-        gap = float(np.max(np.abs(engine(probe) - expected)))
-        if not gap <= AGREEMENT_TOLERANCE:
-            raise ValueError(f"its probabilities differ from TensorFlow's by {gap:.2e}")
-        return engine
+        return _checked(LiteRTEngine(content, image_size), probe, expected)
     except Exception as exc:  # noqa: BLE001 -- any failure means: serve with TensorFlow instead.
         log.warning("Serving with TensorFlow: the LiteRT engine is unavailable (%s).", exc)
         return None

@@ -1,9 +1,11 @@
 """The served pyfunc model: base64 images in, class names and probabilities out.
 
-It loads a Keras model in safe mode, its class names and its serving config, and runs inference
-through LiteRT on the model converted at load time (``engine.py``; about 3x faster than a traced
-``tf.function`` at batch 1), or through one traced ``tf.function`` (several times faster than
-``model.predict`` or eager calls, see ../shared/FACTS.md) when that conversion fails. Bad input
+It loads its class names and serving config and runs inference through LiteRT (``engine.py``;
+about 3x faster than a traced ``tf.function`` at batch 1) on the float32 flatbuffer shipped with
+the model, checked against the probabilities TensorFlow recorded for it, so the Keras model is
+not even loaded. Without a shipped flatbuffer, or when its check fails, it loads the Keras model
+in safe mode and converts it at load time, or runs one traced ``tf.function`` (several times
+faster than ``model.predict`` or eager calls, see ../shared/FACTS.md) when that fails. Bad input
 raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with
 HTTP 400 and keeps serving.
 
@@ -110,8 +112,19 @@ def extract_images(model_input: Any) -> list:
     )
 
 
+def _load_keras(path: str):
+    import keras
+
+    import cars_ml.serving.layers  # noqa: F401 -- registers ImagePreprocess for safe mode
+
+    return keras.models.load_model(path, safe_mode=True, compile=False)
+
+
 class CarsClassifier(mlflow.pyfunc.PythonModel):
     """Stanford Cars classifier as an MLflow pyfunc (models-from-code, see model_code.py)."""
+
+    _model = None
+    _model_path: str | None = None
 
     def load_context(self, context) -> None:
         from cars_ml.serving.scoring_guard import harden_scoring_server
@@ -120,28 +133,61 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         harden_scoring_server()
         artifacts = context.artifacts
         self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"],
-                  artifacts.get("litert_model"))  # fmt: skip
+                  artifacts.get("litert_model"), artifacts.get("litert_check"))  # fmt: skip
 
     def load(
-        self, model_path: str, labels_path: str, config_path: str, litert_path: str | None = None
+        self,
+        model_path: str,
+        labels_path: str,
+        config_path: str,
+        litert_path: str | None = None,
+        check_path: str | None = None,
     ) -> None:
-        """Load the artifacts written by ``package.write_model_artifacts``."""
-        import keras
+        """Load the artifacts written by ``package.write_model_artifacts``.
 
-        import cars_ml.serving.layers  # noqa: F401 -- registers ImagePreprocess for safe mode
+        A shipped float32 flatbuffer that passes its recorded check (``check_path``) is served
+        without loading the Keras model or importing TensorFlow: a server starts in seconds and
+        holds only LiteRT's memory. Otherwise the Keras model is loaded (safe mode) and the
+        engine checked against it live, with TensorFlow as the fallback engine.
+        """
+        from cars_ml.serving.engine import recorded_engine
 
-        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
         class_names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        self.setup(
-            model,
-            class_names,
-            int(config["image_size"]),
-            top_k=int(config.get("top_k", DEFAULT_TOP_K)),
-            limits=Limits(**config.get("limits", {})),
-            engine=str(config.get("engine", "litert")),
-            litert_content=Path(litert_path).read_bytes() if litert_path else None,
-        )
+        options = {"top_k": int(config.get("top_k", DEFAULT_TOP_K)),
+                   "limits": Limits(**config.get("limits", {}))}  # fmt: skip
+        image_size = int(config["image_size"])
+        engine = str(config.get("engine", "litert"))
+        content = Path(litert_path).read_bytes() if litert_path else None
+        self._model_path = model_path
+        if engine == "litert" and content is not None and check_path:
+            lite = recorded_engine(content, image_size, check_path)
+            if lite is not None and lite.num_classes == len(class_names):
+                self._configure(None, class_names, image_size, lite.num_classes, **options)
+                self._lite, self.engine = lite, "litert"
+                return
+        self.setup(_load_keras(model_path), class_names, image_size, engine=engine,
+                   litert_content=content, **options)  # fmt: skip
+
+    @property
+    def model(self):
+        """The Keras model; loaded on first use when serving did not need it (LiteRT)."""
+        if self._model is None:
+            self._model = _load_keras(self._model_path)
+        return self._model
+
+    def _configure(self, model, class_names, image_size, num_classes, *, top_k, limits) -> None:
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {num_classes} outputs; "
+                "pass the class names the model was trained with."
+            )
+        self._model = model
+        self._infer = None
+        self.class_names = [str(c) for c in class_names]
+        self.image_size = int(image_size)
+        self.top_k = max(1, min(int(top_k), num_classes))
+        self.limits = limits or Limits()
 
     def setup(
         self,
@@ -168,17 +214,8 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}.")
 
-        num_classes = int(model.output_shape[-1])
-        if len(class_names) != num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names for a model with {num_classes} outputs; "
-                "pass the class names the model was trained with."
-            )
-        self.model = model
-        self.class_names = [str(c) for c in class_names]
-        self.image_size = int(image_size)
-        self.top_k = max(1, min(int(top_k), num_classes))
-        self.limits = limits or Limits()
+        self._configure(model, class_names, image_size, int(model.output_shape[-1]),
+                        top_k=top_k, limits=limits)  # fmt: skip
         spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
 
         @tf.function(input_signature=[spec])

@@ -14,12 +14,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 from PIL import Image
 
 from cars_ml.serving.decode import Limits
+from cars_ml.serving.engine import probe_images
 from cars_ml.serving.model import DEFAULT_TOP_K, INPUT_COLUMN
 
 # The models-from-code file that ``mlflow.pyfunc.log_model(python_model=...)`` records.
@@ -36,10 +38,18 @@ def write_model_artifacts(
     top_k: int = DEFAULT_TOP_K,
     limits: Limits | None = None,
     litert_model: str | Path | None = None,
+    saved_model: str | Path | None = None,
+    reference=None,
 ) -> dict[str, str]:
     """Save ``model.keras``, ``labels.json`` and ``serving_config.json`` into ``out_dir``, plus
     ``model_float32.tflite`` when ``litert_model`` (the exported float32 flatbuffer) is given,
-    so the server runs LiteRT without converting at start.
+    so the server runs LiteRT without converting at start, with ``litert_check.npz``: probe
+    images and the probabilities TensorFlow gives for them, which the server checks the
+    flatbuffer against without loading the Keras model.
+
+    ``saved_model``: ``model`` already saved as a ``.keras`` file, copied instead of saved
+    again. ``reference``: the model's traced inference (float32 pixels in, probabilities out)
+    for the check; by default the model is called directly.
 
     Returns the ``artifacts`` mapping for ``mlflow.pyfunc.log_model`` (key -> local path).
     """
@@ -62,7 +72,10 @@ def write_model_artifacts(
         "labels": out / "labels.json",
         "serving_config": out / "serving_config.json",
     }
-    model.save(paths["model"])
+    if saved_model is not None:
+        shutil.copyfile(saved_model, paths["model"])
+    else:
+        model.save(paths["model"])
     paths["labels"].write_text(json.dumps([str(c) for c in class_names], indent=1), "utf-8")
     config = {
         "format_version": SERVING_CONFIG_VERSION,
@@ -75,6 +88,11 @@ def write_model_artifacts(
     if litert_model is not None:
         paths["litert_model"] = out / "model_float32.tflite"
         shutil.copyfile(litert_model, paths["litert_model"])
+        paths["litert_check"] = out / "litert_check.npz"
+        probe = probe_images(image_size)
+        call = reference or (lambda x: model(x, training=False))
+        expected = np.asarray(call(probe.astype(np.float32)), np.float32)
+        np.savez(paths["litert_check"], images=probe, probabilities=expected)
     return {key: str(path) for key, path in paths.items()}
 
 

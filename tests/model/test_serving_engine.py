@@ -68,3 +68,40 @@ def test_shipped_flatbuffer_is_served_without_converting_and_a_wrong_one_refused
     # A flatbuffer of another model fails the check against TensorFlow: serving falls back.
     mixed_up = CarsClassifier().setup(model, names, SIZE, litert_content=Path(wrong).read_bytes())
     assert mixed_up.engine == "tensorflow"
+
+
+def test_checked_flatbuffer_is_served_without_loading_keras(tmp_path, monkeypatch):
+    from cars_ml.export import export_tflite
+    from cars_ml.serving import model as served_model
+    from cars_ml.serving.package import write_model_artifacts
+
+    model, names = colour_classifier()
+    images, _ = colour_images(8, seed=6)
+    exported = export_tflite(model, tmp_path / "e", images)["float32"]
+    expected = CarsClassifier().setup(model, names, SIZE, engine="tensorflow")
+    paths = write_model_artifacts(model, names, SIZE, tmp_path / "a", litert_model=exported)
+    args = [paths[k] for k in ("model", "labels", "serving_config", "litert_model", "litert_check")]
+
+    loads = []
+    real_load = served_model._load_keras
+    monkeypatch.setattr(served_model, "_load_keras", lambda p: loads.append(p) or real_load(p))
+    served = CarsClassifier()
+    served.load(*args)
+    assert served.engine == "litert" and loads == []
+    np.testing.assert_allclose(
+        served.predict_images(images), expected.predict_images(images), atol=1e-5
+    )
+    assert served.model.output_shape[-1] == len(names) and len(loads) == 1  # loaded on demand
+
+    # A check that does not match the flatbuffer (here: recorded for other probabilities) sends
+    # the load back to Keras and the live check, which this flatbuffer passes.
+    with np.load(paths["litert_check"]) as check:
+        np.savez(
+            paths["litert_check"], images=check["images"], probabilities=1 - check["probabilities"]
+        )
+    fallback = CarsClassifier()
+    fallback.load(*args)
+    assert len(loads) == 2 and fallback.engine == "litert"
+    np.testing.assert_allclose(
+        fallback.predict_images(images), expected.predict_images(images), atol=1e-5
+    )
