@@ -8,40 +8,42 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-# Processes stopped while a latency is measured: the pipeline's background tuning worker, whose
-# work would otherwise inflate every latency this process reports.
-_PAUSED: list[int] = []
+# Set in each worker of the pipeline's step pool (``step_pool``): a lock every worker takes to
+# measure, and the pids of all workers. A measurement stops the others (SIGSTOP) so that no
+# reported latency shares the CPU with another step; the lock keeps two workers from stopping
+# each other mid-measurement.
+_SHARED: dict[str, Any] = {}
 
 
-@contextlib.contextmanager
-def paused_while_measuring(pids: Sequence[int]) -> Iterator[None]:
-    """Within this block, every latency measurement stops ``pids`` (SIGSTOP) until it ends."""
-    _PAUSED.extend(pids)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            _PAUSED.remove(pid)
+def share_measurements(lock, pids: Sequence[int]) -> None:
+    """Make this process's latency measurements exclusive among the processes ``pids``."""
+    _SHARED.update(lock=lock, pids=pids)
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Stop the registered processes for the duration of one measurement (POSIX only)."""
-    stopped = []
-    if hasattr(signal, "SIGSTOP"):
-        for pid in list(_PAUSED):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-    try:
+    """Hold the measurement lock and stop the other workers for one measurement (POSIX only)."""
+    lock = _SHARED.get("lock")
+    if lock is None or not hasattr(signal, "SIGSTOP"):
         yield
-    finally:
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        return
+    stopped = []
+    with lock:
+        for pid in _SHARED["pids"]:
+            if pid and pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+        try:
+            yield
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def percentiles_ms(

@@ -20,8 +20,8 @@ import cars_ml
 from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
 from cars_ml.promote import PromotionConfig
+from cars_ml.step_pool import Backbone, StepPool
 from cars_ml.train import HParams
-from cars_ml.tune_ahead import TuningAhead
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ class PipelineConfig:
     model_name: str = cars_ml.REGISTERED_MODEL_NAME
     reuse: bool = True
     seed: int = 42
-    tune_workers: int = 0  # 0 = auto: 2 on the synthetic demo data, 1 otherwise
+    workers: int = 0  # processes running steps; 0 = auto: 2 on the synthetic demo data, else 1
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("models is empty; pass e.g. models=mobilenet,resnet.")
-        if self.tune_workers < 0:
-            raise ValueError(f"tune_workers must be >= 0 (0 = auto), got {self.tune_workers}.")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = auto), got {self.workers}.")
         for name in self.models:
             # Every backbone's image size is checked now, not after earlier backbones trained.
             backbones.resolve_image_size(backbones.get_backbone(name), self.image_size)
@@ -77,19 +77,19 @@ def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
     return n_trials, max_epochs, HParams(epochs=epochs, fine_tune_epochs=fine_tune)
 
 
-def resolve_tune_workers(cfg: PipelineConfig, n_trials: int) -> int:
-    """Processes that tune: this one, plus ``workers - 1`` that tune ahead (``tune_ahead``).
+def resolve_workers(cfg: PipelineConfig) -> int:
+    """Processes that run the pipeline's steps (``step_pool``).
 
     Auto means 2 for the synthetic demo on a machine with two or more cores and 1 otherwise: on
-    real data each trial is long and compute-bound, and workers sharing one GPU would each
+    real data each step is long and compute-bound, and workers sharing one GPU would each
     claim its memory.
     """
     import os
 
-    workers = cfg.tune_workers
+    workers = cfg.workers
     if workers == 0:
         workers = 2 if cfg.data.data == "synthetic" and (os.cpu_count() or 1) >= 2 else 1
-    return max(1, min(workers, n_trials))
+    return workers
 
 
 def code_version() -> str:
@@ -117,37 +117,27 @@ def _reusable(cfg: PipelineConfig, key: str):
     return tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
 
 
-def _tune_config(cfg: PipelineConfig, model: str, key: str):
+def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, workers: int) -> Backbone:
+    """One backbone's study and final training, both children of the pipeline run.
+
+    With several workers their lines interleave, so trials print one line each (no bar).
+    """
+    from cars_ml.train_run import TrainConfig
     from cars_ml.tune import TuneConfig
 
-    n_trials, max_epochs, _ = resolve_budget(cfg)
-    return TuneConfig(
-        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
-        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed,
-        max_epochs=max_epochs, study_name=f"pipeline-{model}-{key[:8]}")  # fmt: skip
-
-
-def _run_backbone(cfg: PipelineConfig, model: str, key: str, ahead: TuningAhead) -> dict:
-    """Tune then train one backbone (or reuse a finished run with the same key)."""
-    from cars_ml.train_run import TrainConfig, run_train
-
-    previous = _reusable(cfg, key)
-    if previous is not None:
-        print(f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True)
-        return {"run_id": previous.info.run_id, "model_version": previous.data.tags.get("model_version"),
-                "reused": True, **previous.data.metrics}  # fmt: skip
     n_trials, max_epochs, hparams = resolve_budget(cfg)
-    print(f"[pipeline] {model}: tuning ({n_trials} trials x {max_epochs} epochs, "
-          f"{1 + ahead.workers} worker(s)), then training", flush=True)  # fmt: skip
-    study = ahead.tune(_tune_config(cfg, model, key))
-    with ahead.measuring():
-        outcome = run_train(TrainConfig(
-            model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
-            hparams=hparams, seed=cfg.seed, model_name=cfg.model_name,
-            params_from=study.study_name, storage=cfg.storage, verbose=2,
-            run_tags={"pipeline_step_key": key}))  # fmt: skip
-    return {"run_id": outcome.run_id, "model_version": outcome.model_version, "reused": False,
-            **outcome.metrics}  # fmt: skip
+    study = f"pipeline-{model}-{key[:8]}"
+    tune = TuneConfig(
+        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
+        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed, max_epochs=max_epochs,
+        study_name=study, study_total=True, parent_run_id=parent_run_id,
+        progress_bar=workers == 1)  # fmt: skip
+    train = TrainConfig(
+        model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
+        hparams=hparams, seed=cfg.seed, model_name=cfg.model_name, params_from=study,
+        storage=cfg.storage, verbose=2, run_tags={"pipeline_step_key": key},
+        parent_run_id=parent_run_id)  # fmt: skip
+    return Backbone(model, tune, train)
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
@@ -160,24 +150,34 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)
-    rows = []
+    workers = resolve_workers(cfg)
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
         tracking.log_params({"models": ",".join(cfg.models), "n_trials": n_trials,
                              "max_epochs": max_epochs, "epochs": hparams.epochs,
                              "fine_tune_epochs": hparams.fine_tune_epochs, "weights": cfg.weights,
-                             **splits.params()})  # fmt: skip
-        keys = {model: step_key(cfg, model, splits.fingerprint) for model in cfg.models}
-        helpers = resolve_tune_workers(cfg, n_trials) - 1
-        with TuningAhead(helpers, parent.info.run_id) as ahead:
-            # The workers start on every study the pipeline will need, in order, right away.
-            for model in cfg.models:
-                if _reusable(cfg, keys[model]) is None:
-                    ahead.submit(_tune_config(cfg, model, keys[model]))
-            for model in cfg.models:
-                result = _run_backbone(cfg, model, keys[model], ahead)
-                rows.append({"backbone": model, "run_id": result["run_id"],
-                             "model_version": result["model_version"], "reused": result["reused"],
-                             **{c: result.get(c) for c in COMPARISON_COLUMNS}})  # fmt: skip
+                             "workers": workers, **splits.params()})  # fmt: skip
+        results, todo = {}, []
+        for model in cfg.models:
+            key = step_key(cfg, model, splits.fingerprint)
+            previous = _reusable(cfg, key)
+            if previous is None:
+                todo.append(_steps(cfg, model, key, parent.info.run_id, workers))
+                continue
+            print(
+                f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True
+            )
+            results[model] = {"run_id": previous.info.run_id, "reused": True,
+                              "model_version": previous.data.tags.get("model_version"),
+                              "metrics": previous.data.metrics}  # fmt: skip
+        if todo:
+            print(f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
+                  f"epochs) and train on {workers} worker process(es)", flush=True)  # fmt: skip
+            with StepPool(workers) as pool:
+                results.update({m: {**r, "reused": False} for m, r in pool.run(todo).items()})
+        rows = [{"backbone": m, "run_id": results[m]["run_id"],
+                 "model_version": results[m]["model_version"], "reused": results[m]["reused"],
+                 **{c: results[m]["metrics"].get(c) for c in COMPARISON_COLUMNS}}
+                for m in cfg.models]  # fmt: skip
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)

@@ -56,6 +56,7 @@ class TuneConfig:
     # True: n_trials is the study's total over every worker (this one stops when the study has
     # that many); False: this worker runs n_trials more.
     study_total: bool = False
+    progress_bar: bool = True  # off where several processes share one terminal
 
     def __post_init__(self) -> None:
         backbones.get_backbone(self.model)
@@ -181,7 +182,7 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
             timeout=cfg.timeout_s or None,
             catch=(Exception,),
             callbacks=callbacks,
-            show_progress_bar=True,
+            show_progress_bar=cfg.progress_bar,
         )
         _log_study(study, before, multi)
     keras.backend.clear_session()

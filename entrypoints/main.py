@@ -36,8 +36,9 @@ def build_parser():
     p.add_argument("--max_int8_f1_drop", type=budget, default=_BUDGETS.max_int8_f1_drop)
     p.add_argument("--reuse", type=str2bool, default=True, help="reuse steps with the same inputs")
     p.add_argument("--seed", type=non_negative_int, default=42)
-    p.add_argument("--tune_workers", type=non_negative_int, default=0,
-                   help="processes tuning each backbone's study; 0 = auto (2 on synthetic data)")  # fmt: skip
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="processes that tune and train backbones side by side; "
+                        "0 = auto (2 on synthetic data, else 1)")  # fmt: skip
     return p
 
 
@@ -67,7 +68,7 @@ def main() -> None:
             ),
             reuse=a.reuse,
             seed=a.seed,
-            tune_workers=a.tune_workers,
+            workers=a.workers,
         )
     )
 

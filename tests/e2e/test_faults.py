@@ -390,7 +390,7 @@ def _children_of(pid: int) -> list[int]:
 def test_pipeline_killed_outright_takes_its_tuning_worker_with_it(sub_env, tmp_path):
     args = ["--models", "mobilenet,vgg16", "--n_trials", "2", "--max_epochs", "1",
             "--epochs", "1", "--fine_tune_epochs", "0", "--image_size", "32",
-            "--weights", "none", "--max_per_class", "8", "--tune_workers", "2"]  # fmt: skip
+            "--weights", "none", "--max_per_class", "8", "--workers", "2"]  # fmt: skip
     mlflow.search_experiments()
     log = tmp_path / "pipeline.log"
     pipeline = _start("main", *args, env=sub_env, log=log)

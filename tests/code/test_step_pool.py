@@ -1,0 +1,93 @@
+"""The pipeline's step pool: which step a free worker takes, and exclusive latency measurements."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cars_ml import benchmark
+from cars_ml.step_pool import Backbone, next_job
+
+
+def _backbones(*names: str, n_trials: int = 2) -> list[Backbone]:
+    return [Backbone(n, SimpleNamespace(n_trials=n_trials), SimpleNamespace()) for n in names]
+
+
+def _take(backbones) -> tuple[str, str] | None:
+    job = next_job(backbones)
+    return None if job is None else (job.kind, job.model)
+
+
+def _tune_returns(b: Backbone) -> None:
+    """What the pool does when a worker comes back from ``b``'s study."""
+    b.tuning -= 1
+    b.tuned = True
+
+
+def test_two_workers_share_the_first_study_then_train_before_tuning_on():
+    ir, inc, mob = plan = _backbones("inception_resnet", "inception", "mobilenet")
+    assert _take(plan) == ("tune", "inception_resnet")
+    assert _take(plan) == ("tune", "inception_resnet")  # a second worker joins the study
+    assert ir.tuning == 2
+    _tune_returns(ir)  # the first worker back: every trial is handed out, one still runs
+    assert _take(plan) == ("tune", "inception")  # ir's train must wait for its last trial
+    _tune_returns(ir)
+    assert _take(plan) == ("train", "inception_resnet")  # ready trains come first
+    assert _take(plan) == ("tune", "inception")
+    assert _take(plan) == ("tune", "mobilenet")
+    assert _take(plan) == ("tune", "mobilenet")
+    assert _take(plan) is None  # every study is full and no train is ready: wait
+    _tune_returns(inc)
+    _tune_returns(inc)
+    _tune_returns(mob)
+    assert _take(plan) == ("train", "inception")
+    assert _take(plan) is None  # mobilenet's last trial still runs
+    _tune_returns(mob)
+    assert _take(plan) == ("train", "mobilenet")
+    assert _take(plan) is None
+    assert all(b.training for b in plan)
+
+
+def test_a_study_takes_at_most_n_trials_workers():
+    plan = _backbones("vgg16", "vgg19", n_trials=1)
+    assert _take(plan) == ("tune", "vgg16")
+    assert _take(plan) == ("tune", "vgg19")
+    assert _take(plan) is None
+
+
+def _spin(counter) -> None:
+    while True:
+        with counter.get_lock():
+            counter.value += 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals")
+def test_a_measurement_stops_the_other_workers_and_only_for_its_duration():
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
+    other = context.Process(target=_spin, args=(counter,), daemon=True)
+    other.start()
+    try:
+        while counter.value == 0:
+            time.sleep(0.05)
+        lock = context.Lock()
+        benchmark.share_measurements(lock, [os.getpid(), other.pid])
+        with benchmark.quiet():
+            time.sleep(0.2)  # let a stop that is still being delivered land
+            before = counter.value
+            time.sleep(0.5)
+            assert counter.value == before, "the other worker ran during the measurement"
+            assert not lock.acquire(block=False), "the measurement must hold the shared lock"
+        time.sleep(0.5)
+        assert counter.value > before, "the other worker was not resumed"
+        assert lock.acquire(block=False)
+        lock.release()
+    finally:
+        benchmark.share_measurements(None, [])
+        other.kill()
+        other.join()
