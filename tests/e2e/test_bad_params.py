@@ -2,16 +2,19 @@
 
 Each case runs the real entry point as a subprocess against a fresh SQLite tracking store and
 checks the message, the exit code, the time (seconds after the imports, never a long hang) and
-that no MLflow run was started.
+that no MLflow run was started. The cases run two at a time (see ``outcomes``).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import pytest
-from e2e_utils import run_entry
+from e2e_utils import ROOT, run_entry
 from fast_fail import assert_fails_fast
 
 pytestmark = pytest.mark.e2e
@@ -83,21 +86,45 @@ CASES = [
 # fmt: on
 
 
-@pytest.mark.parametrize(
-    ("entry", "args", "extra_env", "message"),
-    CASES,
-    ids=[f"{c[0]}:{' '.join(c[1]) or ','.join(c[2])}" for c in CASES],
-)
-def test_bad_parameter_fails_fast_with_clear_message(entry, args, extra_env, message, sub_env):
-    env = {**sub_env, **extra_env}
+IDS = [f"{c[0]}:{' '.join(c[1]) or ','.join(c[2])}" for c in CASES]
+
+
+def _run_case(case, folder: Path) -> tuple:
+    entry, args, extra_env, _ = case
+    folder.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}  # fmt: skip
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **extra_env)  # fmt: skip
     started = time.monotonic()
     proc = run_entry(entry, *(TINY if entry in ("train", "tune") else []), *args, env=env,
                      check=False, timeout=300)  # fmt: skip
-    elapsed = time.monotonic() - started
+    return proc, time.monotonic() - started, uri
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict:
+    """Every case run once, two at a time: each is a process that mostly imports TensorFlow and
+    MLflow on one core, so two run side by side in about the time of one."""
+    base = tmp_path_factory.mktemp("bad_params")
+    with ThreadPoolExecutor(2) as pool:
+        futures = {i: pool.submit(_run_case, case, base / str(n))
+                   for n, (i, case) in enumerate(zip(IDS, CASES, strict=True))}  # fmt: skip
+        return {i: future.result() for i, future in futures.items()}
+
+
+@pytest.mark.parametrize(("entry", "args", "extra_env", "message"), CASES, ids=IDS)
+def test_bad_parameter_fails_fast_with_clear_message(
+    entry, args, extra_env, message, outcomes, request
+):
+    proc, elapsed, uri = outcomes[request.node.callspec.id]
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert_fails_fast(entry, elapsed)
     assert "pw1234" not in proc.stderr + proc.stdout
     # No work started: not one MLflow run in the store.
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []
