@@ -103,6 +103,50 @@ def float32_flatbuffer(frozen) -> bytes:
     return _convert(_converter(frozen))
 
 
+def int8_flatbuffer_from_float(float_flatbuffer: bytes, representative: np.ndarray) -> bytes:
+    """The full-integer int8 flatbuffer (uint8 in and out) of a float32 flatbuffer.
+
+    This is what ``TFLiteConverter`` does for int8 after converting the graph (calibrate the
+    float model, then quantize it with the MLIR quantizer), minus that second conversion of the
+    graph: Inception-ResNet-v2 at 75 px 16.2 -> 6.1 s, ResNet50 6.7 -> 2.6 s, with outputs
+    identical to the converter's on every image tried (a test compares them, so a TensorFlow
+    release that changes either path is caught). It uses TensorFlow's internal calibrator
+    module; :func:`int8_flatbuffer` falls back to the converter when that is not there.
+    """
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import mlir_quantize
+    from tensorflow.lite.python.optimize import calibrator
+
+    model = calibrator.add_intermediate_tensors(float_flatbuffer)
+    calibrated = calibrator.Calibrator(model).calibrate(lambda: _samples(representative))
+    return mlir_quantize(calibrated, False, input_data_type=tf.uint8, output_data_type=tf.uint8)
+
+
+def int8_flatbuffer_converted(frozen, representative: np.ndarray) -> bytes:
+    """The same int8 flatbuffer through ``TFLiteConverter`` (converts the graph again)."""
+    import tensorflow as tf
+
+    converter = _converter(frozen)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: _samples(representative)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return _convert(converter)
+
+
+def int8_flatbuffer(float_flatbuffer: bytes, frozen, representative: np.ndarray) -> bytes:
+    """Int8 from the float32 flatbuffer when TensorFlow's calibrator is importable, else
+    through the converter."""
+    try:
+        return int8_flatbuffer_from_float(float_flatbuffer, representative)
+    except ImportError as exc:
+        logging.getLogger(__name__).warning(
+            "Quantizing through the converter (%s); the export takes longer.", exc
+        )
+        return int8_flatbuffer_converted(frozen, representative)
+
+
 def export_tflite(
     model, out_dir: str | Path, representative: np.ndarray, infer=None
 ) -> dict[str, Path]:
@@ -111,21 +155,14 @@ def export_tflite(
     ``representative`` holds uint8 training images (n, s, s, 3) used to calibrate int8 ranges;
     at most ``MAX_REPRESENTATIVE`` are used. ``infer``: see :func:`frozen_inference`.
     """
-    import tensorflow as tf
-
     rep = _check_images(representative, "representative")[:MAX_REPRESENTATIVE]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"float32": out / "model_float32.tflite", "int8": out / "model_int8.tflite"}
     frozen = frozen_inference(model, infer)
-    paths["float32"].write_bytes(float32_flatbuffer(frozen))
-    converter = _converter(frozen)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: _samples(rep)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    paths["int8"].write_bytes(_convert(converter))
+    content = float32_flatbuffer(frozen)
+    paths["float32"].write_bytes(content)
+    paths["int8"].write_bytes(int8_flatbuffer(content, frozen, rep))
     return paths
 
 

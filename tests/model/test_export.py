@@ -78,3 +78,35 @@ def test_bad_arrays_are_refused(trained, tmp_path):
         export_tflite(model, tmp_path, np.zeros((2, SIZE, SIZE, 3), np.float32))
     with pytest.raises(ValueError, match="non-empty uint8 array"):
         export_tflite(model, tmp_path, np.zeros((0, SIZE, SIZE, 3), np.uint8))
+
+
+def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
+    # The export quantizes the float32 flatbuffer it already has instead of converting the graph a
+    # second time; both must give the same model, on a real backbone's ops too.
+    import keras
+
+    from cars_ml import backbones
+    from cars_ml.export import (
+        float32_flatbuffer,
+        frozen_inference,
+        int8_flatbuffer_converted,
+        int8_flatbuffer_from_float,
+    )
+
+    keras.utils.set_random_seed(0)
+    spec = backbones.get_backbone("mobilenet")
+    backbone, _ = backbones.build_backbone(spec, 32, "none")
+    model = backbones.build_classifier(spec, 32, backbone, backbones.build_head(1024, 5, 0.0, 0))
+    rng = np.random.default_rng(0)
+    rep = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    frozen = frozen_inference(model)
+    fast = int8_flatbuffer_from_float(float32_flatbuffer(frozen), rep)
+    slow = int8_flatbuffer_converted(frozen, rep)
+    outputs = []
+    for n, content in enumerate((fast, slow)):
+        path = tmp_path / f"{n}.tflite"
+        path.write_bytes(content)
+        outputs.append(LiteRTRunner(path).predict(images))
+    assert abs(len(fast) - len(slow)) < 4096  # the same model; metadata may differ
+    np.testing.assert_array_equal(outputs[0], outputs[1])
