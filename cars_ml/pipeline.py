@@ -172,6 +172,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         if todo:
             print(f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
                   f"epochs) and train on {workers} worker process(es)", flush=True)  # fmt: skip
+            # Largest first: their steps take longest, and one left for last would run alone.
+            todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
             with StepPool(workers) as pool:
                 results.update({m: {**r, "reused": False} for m, r in pool.run(todo).items()})
         rows = [{"backbone": m, "run_id": results[m]["run_id"],

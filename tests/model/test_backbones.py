@@ -85,6 +85,7 @@ def test_backbone_builds_and_trains_one_step(name):
     size = spec.min_size
     backbone, used = backbones.build_backbone(spec, size, "none")
     assert used == "random"
+    assert backbone.count_params() == spec.params  # the table's figure, used for scheduling
     head = backbones.build_head(backbone.output_shape[-1], 3, dropout=0.2, head_units=8)
     model = backbones.build_classifier(spec, size, backbone, head)
     # The product's own compile: optimizer built up front (one trace) with the fused update.
