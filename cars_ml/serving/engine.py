@@ -105,10 +105,10 @@ def litert_engine(
     try:
         import tensorflow as tf
 
-        from cars_ml.export import float32_flatbuffer, frozen_inference
+        from cars_ml.export import float32_flatbuffer, inference_function
 
         if content is None:
-            content = float32_flatbuffer(frozen_inference(model))
+            content = float32_flatbuffer(inference_function(model))
         probe = probe_images(image_size)
         expected = np.asarray(reference(tf.constant(probe, tf.float32)))
         return _checked(LiteRTEngine(content, image_size), probe, expected)

@@ -88,7 +88,7 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     from cars_ml import backbones
     from cars_ml.export import (
         float32_flatbuffer,
-        frozen_inference,
+        inference_function,
         int8_flatbuffer_converted,
         int8_flatbuffer_from_float,
     )
@@ -100,9 +100,9 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     rng = np.random.default_rng(0)
     rep = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
-    frozen = frozen_inference(model)
-    fast = int8_flatbuffer_from_float(float32_flatbuffer(frozen), rep)
-    slow = int8_flatbuffer_converted(frozen, rep)
+    function = inference_function(model)
+    fast = int8_flatbuffer_from_float(float32_flatbuffer(function), rep)
+    slow = int8_flatbuffer_converted(function, rep)
     outputs = []
     for n, content in enumerate((fast, slow)):
         path = tmp_path / f"{n}.tflite"
