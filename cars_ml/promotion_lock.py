@@ -204,7 +204,10 @@ def _registry_lock(model_name: str, timeout_s: float, ttl_s: float) -> Iterator[
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # MLflow's SQL store answers a duplicate name by re-reading the existing model: when
+            # the holder released it in between, that read fails with RESOURCE_DOES_NOT_EXIST.
+            # Either way the lock was busy a moment ago and may be free now: try again.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder, expires_at = _registry_lock_owner(client, lock_name)
         if holder is not None and expires_at < time.time():

@@ -103,6 +103,34 @@ def test_registry_lock_excludes_releases_and_takes_over_a_stale_lock(tracking_ur
 
 
 @pytest.mark.e2e
+def test_registry_lock_released_while_the_store_checks_the_duplicate(tracking_uri, monkeypatch):
+    """MLflow's SQL store answers a duplicate name by reading the existing model again. When the
+    holder releases the lock exactly then, that read says "not found": the waiter must retry and
+    take the lock, not fail (a real interleaving, seen about once in ten two-promote races)."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    client = MlflowClient()
+    lock_name = MODEL + LOCK_SUFFIX
+    future = f"{time.time() + 600:.3f}"
+    client.create_registered_model(lock_name, tags={"owner": "other:1:x", "expires_at": future})
+    real_get = SqlAlchemyStore.get_registered_model
+    real_delete = SqlAlchemyStore.delete_registered_model
+    released = []
+
+    def get_after_release(store, name):
+        if name == lock_name and not released:
+            released.append(name)
+            real_delete(store, name)  # The holder lets go between the insert and the re-read.
+        return real_get(store, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", get_after_release)
+    with promotion_lock(MODEL, method="registry", timeout_s=5) as held:
+        assert released == [lock_name]
+        held.verify()
+    assert lock_name not in {m.name for m in client.search_registered_models()}
+
+
+@pytest.mark.e2e
 @pytest.mark.postgres
 def test_postgres_advisory_lock_excludes_and_dies_with_its_holder(postgres_url):
     _killed_holder_does_not_block(postgres_url)
