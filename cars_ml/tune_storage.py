@@ -187,6 +187,20 @@ def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
+# Words in the errors of workers racing to create Optuna's tables (PostgreSQL, SQLite).
+_RACE_WORDS = ("already exists", "duplicate", "unique", "locked")
+
+
+def _sqlite_folder(url: str) -> Path | None:
+    """The folder of a SQLite database file, or None for an in-memory database."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database).expanduser().resolve().parent
+
+
 def open_storage(url: str | None) -> RDBStorage:
     """Open an RDB storage with heartbeats, so a killed worker's trial is failed and retried.
 
@@ -199,6 +213,13 @@ def open_storage(url: str | None) -> RDBStorage:
             f"storage={redact(url)!r} is not a storage URL; use e.g. sqlite:///optuna.db or "
             "postgresql://user@host:5432/db (empty means a SQLite file beside the tracking DB)."
         )
+    if scheme == "sqlite":
+        folder = _sqlite_folder(url)
+        if folder is not None and not folder.is_dir():
+            raise ValueError(
+                f"Cannot open Optuna storage {redact(url)}: the folder {folder} does not exist. "
+                "Create it, or pass storage= with a path in an existing folder."
+            )
     heartbeat_s, grace_s = heartbeat_settings()
     engine_kwargs = {"pool_pre_ping": True}
     if scheme.startswith("postgresql"):
@@ -216,7 +237,9 @@ def open_storage(url: str | None) -> RDBStorage:
         except Exception as exc:  # SQLAlchemy raises many types; all mean "cannot use it".
             error = exc
             # Workers starting together race to create Optuna's tables; the loser retries.
-            if isinstance(exc, ImportError) or "could not connect" in str(exc).lower():
+            # Anything else (refused connection, missing folder, bad password) will not heal
+            # in a few seconds, so it fails at once.
+            if not any(word in str(exc).lower() for word in _RACE_WORDS):
                 break
             log.info("Opening storage failed (attempt %d): %s; retrying", attempt + 1, exc)
             time.sleep(1.0 + attempt)

@@ -47,7 +47,7 @@ CASES = [
     ("tune", ["--objectives", "latency"], {}, "is not valid; use 'f1' or 'f1,latency'"),
     ("tune", ["--pin", "nonsense=1"], {}, "Cannot pin 'nonsense=1'"),
     ("tune", ["--storage", "optuna.db"], {}, "is not a storage URL"),
-    ("tune", ["--storage", "sqlite:////no/such/dir/optuna.db"], {}, "Cannot open Optuna storage"),
+    ("tune", ["--storage", "sqlite:////no/such/dir/optuna.db"], {}, "folder /no/such/dir does not exist"),
     ("tune", ["--storage", "postgresql://u:pw1234@127.0.0.1:1/db"], {},
      "Cannot open Optuna storage postgresql://u:***@127.0.0.1:1/db"),
     ("tune", ["--storage", "mysql://u@127.0.0.1:1/db"], {}, "Cannot open Optuna storage"),
@@ -60,7 +60,7 @@ CASES = [
     ("main", ["--n_trials", "-4"], {}, "must be >= 0, got -4"),
     ("main", ["--max_latency_ms", "-5"], {}, "must be >= 0 (or none)"),
     ("main", ["--models", "mobilenet,inception", "--image_size", "64"], {}, "below inception's minimum"),
-    ("main", ["--storage", "sqlite:////no/such/dir/o.db"], {}, "Cannot open Optuna storage"),
+    ("main", ["--storage", "sqlite:////no/such/dir/o.db"], {}, "folder /no/such/dir does not exist"),
     ("main", ["--weights", "/no/such.h5"], {}, "neither one of"),
     # promote
     ("promote", ["--max_latency_ms", "-1"], {}, "must be >= 0 (or none), got -1"),
