@@ -6,15 +6,17 @@ are used. Nothing here knows about MLflow or Optuna.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING
 
 from cars_ml import AUTO_SIZE, ORIGINAL_BACKBONES  # noqa: F401  (re-exported)
-from cars_ml.serving.layers import ImagePreprocess
+
+if TYPE_CHECKING:
+    import keras
 
 KERAS_CACHE = Path.home() / ".keras" / "models"
 
@@ -39,6 +41,9 @@ class BackboneSpec:
 
 
 def _apps():
+    # Keras (and TensorFlow) load on first use: checking a configuration needs only the table.
+    import keras
+
     return keras.applications
 
 
@@ -130,32 +135,54 @@ def _construct(spec: BackboneSpec, size: int, weights: str | None) -> keras.Mode
     )
 
 
-def build_backbone(spec: BackboneSpec, image_size: int, weights: str) -> tuple[keras.Model, str]:
+# Backbones whose ImageNet weights could not be had in this process (keyed with KERAS_HOME):
+# Keras builds the whole network before it fetches the weights, so every failed attempt costs a
+# build (3 s for Inception-ResNet-v2), and a pipeline worker would repeat it for every step.
+_NO_IMAGENET: dict[tuple[str, str], str] = {}
+
+
+def _imagenet(spec: BackboneSpec, image_size: int, weights: str) -> keras.Model | None:
+    """The backbone with ImageNet weights, or ``None`` after a loud warning (``auto``)."""
+    key = (spec.name, os.environ.get("KERAS_HOME", ""))
+    if key not in _NO_IMAGENET:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # size-mismatch notes from Keras
+                return _construct(spec, image_size, "imagenet")
+        except Exception as exc:  # Keras raises a bare Exception on download failure.
+            _NO_IMAGENET[key] = (
+                f"ImageNet weights for {spec.name} are not in the Keras cache ({KERAS_CACHE}) "
+                f"and could not be downloaded ({exc}). Copy the '*_notop.h5' file into "
+                f"{KERAS_CACHE}, pass weights=<path to a weights file>, or weights=none to "
+                "train from scratch."
+            )
+    hint = _NO_IMAGENET[key]
+    if weights == "imagenet":
+        raise ValueError(hint)
+    message = f"WEIGHTS: {hint} Falling back to RANDOM initialisation (weights=auto)."
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return None
+
+
+def build_backbone(
+    spec: BackboneSpec, image_size: int, weights: str, *, build_random: bool = True
+) -> tuple[keras.Model | None, str]:
     """Build the headless backbone and say which weights it really got.
 
     Returns ``(backbone, weights_used)`` where ``weights_used`` is ``imagenet``, ``random`` or
-    the weights file path. ``imagenet`` is strict and fails here, before any training.
+    the weights file path. ``imagenet`` is strict and fails here, before any training. With
+    ``build_random=False`` a caller that only needs ``weights_used`` gets ``None`` instead of a
+    randomly initialised backbone.
     """
     validate_weights(weights)
     if weights == "none":
-        return _construct(spec, image_size, None), "random"
+        return (_construct(spec, image_size, None) if build_random else None), "random"
     if weights not in WEIGHT_CHOICES:
         return _construct(spec, image_size, weights), str(Path(weights).resolve())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # size-mismatch notes from Keras
-            return _construct(spec, image_size, "imagenet"), "imagenet"
-    except Exception as exc:  # Keras raises a bare Exception on download failure.
-        hint = (
-            f"ImageNet weights for {spec.name} are not in the Keras cache ({KERAS_CACHE}) and "
-            f"could not be downloaded ({exc}). Copy the '*_notop.h5' file into {KERAS_CACHE}, "
-            "pass weights=<path to a weights file>, or weights=none to train from scratch."
-        )
-        if weights == "imagenet":
-            raise ValueError(hint) from exc
-    message = f"WEIGHTS: {hint} Falling back to RANDOM initialisation (weights=auto)."
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return _construct(spec, image_size, None), "random"
+    model = _imagenet(spec, image_size, weights)
+    if model is not None:
+        return model, "imagenet"
+    return (_construct(spec, image_size, None) if build_random else None), "random"
 
 
 def build_head(
@@ -165,6 +192,8 @@ def build_head(
 
     It is its own model so tuning can train it alone on cached backbone features.
     """
+    import keras
+
     reg = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
     features = keras.Input((feature_dim,), name="features")
     x = keras.layers.Dropout(dropout)(features)
@@ -181,6 +210,10 @@ def build_classifier(
     spec: BackboneSpec, image_size: int, backbone: keras.Model, head: keras.Model
 ) -> keras.Model:
     """Pixels in [0, 255] -> backbone preprocessing -> backbone -> head -> probabilities."""
+    import keras
+
+    from cars_ml.serving.layers import ImagePreprocess
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = ImagePreprocess(spec.preprocess, name="preprocess")(inputs)
     x = backbone(x)
@@ -194,6 +227,8 @@ def set_fine_tune_layers(backbone: keras.Model, unfreeze_fraction: float) -> int
     Keras runs a BatchNormalization layer with ``trainable=False`` in inference mode, so its
     statistics are not wrecked by small fine-tuning batches. Returns the trainable layer count.
     """
+    import keras
+
     if not 0.0 <= unfreeze_fraction <= 1.0:
         raise ValueError(f"unfreeze_fraction={unfreeze_fraction} must be between 0 and 1.")
     backbone.trainable = True

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def split_cpu(n: int) -> int:
     TensorFlow accepts this only before its runtime starts. When an earlier step in the same
     process (e.g. tuning in the pipeline) already started it, the existing devices are kept.
     """
+    import tensorflow as tf
+
     cpus = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(
@@ -67,6 +71,8 @@ def strategy(devices: str = "auto") -> tf.distribute.Strategy:
 
     Call it before anything else touches TensorFlow, so a CPU split can still apply.
     """
+    import tensorflow as tf
+
     if devices == "multi_worker":
         raise ValueError(MULTI_WORKER_BLOCKED)
     if devices not in MODES:

@@ -19,9 +19,9 @@ import pandas as pd
 import cars_ml
 from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
+from cars_ml.hparams import HParams
 from cars_ml.promote import PromotionConfig
 from cars_ml.step_pool import Backbone, StepPool
-from cars_ml.train import HParams
 
 log = logging.getLogger(__name__)
 

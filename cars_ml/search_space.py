@@ -76,7 +76,7 @@ def baseline(pins: dict[str, Any], *, head_only: bool) -> dict[str, Any]:
     matters most for small budgets where a few random draws can all land badly. Values outside
     a dimension's range are clamped to it (weight decay 0 becomes its lowest value).
     """
-    from cars_ml.train import HParams
+    from cars_ml.hparams import HParams
 
     defaults = HParams()
     point: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -21,53 +21,13 @@ from cars_ml import backbones
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
 from cars_ml.evaluate import macro_f1
+from cars_ml.hparams import HParams
 from cars_ml.optimizers import FusedAdam
 
 log = logging.getLogger(__name__)
 
 BN_MOMENTUM_FROM_SCRATCH = 0.8
 EpochHook = Callable[[int, dict[str, float]], None]
-
-
-@dataclass(frozen=True)
-class HParams:
-    """Training hyperparameters: the search space of ``tune`` pins or samples each of these."""
-
-    epochs: int = 8
-    fine_tune_epochs: int = 4
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-4
-    dropout: float = 0.3
-    head_units: int = 0
-    label_smoothing: float = 0.1
-    unfreeze_fraction: float = 0.3
-    augment_strength: float = 0.3
-    weight_decay: float = 0.0
-    patience: int = 3
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "fine_tune_epochs": self.fine_tune_epochs >= 0,
-            "batch_size": self.batch_size >= 1,
-            "learning_rate": self.learning_rate > 0,
-            "fine_tune_learning_rate": self.fine_tune_learning_rate > 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "head_units": self.head_units >= 0,
-            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
-            "unfreeze_fraction": 0.0 <= self.unfreeze_fraction <= 1.0,
-            "augment_strength": 0.0 <= self.augment_strength <= 1.0,
-            "weight_decay": self.weight_decay >= 0.0,
-            "patience": self.patience >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{n}={getattr(self, n)}" for n in bad)
-            raise ValueError(f"Invalid hyperparameters: {values} (see `--help` for valid ranges).")
-
-    def as_params(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass

@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import keras
 import numpy as np
 
 import cars_ml
 from cars_ml import backbones, benchmark, distribute, evaluate, tracking
-from cars_ml.data import DataConfig, load_dataset, make_dataset
+from cars_ml.data import DataConfig, load_dataset
+from cars_ml.hparams import HParams
 from cars_ml.schema import METRIC_SCHEMA
-from cars_ml.train import HParams, fit, inference_fn, labels_of, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,12 @@ def _with_study_params(cfg: TrainConfig) -> TrainConfig:
 
 def run_train(cfg: TrainConfig) -> TrainOutcome:
     """Run the whole train step inside one MLflow run and return its outcome."""
+    # TensorFlow loads here, not at import: configuring a step (the pipeline process, argument
+    # checks) does not need it.
+    import keras
+
+    from cars_ml.train import fit, inference_fn
+
     tracking.check_tracking_server()
     cfg = _with_study_params(cfg)
     # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
@@ -181,6 +186,9 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
 
 
 def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
+    from cars_ml.data.pipeline import make_dataset
+    from cars_ml.train import labels_of, predict_probabilities
+
     batch = cfg.hparams.batch_size
     names = list(splits.class_names)
     val_probs = predict_probabilities(
@@ -202,11 +210,12 @@ def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, 
 
 
 def _export(
-    cfg: TrainConfig, splits, model: keras.Model, size: int, float_f1: float, out_dir: Path
+    cfg: TrainConfig, splits, model, size: int, float_f1: float, out_dir: Path
 ) -> tuple[dict, dict[str, Path]]:
     """Export, measure and log the TFLite files into ``out_dir``; returns (metrics, paths)."""
     from cars_ml.data.pipeline import load_images_array
     from cars_ml.export import edge_metrics
+    from cars_ml.train import inference_fn, labels_of
 
     rng = np.random.default_rng(cfg.seed)
     pool = list(splits.train)

@@ -11,12 +11,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import optuna
 
 from cars_ml import backbones, search_space, tracking
 from cars_ml.data import DataConfig, load_dataset
-from cars_ml.tune_objective import Objective, trial_summary
 from cars_ml.tune_sampler import make_sampler
 from cars_ml.tune_storage import (
     best_trial,
@@ -128,8 +126,15 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
         if n_trials <= 0:
             print(f"[tune] study {name} already has {cfg.n_trials} trials", flush=True)
             return study
+    # TensorFlow loads only once this process has trials to run.
+    import keras
+
+    from cars_ml.tune_objective import Objective, trial_summary
+
     splits = load_dataset(cfg.data)  # Once per process, never inside the objective.
-    backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    # Trials build their own backbones: this one serves cached features (pretrained weights)
+    # and latency objectives only, so a random one is not built for nothing.
+    backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights, build_random=multi)
     features = None
     tags = {"step": "tune", "backbone": cfg.model, "study_name": name}
     # A database lost mid-study ends the run FAILED with one clear line, not a traceback.

@@ -59,9 +59,19 @@ def test_imagenet_strict_fails_fast_naming_the_cache(monkeypatch, tmp_path):
 def test_auto_falls_back_to_random_with_a_loud_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     spec = backbones.get_backbone("mobilenet")
+    built = []
+    real = backbones._construct
+    monkeypatch.setattr(backbones, "_construct", lambda *a: built.append(a[2]) or real(*a))
     with pytest.warns(RuntimeWarning, match="RANDOM"):
         _, used = backbones.build_backbone(spec, 32, "auto")
-    assert used == "random"
+    assert used == "random" and built == ["imagenet", None]
+    # The failed attempt (a whole build) is not repeated in this process, and a caller that
+    # only needs to know the weights gets no random backbone built for nothing.
+    with pytest.warns(RuntimeWarning, match="RANDOM"):
+        assert backbones.build_backbone(spec, 32, "auto", build_random=False) == (None, "random")
+    with pytest.raises(ValueError, match="weights=none"):
+        backbones.build_backbone(spec, 32, "imagenet")
+    assert built == ["imagenet", None]
 
 
 def test_weights_file_must_exist():
