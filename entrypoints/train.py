@@ -60,7 +60,7 @@ def build_parser():
 def main() -> None:
     a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
     from cars_ml.data import DataConfig
-    from cars_ml.train import HParams
+    from cars_ml.hparams import HParams
     from cars_ml.train_run import TrainConfig, run_train
 
     hparams = HParams(
