@@ -14,8 +14,6 @@ import os
 import re
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,34 +51,11 @@ def tracking_uri() -> str:
 
 
 def check_tracking_server(timeout_s: float = 5.0) -> None:
-    """Fail within seconds, naming the URI, when the tracking server or database does not answer.
+    """Fail within seconds, naming the URI, when the tracking server or database does not answer
+    or refuses our credentials (see :mod:`cars_ml.tracking_check`)."""
+    from cars_ml.tracking_check import check_reachable
 
-    HTTP servers are asked for ``/health``; database URIs (PostgreSQL, MySQL, MSSQL) get one
-    connection attempt, because MLflow itself retries an unreachable database for ~100 s.
-    """
-    uri = tracking_uri()
-    if uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_SCHEMES:
-        _check_database(uri, timeout_s)
-        return
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310
-            if response.status >= 500:
-                raise ConnectionError(f"status {response.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise ConnectionError(
-                f"MLflow tracking server at {redact(uri)} answered {exc.code}; check its logs."
-            ) from exc
-    except (OSError, ConnectionError) as exc:
-        raise ConnectionError(
-            f"MLflow tracking server at {redact(uri)} is unreachable ({exc}). Start it "
-            "(`mlflow server ...`) or point MLFLOW_TRACKING_URI at one that runs; unset it to "
-            "use the local sqlite:///mlflow.db."
-        ) from exc
-    _check_credentials(uri, timeout_s)
+    check_reachable(tracking_uri(), timeout_s)
 
 
 def _git_commit() -> str:
@@ -370,31 +345,7 @@ def register_in_scratch_store(
     return uri, f"models:/{name}/{version.version}", str(local)
 
 
-# --- Reliability: unreachable database stores, dead workers' runs (owner: reliability) -------
-
-_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
-
-
-def _check_database(uri: str, timeout_s: float) -> None:
-    """One connection to a database tracking store; ``ConnectionError`` naming it on failure."""
-    import sqlalchemy
-
-    connect_args = {}
-    if uri.startswith(("postgresql", "mysql")):
-        connect_args["connect_timeout"] = max(1, int(timeout_s))
-    try:
-        engine = sqlalchemy.create_engine(
-            uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
-        )
-        with engine.connect():
-            pass
-    except Exception as exc:  # Drivers raise many types; every one means "cannot use it".
-        first_line = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConnectionError(
-            f"MLflow tracking database at {redact(uri)} is unreachable ({type(exc).__name__}: "
-            f"{first_line}). Start the database, check the URL and credentials, or point "
-            "MLFLOW_TRACKING_URI elsewhere; unset it to use the local sqlite:///mlflow.db."
-        ) from exc
+# --- Reliability: dead workers' runs (owner: reliability) ---------------------------------
 
 
 def running_parent_runs(run_ids) -> list[str]:
@@ -412,48 +363,3 @@ def running_parent_runs(run_ids) -> list[str]:
         except mlflow.exceptions.MlflowException:
             log.warning("Could not look up the parent of run %s", run_id)
     return parents
-
-
-# --- Fail-fast check of tracking-server credentials (owner: scale-out) -------------------------
-
-
-def _check_credentials(uri: str, timeout_s: float) -> None:
-    """One authenticated API call; ``ConnectionError`` naming the URI and the variables to set
-    when the server (e.g. behind MLflow's basic-auth app) refuses our credentials.
-
-    ``/health`` answers without credentials, so without this a wrong password would surface
-    only later, as a stack trace from the first MLflow call.
-    """
-    import base64
-
-    request = urllib.request.Request(
-        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-    )
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if user and password:
-        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {basic}")
-    elif token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code not in (401, 403):
-            return
-        body = redact(exc.read(300).decode("utf-8", "replace")).strip()
-        if "Host header" in body:
-            raise ConnectionError(
-                f"MLflow tracking server at {redact(uri)} rejected the host name ({body}). Add "
-                "it to the server's --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS)."
-            ) from exc
-        who = f"user {user!r}" if user else "no credentials"
-        raise ConnectionError(
-            f"MLflow tracking server at {redact(uri)} refused {who} ({exc.code}). Set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-            "to an account the server knows; see README, 'Scale-out', for the set-up."
-        ) from exc
-    except OSError:
-        return  # /health answered; leave other failures to MLflow's own retries and messages.
