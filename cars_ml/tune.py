@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 
 from cars_ml import backbones, search_space, tracking
-from cars_ml.data import DataConfig, load_dataset
+from cars_ml.data import DataConfig, load_dataset, train_subset
 from cars_ml.tune_sampler import make_sampler
 from cars_ml.tune_storage import (
     best_trial,
@@ -47,6 +47,9 @@ class TuneConfig:
     seed: int = 42
     max_epochs: int = 5
     fine_tune_epochs: int = 0
+    # Trials train on this stratified fraction of the training split (validation stays whole):
+    # a cheaper ranking of hyperparameters; the final training always uses every image.
+    trial_fraction: float = 1.0
     cached_features: bool = True
     pins: tuple[tuple[str, object], ...] = ()
     latency_runs: int = 20
@@ -65,6 +68,11 @@ class TuneConfig:
             raise ValueError(f"timeout_s must be >= 0 (0 = no limit), got {self.timeout_s}.")
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        if not 0.0 < self.trial_fraction <= 1.0:
+            raise ValueError(
+                f"trial_fraction must be in (0, 1] (1 = every training image), "
+                f"got {self.trial_fraction}."
+            )
         make_pruner(self.pruner, self.max_epochs)
         unknown = [o for o in self.objective_names if o not in OBJECTIVES]
         if unknown or not self.objective_names or self.objective_names[0] != "f1":
@@ -131,7 +139,8 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
 
     from cars_ml.tune_objective import Objective, trial_summary
 
-    splits = load_dataset(cfg.data)  # Once per process, never inside the objective.
+    # Once per process, never inside the objective.
+    splits = train_subset(load_dataset(cfg.data), cfg.trial_fraction, cfg.seed)
     # Trials build their own backbones: this one serves cached features (pretrained weights)
     # and latency objectives only, so a random one is not built for nothing.
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights, build_random=multi)
@@ -164,11 +173,13 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                 "pruner": cfg.pruner,
                 "objectives": cfg.objectives,
                 "max_epochs": cfg.max_epochs,
+                "trial_fraction": cfg.trial_fraction,
                 "trial_mode": "cached_head" if use_cache else "end_to_end",
                 "pins": dict(cfg.pins),
                 **splits.params(),
             }  # fmt: skip
         )
+        tracking.log_metrics(splits.summary())  # num_train_images shows the trials' share.
         if created:
             # A new study first tries the defaults. Only the worker whose insert created the
             # study queues them (the database keeps study names unique), never two at once.

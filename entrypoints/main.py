@@ -1,6 +1,6 @@
 """MLproject entry point `main`: the whole comparison (tune, train, export, register, promote)."""
 
-from _common import integer, non_negative_int, parser, run_main, str2bool
+from _common import fraction, integer, non_negative_int, parser, run_main, str2bool
 from promote import budget
 from train import image_size
 
@@ -25,6 +25,9 @@ def build_parser():
     )
     p.add_argument("--epochs", type=non_negative_int, default=0, help=f"final head epochs; {auto}")
     p.add_argument("--fine_tune_epochs", type=integer, default=-1, help="-1 = auto")
+    p.add_argument("--trial_fraction", type=fraction, default=0.0,
+                   help="share of the training images each trial trains on; 0 = auto "
+                        "(half on synthetic data, all on real data)")  # fmt: skip
     p.add_argument(
         "--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)"
     )
@@ -69,6 +72,7 @@ def main() -> None:
             reuse=a.reuse,
             seed=a.seed,
             workers=a.workers,
+            trial_fraction=a.trial_fraction,
         )
     )
 

@@ -1,6 +1,7 @@
 """MLproject entry point `tune`: an Optuna study for one backbone, logged as nested MLflow runs."""
 
 from _common import (
+    fraction,
     non_negative_int,
     parser,
     positive_int,
@@ -32,6 +33,8 @@ def build_parser():
     p.add_argument("--max_epochs", type=positive_int, default=5, help="epochs per trial")
     p.add_argument("--fine_tune_epochs", type=non_negative_int, default=0,
                    help="fine-tune epochs per trial (>0 trains end to end, no feature cache)")  # fmt: skip
+    p.add_argument("--trial_fraction", type=fraction, default=1.0,
+                   help="stratified share of the training images each trial trains on")  # fmt: skip
     p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")
     p.add_argument("--max_classes", type=non_negative_int, default=0)
     p.add_argument("--cached_features", type=str2bool, default=True)
@@ -62,6 +65,7 @@ def main() -> None:
             seed=a.seed,
             max_epochs=a.max_epochs,
             fine_tune_epochs=a.fine_tune_epochs,
+            trial_fraction=a.trial_fraction,
             cached_features=a.cached_features,
             pins=tuple(parse_pins(a.pin).items()),
         )

@@ -6,7 +6,7 @@ TensorFlow (seconds of start-up the ``prepare_data`` step does not need).
 
 from __future__ import annotations
 
-from cars_ml.data.loader import load_dataset
+from cars_ml.data.loader import load_dataset, train_subset
 from cars_ml.data.types import DataConfig, DataError, DatasetSplits, DataWarning, ImageRecord
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "load_dataset",
     "load_images_array",
     "make_dataset",
+    "train_subset",
 ]
 _PIPELINE = ("labels_array", "load_images_array", "make_dataset")
 

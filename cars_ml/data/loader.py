@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cars_ml.data import image_folder, stanford_cars, synthetic
-from cars_ml.data.split import split_indices
+from cars_ml.data.split import split_indices, subsample_per_class
 from cars_ml.data.types import (
     DataConfig,
     DataError,
@@ -149,6 +149,21 @@ def _select(layout: LayoutData, config: DataConfig) -> LayoutData:
             test=None if layout.test is None else _cap(layout.test, config.max_per_class, rng),
         )
     return layout
+
+
+def train_subset(splits: DatasetSplits, fraction: float, seed: int) -> DatasetSplits:
+    """``splits`` with a stratified, seeded ``fraction`` of its training images.
+
+    Validation and test stay whole, so scores stay comparable with full-data runs. The
+    fingerprint changes with the subset: caches keyed on it never mix the two.
+    """
+    if fraction == 1.0:
+        return splits
+    keep = subsample_per_class([r.label for r in splits.train], fraction, seed)
+    digest = hashlib.sha256(f"{splits.fingerprint}|train_fraction={fraction}|{seed}".encode())
+    return replace(
+        splits, train=tuple(splits.train[i] for i in keep), fingerprint=digest.hexdigest()
+    )
 
 
 def _cap(records: list[ImageRecord], limit: int, rng: random.Random) -> list[ImageRecord]:

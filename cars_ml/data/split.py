@@ -87,3 +87,21 @@ def split_indices(
             "fractions, add images, or pass max_classes=N to keep only the N most frequent classes."
         )
     return SplitIndices(np.sort(train), np.sort(val), np.sort(test))
+
+
+def subsample_per_class(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded ``fraction`` of each class (at least one image per class).
+
+    Every class keeps ``ceil(fraction * count)`` images, so the subset has the same class balance
+    as the whole and no class disappears from a small dataset.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    kept = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        count = max(1, int(np.ceil(fraction * len(members))))
+        kept.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(kept)) if kept else np.array([], dtype=np.int64)
