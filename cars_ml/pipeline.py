@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -75,6 +75,17 @@ REAL_BUDGET = (20, 5, 8, 4)
 # at 75 px: ~20 s of tracing, ~65 s per epoch of 340 images), and the final training still sees
 # every image. Real data tunes on all of it unless trial_fraction says otherwise.
 DEMO_TRIAL_FRACTION = 0.5
+# Images per class the demo takes of the synthetic dataset's 40 (max_per_class=0 = auto): the
+# deep backbones still reached test macro-F1 0.96-1.00 in two epochs and MobileNet 0.39 against
+# 0.42 on all 40 (side by side, one run each), and the fits took 20-40% less time on 2 cores.
+DEMO_MAX_PER_CLASS = 28
+
+
+def resolve_data(cfg: PipelineConfig) -> DataConfig:
+    """The dataset the steps load: the demo caps the synthetic classes, real data is whole."""
+    if cfg.data.data == "synthetic" and cfg.data.max_per_class == 0:
+        return replace(cfg.data, max_per_class=DEMO_MAX_PER_CLASS)
+    return cfg.data
 
 
 def resolve_trial_fraction(cfg: PipelineConfig) -> float:
@@ -166,6 +177,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
 
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
+    cfg = replace(cfg, data=resolve_data(cfg))
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)

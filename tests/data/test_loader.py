@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pandas as pd
 import pytest
 from data_helpers import write_image
 from matplotlib.figure import Figure
 
-from cars_ml.data import DataConfig, DataWarning, load_dataset
+from cars_ml.data import DataConfig, DataWarning, load_dataset, train_subset
 from cars_ml.data.report import class_count_table, sample_grid_figure
 
 
@@ -48,6 +49,20 @@ def test_max_per_class_caps_with_a_seed(uneven):
     assert kept == {r.path for r in (*again.train, *again.val, *again.test)}
     other = _load(uneven, max_per_class=4, seed=2)
     assert kept != {r.path for r in (*other.train, *other.val, *other.test)}
+
+
+def test_train_subset_halves_each_class_and_keeps_val_and_test(uneven):
+    whole = _load(uneven)
+    half = train_subset(whole, 0.5, seed=3)
+    assert half.val == whole.val and half.test == whole.test
+    assert set(half.train) < set(whole.train)
+    before = Counter(r.label for r in whole.train)
+    after = Counter(r.label for r in half.train)
+    assert after == {c: -(-n // 2) for c, n in before.items()}  # ceil: no class vanishes
+    assert half.fingerprint != whole.fingerprint
+    assert train_subset(whole, 0.5, seed=3) == half
+    assert train_subset(whole, 0.5, seed=4).train != half.train
+    assert train_subset(whole, 1.0, seed=3) is whole
 
 
 def test_fingerprint_tracks_files_labels_and_split(uneven):

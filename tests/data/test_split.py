@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cars_ml.data.split import split_indices
+from cars_ml.data.split import split_indices, subsample_per_class
 from cars_ml.data.types import DataError
 
 
@@ -131,3 +131,26 @@ def test_each_held_out_part_gets_every_class_in_a_tiny_dataset():
     )
     arr = np.asarray(labels)
     assert sorted(arr[test]) == sorted(arr[val]) == sorted(arr[train]) == [0, 1, 2, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 10_000),
+)
+def test_subsample_keeps_each_class_share(counts, fraction, seed):
+    labels = np.asarray(_labels(counts, seed))
+    kept = subsample_per_class(labels, fraction, seed)
+    assert len(set(kept.tolist())) == len(kept) and np.all(np.diff(kept) > 0)
+    got = Counter(labels[kept].tolist())
+    assert got == {
+        c: max(1, int(np.ceil(fraction * n))) for c, n in Counter(labels.tolist()).items()
+    }
+    assert np.array_equal(kept, subsample_per_class(labels, fraction, seed))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_subsample_rejects_a_fraction_outside_0_1(fraction):
+    with pytest.raises(ValueError, match=f"fraction must be in \\(0, 1\\], got {fraction}"):
+        subsample_per_class([0, 1, 1], fraction, 0)

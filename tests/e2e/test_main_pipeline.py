@@ -42,6 +42,16 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
                          if tune.data.tags["study_name"] == study
                          for trial in _children(tune.info.run_id))  # fmt: skip
         assert numbers == ["0", "1"], (study, numbers)
+    # The demo's trials train on a stratified half of the training split (auto on synthetic
+    # data); the final training sees all of it.
+    assert parent.data.params["trial_fraction"] == "0.5"
+    trains = [c for c in children if c.data.tags.get("step") == "train"]
+    full = {t.data.metrics["num_train_images"] for t in trains}
+    assert len(full) == 1
+    (full,) = full
+    for tune in tunes:
+        assert tune.data.params["trial_fraction"] == "0.5"
+        assert 10 <= tune.data.metrics["num_train_images"] <= full / 2 + 10, tune.data.metrics
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.html", "f1_vs_latency.png"} <= artifacts
