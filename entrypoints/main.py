@@ -33,7 +33,8 @@ def build_parser():
     )
     p.add_argument("--image_size", type=image_size, default=-1, help="auto, 0=native or px")
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
-    p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")
+    p.add_argument("--max_per_class", type=non_negative_int, default=0,
+                   help="sample cap per class; 0 = auto (28 on synthetic data, none on real data)")  # fmt: skip
     p.add_argument("--max_latency_ms", type=budget, default=_BUDGETS.max_latency_ms)
     p.add_argument("--max_size_mb", type=budget, default=_BUDGETS.max_size_mb)
     p.add_argument("--max_int8_f1_drop", type=budget, default=_BUDGETS.max_int8_f1_drop)
