@@ -135,7 +135,7 @@ def step_key(cfg: PipelineConfig, model: str, fingerprint: str) -> str:
     inputs = {
         "code": code_version(), "model": model, "fingerprint": fingerprint,
         "n_trials": n_trials, "max_epochs": max_epochs, "image_size": cfg.image_size,
-        "trial_fraction": resolve_trial_fraction(cfg),
+        "trial_fraction": cfg.trial_fraction,
         "weights": cfg.weights, "hparams": asdict(hparams), "data": asdict(cfg.data),
         "seed": cfg.seed, "storage": tracking.redact(cfg.storage), "model_name": cfg.model_name,
     }  # fmt: skip
@@ -160,7 +160,7 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
     tune = TuneConfig(
         model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
         image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed, max_epochs=max_epochs,
-        trial_fraction=resolve_trial_fraction(cfg), study_name=study, study_total=True,
+        trial_fraction=cfg.trial_fraction, study_name=study, study_total=True,
         parent_run_id=parent_run_id,
         progress_bar=workers == 1)  # fmt: skip
     train = TrainConfig(
@@ -178,7 +178,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
 
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
-    cfg = replace(cfg, data=resolve_data(cfg))
+    # The auto (0) knobs resolve once here; every step and the step keys see the same values.
+    cfg = replace(cfg, data=resolve_data(cfg), trial_fraction=resolve_trial_fraction(cfg))
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)
@@ -186,7 +187,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
         tracking.log_params({"models": ",".join(cfg.models), "n_trials": n_trials,
                              "max_epochs": max_epochs, "epochs": hparams.epochs,
-                             "trial_fraction": resolve_trial_fraction(cfg),
+                             "trial_fraction": cfg.trial_fraction,
                              "fine_tune_epochs": hparams.fine_tune_epochs, "weights": cfg.weights,
                              "workers": workers, **splits.params()})  # fmt: skip
         results, todo = {}, []
@@ -203,9 +204,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                               "model_version": previous.data.tags.get("model_version"),
                               "metrics": previous.data.metrics}  # fmt: skip
         if todo:
-            share = resolve_trial_fraction(cfg)
             print(f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
-                  f"epochs on {share:.0%} of the training images) and train on {workers} worker "
+                  f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on {workers} worker "
                   "process(es)", flush=True)  # fmt: skip
             # Largest first: their steps take longest, and one left for last would run alone.
             todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
