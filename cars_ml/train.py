@@ -169,6 +169,16 @@ def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
 RECALIBRATION_BATCHES = 20
 
 
+def training_forward(model: keras.Model):
+    """The model's forward pass in training mode, traced once for any batch size.
+
+    Without a signature a ``tf.function`` traces again for the last, smaller batch of a
+    dataset: a second trace of the whole network, tens of seconds for a large backbone on a CPU.
+    """
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+    return tf.function(lambda image: model(image, training=True), input_signature=[spec])
+
+
 def recalibrate_batchnorm(model: keras.Model, backbone: keras.Model, data: tf.data.Dataset) -> int:
     """Re-estimate the trainable BatchNorm layers' moving statistics with the final weights.
 
@@ -193,7 +203,7 @@ def recalibrate_batchnorm(model: keras.Model, backbone: keras.Model, data: tf.da
     momentum = tf.Variable(0.0, trainable=False)
     for layer in layers:
         layer.momentum = momentum
-    step = tf.function(lambda x: model(x, training=True))
+    step = training_forward(model)
     batches = 0
     try:
         for x, _ in data.take(RECALIBRATION_BATCHES):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cars_ml.train import recalibrate_batchnorm
+from cars_ml.train import recalibrate_batchnorm, training_forward
 
 
 def _model():
@@ -48,3 +48,11 @@ def test_frozen_batchnorm_and_empty_data_are_left_alone():
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(4))
     bn.trainable = True
     assert recalibrate_batchnorm(model, model, data.take(0)) == 0
+
+
+def test_training_forward_traces_once_for_every_batch_size():
+    model = _model()
+    step = training_forward(model)
+    for rows in (32, 32, 5):  # The last batch of a dataset is usually smaller.
+        assert step(np.ones((rows, 4), "float32")).shape == (rows, 4)
+    assert step.experimental_get_tracing_count() == 1
