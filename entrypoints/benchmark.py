@@ -1,6 +1,6 @@
 """MLproject entry point `benchmark`: the product against its baselines, side by side, one run."""
 
-from _common import parser, positive_float, positive_int, run_main
+from _common import comma_list, parser, positive_float, positive_int, run_main
 
 
 def build_parser():
@@ -19,7 +19,9 @@ def build_parser():
     p.add_argument("--pipeline_images", type=positive_int, default=4000,
                    help="images for the input pipeline and tuning comparisons")  # fmt: skip
     p.add_argument("--sections", default="all",
-                   help="all, or a comma list of inference,serve,edge,pipeline,tuning")  # fmt: skip
+                   help="all, or a comma list of inference,serve,edge,pipeline,tuning,cpu_kernels")  # fmt: skip
+    p.add_argument("--kernel_models", default="resnet,vgg16",
+                   help="backbones whose training step runs with oneDNN off and on (cpu_kernels)")  # fmt: skip
     return p
 
 
@@ -35,6 +37,7 @@ def main() -> None:
             serve_seconds=a.serve_seconds,
             pipeline_images=a.pipeline_images,
             sections=parse_sections(a.sections),
+            kernel_models=comma_list(a.kernel_models),
         )
     )
 

@@ -13,6 +13,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the entry points do (entrypoints/_common.py): oneDNN kernels on AVX2-only CPUs too.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,16 @@ def _version(name: str) -> str:
         return "absent"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def machine() -> dict[str, str]:
     """What the numbers depend on: CPU, cores, load, date and library versions."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -77,6 +87,9 @@ def machine() -> dict[str, str]:
         "load_average_1m_at_start": f"{load[0]:.2f}",
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "python": platform.python_version(),
+        # TensorFlow enables oneDNN by itself only with AVX-512 VNNI or AMX (perf/cpu_kernels.py).
+        "cpu_avx512": str("avx512f" in _cpu_flags()).lower(),
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         **{f"version_{n}": _version(n) for n in ("tensorflow-cpu", "keras", "mlflow", "ai-edge-litert", "numpy", "pillow")},
     }  # fmt: skip
 

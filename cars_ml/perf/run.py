@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cars_ml import tracking
+from cars_ml.backbones import get_backbone
 from cars_ml.perf import report
 from cars_ml.perf.inputs import (
     car_class_names,
@@ -22,7 +23,7 @@ from cars_ml.perf.inputs import (
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("inference", "serve", "edge", "pipeline", "tuning")
+SECTIONS = ("inference", "serve", "edge", "pipeline", "tuning", "cpu_kernels")
 MODEL_SECTIONS = ("inference", "serve", "edge")
 MIN_IMAGE_SIZE = 32  # MobileNet's smallest input
 
@@ -45,6 +46,9 @@ class BenchmarkConfig:
     tuning_epochs: int = 1
     tuning_cached_trials: int = 3
     data_dir: str = ""
+    # Backbones whose training step runs with oneDNN off and on (each at its demo image size).
+    kernel_models: tuple[str, ...] = ("resnet", "vgg16")
+    kernel_steps: int = 6
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
@@ -58,11 +62,17 @@ class BenchmarkConfig:
                 f"image_size={self.image_size} and train_image_size={self.train_image_size} must "
                 f"be >= {MIN_IMAGE_SIZE} px (MobileNet's minimum)."
             )
-        for name in ("runs", "pipeline_images", "rounds", "tuning_epochs", "tuning_cached_trials"):
+        positive = ("runs", "pipeline_images", "rounds", "tuning_epochs", "tuning_cached_trials",
+                    "kernel_steps")  # fmt: skip
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.train_steps < 0:
             raise ValueError(f"train_steps must be >= 0 (0: whole epochs), got {self.train_steps}.")
+        if "cpu_kernels" in self.sections and not self.kernel_models:
+            raise ValueError("kernel_models is empty; pass e.g. kernel_models=resnet,vgg16.")
+        for name in self.kernel_models:
+            get_backbone(name)  # An unknown name fails now, with the list of valid ones.
         if self.serve_seconds <= 0 or self.warmup < 0 or not self.serve_clients:
             raise ValueError("serve_seconds must be > 0, warmup >= 0 and serve_clients non-empty.")
 
@@ -168,6 +178,11 @@ def _sections(cfg: BenchmarkConfig, workdir: Path):
         yield "tuning", compare_tuning(
             images.records, images.class_names, images.root, workdir, image_size=cfg.image_size,
             epochs=cfg.tuning_epochs, cached_trials=cfg.tuning_cached_trials)  # fmt: skip
+    if "cpu_kernels" in cfg.sections:
+        from cars_ml.perf.cpu_kernels import compare_cpu_kernels
+
+        yield "cpu_kernels", compare_cpu_kernels(
+            cfg.kernel_models, steps=cfg.kernel_steps, rounds=cfg.rounds)  # fmt: skip
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, float]:

@@ -36,12 +36,20 @@ EXPECTED = {
     "tuning": [
         "tuning_trial_s_cached", "tuning_trial_s_uncached", "tuning_trial_speedup_cached_features",
     ],
+    "cpu_kernels": [
+        "train_step_s_mobilenet_onednn_off", "train_step_s_mobilenet_onednn_on",
+        "first_step_s_mobilenet_onednn_off", "infer_batch_s_mobilenet_onednn_on",
+        "onednn_train_speedup_mobilenet",
+    ],
 }  # fmt: skip
-TINY = ["--image_size", "32", "--runs", "5", "--serve_seconds", "2", "--pipeline_images", "64"]
+TINY = ["--image_size", "32", "--runs", "5", "--serve_seconds", "2", "--pipeline_images", "64",
+        "--kernel_models", "mobilenet"]  # fmt: skip
 
 
 def test_benchmark_logs_every_metric_of_one_run(sub_env, tracking_uri, tmp_path):
-    proc = run_entry("benchmark", *TINY, env=sub_env, timeout=400)
+    # Unset, so the params show what the entry point itself chose.
+    env = {k: v for k, v in sub_env.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    proc = run_entry("benchmark", *TINY, env=env, timeout=500)
 
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_name for r in runs] == ["benchmark"], "exactly one run, named benchmark"
@@ -59,6 +67,8 @@ def test_benchmark_logs_every_metric_of_one_run(sub_env, tracking_uri, tmp_path)
     assert params["cpu_model"] and int(params["cpu_cores"]) >= 1
     assert params["image_size"] == "32" and params["model_under_test"] == "mobilenet_random_weights"
     assert params["serving_engine"] == "litert"
+    # The entry point turns oneDNN on where TensorFlow would leave it off (AVX2-only CPUs).
+    assert params["tf_enable_onednn_opts"] == "1" and params["kernel_models"] == "mobilenet"
 
     table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/benchmark.md")
     for name in metrics:
