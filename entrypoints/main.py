@@ -1,6 +1,6 @@
 """MLproject entry point `main`: the whole comparison (tune, train, export, register, promote)."""
 
-from _common import fraction, integer, non_negative_int, parser, run_main, str2bool
+from _common import comma_list, fraction, integer, non_negative_int, parser, run_main, str2bool
 from promote import budget
 from train import image_size
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     run_pipeline(
         PipelineConfig(
-            models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
+            models=comma_list(a.models),
             data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class),
             n_trials=a.n_trials,
             max_epochs=a.max_epochs,

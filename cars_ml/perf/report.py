@@ -50,14 +50,19 @@ GOALS: dict[str, Goal] = {
 }
 
 
-def _cpu_model() -> str:
+def _cpuinfo(key: str) -> str:
+    """The first ``key : value`` line of /proc/cpuinfo (``model name``, ``flags``), or ""."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
+            if line.lower().startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str:
@@ -65,16 +70,6 @@ def _version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def machine() -> dict[str, str]:
@@ -88,7 +83,7 @@ def machine() -> dict[str, str]:
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "python": platform.python_version(),
         # TensorFlow enables oneDNN by itself only with AVX-512 VNNI or AMX (perf/cpu_kernels.py).
-        "cpu_avx512": str("avx512f" in _cpu_flags()).lower(),
+        "cpu_avx512_vnni": str("avx512_vnni" in _cpuinfo("flags").split()).lower(),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         **{f"version_{n}": _version(n) for n in ("tensorflow-cpu", "keras", "mlflow", "ai-edge-litert", "numpy", "pillow")},
     }  # fmt: skip
