@@ -18,6 +18,12 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from cars_ml import backbones
+from cars_ml.batchnorm import (
+    BN_MOMENTUM_FROM_SCRATCH,
+    MomentumWarmup,
+    recalibrate_batchnorm,
+    trainable_batchnorm,
+)
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
 from cars_ml.evaluate import macro_f1
@@ -26,7 +32,6 @@ from cars_ml.optimizers import FusedAdam
 
 log = logging.getLogger(__name__)
 
-BN_MOMENTUM_FROM_SCRATCH = 0.8
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -166,57 +171,6 @@ def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
     )
 
 
-RECALIBRATION_BATCHES = 20
-
-
-def training_forward(model: keras.Model):
-    """The model's forward pass in training mode, traced once for any batch size.
-
-    Without a signature a ``tf.function`` traces again for the last, smaller batch of a
-    dataset: a second trace of the whole network, tens of seconds for a large backbone on a CPU.
-    """
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
-    return tf.function(lambda image: model(image, training=True), input_signature=[spec])
-
-
-def recalibrate_batchnorm(model: keras.Model, backbone: keras.Model, data: tf.data.Dataset) -> int:
-    """Re-estimate the trainable BatchNorm layers' moving statistics with the final weights.
-
-    Trained from scratch for a few epochs, weights move faster than the moving averages follow,
-    and inference (which uses the averages) can collapse to one class while training accuracy
-    climbs: Xception after the demo's two epochs scored validation macro-F1 0.02 before and 0.98
-    after. Forward passes in training mode over up to ``RECALIBRATION_BATCHES`` unaugmented
-    training batches (no weight changes) replace the averages by the plain mean of those
-    batches' statistics ("precise BN"). Frozen BatchNorm layers run in inference mode and are
-    left alone. Returns the number of batches used.
-    """
-    layers = [
-        layer
-        for layer in backbone.layers
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
-    if not layers:
-        return 0
-    saved = [layer.momentum for layer in layers]
-    # A variable momentum, read by the traced step, turns the moving average into a running
-    # mean: batch i weighs 1/(i+1), so the stale averages vanish after the first batch.
-    momentum = tf.Variable(0.0, trainable=False)
-    for layer in layers:
-        layer.momentum = momentum
-    step = training_forward(model)
-    batches = 0
-    try:
-        for x, _ in data.take(RECALIBRATION_BATCHES):
-            momentum.assign(batches / (batches + 1.0))
-            step(x)
-            batches += 1
-    finally:
-        for layer, value in zip(layers, saved, strict=True):
-            layer.momentum = value
-    log.info("Recalibrated %d BatchNorm layers on %d training batches", len(layers), batches)
-    return batches
-
-
 def fit(
     splits: DatasetSplits,
     spec: backbones.BackboneSpec,
@@ -263,7 +217,9 @@ def fit(
     f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
     weights = class_weights(labels_of(splits.train), n)
 
-    def run_phase(epochs: int, lr: float, initial_epoch: int, phase: str) -> None:
+    def run_phase(
+        epochs: int, lr: float, initial_epoch: int, phase: str, *more: keras.callbacks.Callback
+    ) -> None:
         f1_cb.phase = phase
         _compile(model, lr, hp.label_smoothing)
         stop = keras.callbacks.EarlyStopping(
@@ -274,7 +230,7 @@ def fit(
             epochs=initial_epoch + epochs,
             initial_epoch=initial_epoch,
             class_weight=weights,
-            callbacks=[f1_cb, stop, *extra_callbacks],
+            callbacks=[f1_cb, stop, *more, *extra_callbacks],
             verbose=verbose,
         )
 
@@ -284,11 +240,11 @@ def fit(
         backbone.trainable = True
         # From scratch, BatchNorm's moving statistics must catch up within a short run: at the
         # default momentum (0.99) they stay near their initial values and inference collapses
-        # to one constant prediction.
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = BN_MOMENTUM_FROM_SCRATCH
-        run_phase(hp.epochs + hp.fine_tune_epochs, hp.learning_rate, 0, "end_to_end")
+        # to one constant prediction. A lower momentum, warmed up from the first step, lets
+        # even a one-epoch tuning trial be scored on its own statistics.
+        warmup = MomentumWarmup(trainable_batchnorm(backbone), BN_MOMENTUM_FROM_SCRATCH)
+        epochs = hp.epochs + hp.fine_tune_epochs
+        run_phase(epochs, hp.learning_rate, 0, "end_to_end", warmup)
         if recalibrate:
             recalibrate_batchnorm(served, backbone, make_dataset(
                 splits.train, image_size, hp.batch_size, training=False,
