@@ -246,9 +246,11 @@ def fit(
         epochs = hp.epochs + hp.fine_tune_epochs
         run_phase(epochs, hp.learning_rate, 0, "end_to_end", warmup)
         if recalibrate:
-            recalibrate_batchnorm(served, backbone, make_dataset(
+            unaugmented = make_dataset(
                 splits.train, image_size, hp.batch_size, training=False,
-                cache=fits_in_cache(len(splits.train), image_size)))  # fmt: skip
+                cache=fits_in_cache(len(splits.train), image_size),
+            ).map(_one_hot(n))  # fmt: skip
+            recalibrate_batchnorm(model, warmup, unaugmented, weights)
     else:
         mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
         backbone.trainable = False

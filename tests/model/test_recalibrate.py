@@ -5,68 +5,11 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from cars_ml.batchnorm import (
-    MomentumWarmup,
-    recalibrate_batchnorm,
-    training_forward,
-    warm_momentum,
-)
-
-
-def _model():
-    inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(4, name="dense", kernel_initializer="identity")(inputs)
-    normed = keras.layers.BatchNormalization(name="bn")(hidden)
-    return keras.Model(inputs, normed)
-
-
-def test_moving_statistics_are_re_estimated_and_momentum_restored():
-    model = _model()
-    bn = model.get_layer("bn")
-    bn.momentum = 0.99
-    # Stale averages, as after a short run from scratch.
-    bn.moving_mean.assign(np.full(4, -50.0, "float32"))
-    bn.moving_variance.assign(np.full(4, 1e-3, "float32"))
-    x = np.random.default_rng(0).normal([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 0.5, 3.0], (640, 4))
-    data = tf.data.Dataset.from_tensor_slices((x.astype("float32"), np.zeros(640))).batch(32)
-    kernel_before = model.get_layer("dense").kernel.numpy().copy()
-
-    assert recalibrate_batchnorm(model, model, data) == 20
-    # The plain mean of the 20 batches' statistics: the stale values are gone entirely.
-    batches = x[:640].reshape(20, 32, 4)
-    np.testing.assert_allclose(bn.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0),
-                               rtol=1e-4)  # fmt: skip
-    np.testing.assert_allclose(bn.moving_variance.numpy(), batches.var(axis=1).mean(axis=0),
-                               rtol=1e-3)  # fmt: skip
-    assert bn.momentum == 0.99
-    np.testing.assert_array_equal(model.get_layer("dense").kernel.numpy(), kernel_before)
-
-
-def test_frozen_batchnorm_and_empty_data_are_left_alone():
-    model = _model()
-    bn = model.get_layer("bn")
-    bn.trainable = False
-    x = np.ones((64, 4), "float32")
-    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(64))).batch(32)
-    assert recalibrate_batchnorm(model, model, data) == 0
-    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(4))
-    bn.trainable = True
-    assert recalibrate_batchnorm(model, model, data.take(0)) == 0
-
-
-def test_training_forward_traces_once_for_every_batch_size():
-    model = _model()
-    step = training_forward(model)
-    for rows in (32, 32, 5):  # The last batch of a dataset is usually smaller.
-        assert step(np.ones((rows, 4), "float32")).shape == (rows, 4)
-    assert step.experimental_get_tracing_count() == 1
-
-
-def test_warm_momentum_is_a_running_mean_until_the_cap():
-    assert [warm_momentum(t, 0.8) for t in range(6)] == [0.0, 0.5, 2 / 3, 0.75, 0.8, 0.8]
-    assert warm_momentum(99, 1.0) == 0.99
+from cars_ml.batchnorm import MomentumWarmup, recalibrate_batchnorm, warm_momentum
+from cars_ml.optimizers import FusedAdam
 
 
 class _CountCalls(keras.layers.Layer):
@@ -79,19 +22,41 @@ class _CountCalls(keras.layers.Layer):
         return x
 
 
-def test_momentum_warmup_bias_corrects_the_averages_during_fit():
+def _model(momentum: float = 0.99) -> keras.Model:
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(4, name="dense", kernel_initializer="identity")(inputs)
-    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(_CountCalls()(hidden)))
+    normed = keras.layers.BatchNormalization(name="bn", momentum=momentum)(_CountCalls()(hidden))
+    return keras.Model(inputs, normed)
+
+
+def _data(x: np.ndarray, batch: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((x, x)).batch(batch)
+
+
+def _trained(x: np.ndarray) -> tuple[keras.Model, MomentumWarmup]:
+    """A model after one epoch of fit() with the momentum warm-up, as train.fit leaves it."""
+    model = _model(0.8)
+    model.compile(optimizer=FusedAdam(0.01), loss="mse")
+    warmup = MomentumWarmup([model.get_layer("bn")], cap=0.8)
+    model.fit(_data(x, 32), epochs=1, verbose=0, shuffle=False, callbacks=[warmup])
+    return model, warmup
+
+
+def test_warm_momentum_is_a_running_mean_until_the_cap():
+    assert [warm_momentum(t, 0.8) for t in range(6)] == [0.0, 0.5, 2 / 3, 0.75, 0.8, 0.8]
+    assert warm_momentum(99, 1.0) == 0.99
+
+
+def test_momentum_warmup_bias_corrects_the_averages_during_fit():
+    model = _model()
     bn = model.get_layer("bn")
     bn.moving_mean.assign(np.full(4, -50.0, "float32"))  # Nothing of this may survive.
     x = np.random.default_rng(1).normal(3.0, 2.0, (6 * 8, 4)).astype("float32")
-    data = tf.data.Dataset.from_tensor_slices((x, x)).batch(8)
     # A zero learning rate keeps the Dense kernel the identity, so BatchNorm sees x itself.
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     warmup = MomentumWarmup([bn], cap=0.8)
     traces_before = _CountCalls.calls
-    model.fit(data, epochs=2, callbacks=[warmup], verbose=0, shuffle=False)
+    model.fit(_data(x, 8), epochs=2, callbacks=[warmup], verbose=0, shuffle=False)
 
     expected = np.full(4, -50.0)
     for step, batch in enumerate(list(x.reshape(6, 8, 4)) * 2):
@@ -101,6 +66,48 @@ def test_momentum_warmup_bias_corrects_the_averages_during_fit():
     # The first three steps alone make a plain mean: the initial -50 is gone.
     assert np.all(np.abs(bn.moving_mean.numpy() - 3.0) < 1.5)
     assert warmup.step == 12
-    assert bn.momentum == 0.8 and isinstance(bn.momentum, float)
+    assert bn.momentum == 0.99 and isinstance(bn.momentum, float)
     # Changing the variable between steps did not retrace the train step.
     assert _CountCalls.calls - traces_before == 1
+
+
+def test_recalibration_re_estimates_the_statistics_without_moving_a_weight():
+    rng = np.random.default_rng(0)
+    x = rng.normal([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 0.5, 3.0], (700, 4)).astype("float32")
+    model, warmup = _trained(x)
+    bn = model.get_layer("bn")
+    # Stale averages, as after a short run from scratch.
+    bn.moving_mean.assign(np.full(4, -50.0, "float32"))
+    bn.moving_variance.assign(np.full(4, 1e-3, "float32"))
+    before = [w.copy() for w in model.get_layer("dense").get_weights()]
+    traces_before = _CountCalls.calls
+
+    # 22 batches on offer; RECALIBRATION_BATCHES (20) are used.
+    assert recalibrate_batchnorm(model, warmup, _data(x, 32)) == 20
+    # The plain mean of the 20 batches' statistics: the stale values are gone entirely.
+    batches = x[:640].reshape(20, 32, 4) @ before[0] + before[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0),
+                               rtol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(bn.moving_variance.numpy(), batches.var(axis=1).mean(axis=0),
+                               rtol=1e-3)  # fmt: skip
+    for after, was in zip(model.get_layer("dense").get_weights(), before, strict=True):
+        np.testing.assert_array_equal(after, was)
+    # It ran the train step fit() had traced, and gave back momentum and learning rate.
+    assert _CountCalls.calls == traces_before
+    assert bn.momentum == 0.8 and warmup.cap == 0.8
+    assert keras.ops.convert_to_numpy(model.optimizer.learning_rate) == np.float32(0.01)
+
+
+def test_no_layers_empty_data_and_models_trained_without_the_warmup():
+    x = np.ones((64, 4), "float32")
+    model, warmup = _trained(x)
+    stats = model.get_layer("bn").moving_mean.numpy().copy()
+    assert recalibrate_batchnorm(model, MomentumWarmup([], cap=0.8), _data(x, 32)) == 0
+    assert recalibrate_batchnorm(model, warmup, _data(x, 32).take(0)) == 0
+    np.testing.assert_array_equal(model.get_layer("bn").moving_mean.numpy(), stats)
+    # Without the warm-up the traced step holds a constant momentum: refuse, do not pretend.
+    plain = _model()
+    plain.compile(optimizer=FusedAdam(0.01), loss="mse")
+    plain.fit(_data(x, 32), epochs=1, verbose=0, shuffle=False)
+    with pytest.raises(ValueError, match="MomentumWarmup"):
+        recalibrate_batchnorm(plain, MomentumWarmup([plain.get_layer("bn")], 0.8), _data(x, 32))
