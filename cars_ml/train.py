@@ -27,6 +27,7 @@ from cars_ml.batchnorm import (
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
 from cars_ml.evaluate import macro_f1
+from cars_ml.graph_build import use_grappler_for
 from cars_ml.hparams import HParams
 from cars_ml.optimizers import FusedAdam
 
@@ -45,6 +46,7 @@ class FitResult:
     history: list[dict[str, float]]
     training_mode: str
     best_val_f1_macro: float
+    grappler: bool = True  # whether TensorFlow optimised the run's graphs (cars_ml.graph_build)
 
 
 class ValidationF1(keras.callbacks.Callback):
@@ -191,6 +193,8 @@ def fit(
     tuning trials skip it, as they are scored on their per-epoch validation macro-F1.
     """
     keras.utils.set_random_seed(seed)
+    steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
+    grappler = use_grappler_for(steps)  # Before the run's first compiled call.
     n = splits.num_classes
     head = backbones.build_head(
         backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
@@ -262,4 +266,4 @@ def fit(
                 hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune"
             )
     best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
-    return FitResult(served, backbone, head, f1_cb.history, mode, best)
+    return FitResult(served, backbone, head, f1_cb.history, mode, best, grappler)

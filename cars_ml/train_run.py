@@ -143,7 +143,8 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 splits, spec, size, backbone, weights_used, cfg.hparams,
                 seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
             )  # fmt: skip
-        tracking.log_params({"training_mode": result.training_mode})
+        tracking.log_params({"training_mode": result.training_mode,
+                             "tf_grappler": "on" if result.grappler else "off"})  # fmt: skip
         lap("fit")
         metrics = _evaluate_and_log(cfg, splits, result, size)
         lap("evaluate")
