@@ -31,11 +31,19 @@ def use_grappler_for(steps: int) -> bool:
 
     Returns whether it is on. Runs of ``MAX_STEPS_WITHOUT_GRAPPLER`` steps or fewer go without.
     """
-    import tensorflow as tf
-
     on = steps > MAX_STEPS_WITHOUT_GRAPPLER
-    current = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    if current == on:  # Changing it re-optimises every function already called once.
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
+    if set_grappler(on):
         log.info("Grappler %s for a run of %d training steps", "on" if on else "off", steps)
     return on
+
+
+def set_grappler(on: bool) -> bool:
+    """Switch grappler on or off for this process; returns whether that changed anything."""
+    import tensorflow as tf
+
+    current = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    if current != on:
+        return False
+    # Changing it re-optimises every function already called once, so only when needed.
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
+    return True

@@ -1,4 +1,5 @@
-"""CPU kernels: a backbone's training step with TensorFlow's oneDNN kernels off and on.
+"""CPU kernels: a backbone's training step with TensorFlow's oneDNN kernels off and on, and
+with oneDNN on but without grappler (what runs of few steps do, ``cars_ml.graph_build``).
 
 TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is imported, and turns oneDNN on by
 default only on CPUs with AVX-512 VNNI or AMX; the entry points turn it on everywhere
@@ -16,7 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-SETTINGS = {"off": "0", "on": "1"}
+# Name: (TF_ENABLE_ONEDNN_OPTS, grappler). Metric names keep "onednn_off" / "onednn_on".
+SETTINGS = {"off": ("0", "on"), "on": ("1", "on"), "on_grappler_off": ("1", "off")}
 CHILD_TIMEOUT_S = 900
 
 
@@ -64,14 +66,17 @@ def step_seconds(model: str, image_size: int, steps: int, batch_size: int) -> di
             "infer_batch_s": time.perf_counter() - start}  # fmt: skip
 
 
-def _child(model: str, image_size: int, steps: int, batch_size: int, onednn: str) -> dict:
+def _child(
+    model: str, image_size: int, steps: int, batch_size: int, onednn: str, grappler: str
+) -> dict:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    args = [sys.executable, "-m", __name__, model, str(image_size), str(steps), str(batch_size)]
+    args = [sys.executable, "-m", __name__, model, str(image_size), str(steps), str(batch_size),
+            grappler]  # fmt: skip
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"the cpu_kernels child for {model} (TF_ENABLE_ONEDNN_OPTS={onednn}) failed with exit "
-            f"code {proc.returncode}:\n{proc.stderr[-2000:]}"
+            f"the cpu_kernels child for {model} (TF_ENABLE_ONEDNN_OPTS={onednn}, grappler "
+            f"{grappler}) failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -80,7 +85,9 @@ def compare_cpu_kernels(
     models: Sequence[str], *, steps: int = 6, batch_size: int = 32, rounds: int = 2
 ) -> dict[str, float]:
     """Per model (at its demo image size): seconds per training step with oneDNN off and on,
-    the first step (tracing), batch inference, and ``onednn_train_speedup_<model>`` (off / on).
+    the first step (tracing), batch inference, and ``onednn_train_speedup_<model>`` (off / on);
+    the same with oneDNN on and grappler off (``..._onednn_on_grappler_off``), with
+    ``no_grappler_first_step_speedup_<model>`` and ``no_grappler_train_step_ratio_<model>``.
     """
     from cars_ml import backbones
 
@@ -90,8 +97,8 @@ def compare_cpu_kernels(
         size = backbones.resolve_image_size(spec, backbones.AUTO_SIZE, synthetic=True)
         best: dict[str, dict[str, float]] = {}
         for _ in range(rounds):
-            for name, value in SETTINGS.items():
-                result = _child(model, size, steps, batch_size, value)
+            for name, (onednn, grappler) in SETTINGS.items():
+                result = _child(model, size, steps, batch_size, onednn, grappler)
                 kept = best.setdefault(name, result)
                 best[name] = {k: min(v, kept[k]) for k, v in result.items()}
         for name, result in best.items():
@@ -100,9 +107,19 @@ def compare_cpu_kernels(
         metrics[f"onednn_train_speedup_{model}"] = (
             best["off"]["train_step_s"] / best["on"]["train_step_s"]
         )
+        # Skipping grappler: how much sooner the first step ends, and what a step costs then.
+        metrics[f"no_grappler_first_step_speedup_{model}"] = (
+            best["on"]["first_step_s"] / best["on_grappler_off"]["first_step_s"]
+        )
+        metrics[f"no_grappler_train_step_ratio_{model}"] = (
+            best["on_grappler_off"]["train_step_s"] / best["on"]["train_step_s"]
+        )
     return metrics
 
 
 if __name__ == "__main__":
     name, size, n_steps, batch = sys.argv[1], *map(int, sys.argv[2:5])
+    from cars_ml.graph_build import set_grappler
+
+    set_grappler(sys.argv[5] == "on")
     print(json.dumps(step_seconds(name, size, n_steps, batch)), flush=True)

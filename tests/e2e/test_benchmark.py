@@ -39,7 +39,9 @@ EXPECTED = {
     "cpu_kernels": [
         "train_step_s_mobilenet_onednn_off", "train_step_s_mobilenet_onednn_on",
         "first_step_s_mobilenet_onednn_off", "infer_batch_s_mobilenet_onednn_on",
-        "onednn_train_speedup_mobilenet",
+        "onednn_train_speedup_mobilenet", "first_step_s_mobilenet_onednn_on_grappler_off",
+        "train_step_s_mobilenet_onednn_on_grappler_off", "no_grappler_first_step_speedup_mobilenet",
+        "no_grappler_train_step_ratio_mobilenet",
     ],
 }  # fmt: skip
 TINY = ["--image_size", "32", "--runs", "5", "--serve_seconds", "2", "--pipeline_images", "64",
