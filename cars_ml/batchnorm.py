@@ -88,8 +88,9 @@ def recalibrate_batchnorm(
     own compiled train step at learning rate 0, with the momentum variable that step was traced
     with now uncapped: the averages become the plain mean of those batches' statistics and no
     weight moves. Reusing the traced step costs a backward pass per batch but spares tracing a
-    forward graph (25 s for Inception-ResNet-v2 on a CPU); ``data`` and ``class_weight`` must
-    therefore have the structure training had. Returns the number of batches used.
+    forward graph (Inception-ResNet-v2 at 75 px, 7 batches: 6.0 s instead of 10.9 s on 2
+    cores); ``data`` and ``class_weight`` must therefore have the structure training had.
+    Returns the number of batches used.
     """
     if not warmup.layers:
         return 0

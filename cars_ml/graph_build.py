@@ -41,8 +41,8 @@ def set_grappler(on: bool) -> bool:
     """Switch grappler on or off for this process; returns whether that changed anything."""
     import tensorflow as tf
 
-    current = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    if current != on:
+    disabled = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    if disabled != on:  # Already as asked.
         return False
     # Changing it re-optimises every function already called once, so only when needed.
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
