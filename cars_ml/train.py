@@ -193,8 +193,9 @@ def fit(
     tuning trials skip it, as they are scored on their per-epoch validation macro-F1.
     """
     keras.utils.set_random_seed(seed)
-    steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
-    grappler = use_grappler_for(steps)  # Before the run's first compiled call.
+    total_epochs = hp.epochs + hp.fine_tune_epochs
+    # Before the run's first compiled call: TensorFlow reads the setting at every call.
+    grappler = use_grappler_for(-(-len(splits.train) // hp.batch_size) * total_epochs)
     n = splits.num_classes
     head = backbones.build_head(
         backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
@@ -247,8 +248,7 @@ def fit(
         # to one constant prediction. A lower momentum, warmed up from the first step, lets
         # even a one-epoch tuning trial be scored on its own statistics.
         warmup = MomentumWarmup(trainable_batchnorm(backbone), BN_MOMENTUM_FROM_SCRATCH)
-        epochs = hp.epochs + hp.fine_tune_epochs
-        run_phase(epochs, hp.learning_rate, 0, "end_to_end", warmup)
+        run_phase(total_epochs, hp.learning_rate, 0, "end_to_end", warmup)
         if recalibrate:
             unaugmented = make_dataset(
                 splits.train, image_size, hp.batch_size, training=False,
