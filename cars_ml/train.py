@@ -237,6 +237,7 @@ def fit(
             class_weight=weights,
             callbacks=[f1_cb, stop, *more, *extra_callbacks],
             verbose=verbose,
+            shuffle=False,  # make_dataset shuffles; Keras warns that it cannot.
         )
 
     if weights_used == "random":

@@ -20,6 +20,7 @@ from cars_ml.tune_storage import (
     best_trial,
     close_dead_trial_runs,
     default_storage,
+    deliberate_experimental,
     open_storage,
     storage_errors,
 )
@@ -220,7 +221,8 @@ def _counted(study: optuna.Study) -> list:
 
 def _close_stale(study: optuna.Study) -> None:
     """Fail trials whose worker died (no heartbeat) and close their MLflow runs as KILLED."""
-    optuna.storages.fail_stale_trials(study)  # RetryAndCloseRuns closes their runs.
+    with deliberate_experimental():
+        optuna.storages.fail_stale_trials(study)  # RetryAndCloseRuns closes their runs.
     # Trials failed earlier (e.g. by a worker that could not reach MLflow) may still hold one.
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     close_dead_trial_runs(failed)
@@ -267,7 +269,8 @@ def _log_plots(study: optuna.Study, multi: bool) -> None:
         )
     for name, make in plots.items():
         try:
-            axes = make()
+            with deliberate_experimental():
+                axes = make()
             tracking.log_figure(axes.figure, name)
         except Exception as exc:  # Too few trials for a plot is normal in small studies.
             log.warning("Skipped %s: %s", name, exc)

@@ -112,7 +112,7 @@ class Objective:
                 scores.append(macro_f1(f["val_y"], probs))
                 hook(epoch, {"val_f1_macro": scores[-1]})
 
-        head.fit(train, epochs=self.cfg.max_epochs, verbose=0, callbacks=[Score()],
+        head.fit(train, epochs=self.cfg.max_epochs, verbose=0, callbacks=[Score()], shuffle=False,
                  class_weight=class_weights(f["train_y"], n))  # fmt: skip
         model = None
         if self.multi:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,6 +70,16 @@ class RetryAndCloseRuns(RetryHeartbeatStaleTrialCallback):
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         super().__call__(study, trial)
         close_dead_trial_runs([trial])
+
+
+@contextlib.contextmanager
+def deliberate_experimental() -> Iterator[None]:
+    """Silence Optuna's ``ExperimentalWarning`` around the experimental APIs chosen on purpose
+    (heartbeats, stale-trial retries, matplotlib plots), which would otherwise print one
+    multi-line warning per worker and per backbone in the middle of the demo's progress."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _connection_lost(exc: optuna.exceptions.StorageInternalError) -> bool:
@@ -227,13 +238,14 @@ def open_storage(url: str | None) -> RDBStorage:
     error: Exception | None = None
     for attempt in range(3):
         try:
-            return ResilientRDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_s,
-                grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryAndCloseRuns(max_retry=2),
-            )
+            with deliberate_experimental():
+                return ResilientRDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=grace_s,
+                    heartbeat_stale_trial_callback=RetryAndCloseRuns(max_retry=2),
+                )
         except Exception as exc:  # SQLAlchemy raises many types; all mean "cannot use it".
             error = exc
             # Workers starting together race to create Optuna's tables; the loser retries.

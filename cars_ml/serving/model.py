@@ -272,8 +272,15 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
             }
         )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Classify base64 images (column ``image``); bad input raises a 400-mapped error."""
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """Classify base64 images (column ``image``); bad input raises a 400-mapped error.
+
+        MLflow enforces the logged signature and hands in a DataFrame (a dict or list still
+        works when called directly). The DataFrame hint also tells MLflow that the explicit
+        signature stands, so it neither infers one from hints nor warns that there are none.
+        """
         values = extract_images(model_input)
         try:
             pixels = prepare_batch(values, self.image_size, self.limits)
