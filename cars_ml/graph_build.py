@@ -42,7 +42,7 @@ def set_grappler(on: bool) -> bool:
     import tensorflow as tf
 
     disabled = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    if disabled != on:  # Already as asked.
+    if disabled == (not on):  # Already as asked.
         return False
     # Changing it re-optimises every function already called once, so only when needed.
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})

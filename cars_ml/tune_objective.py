@@ -112,8 +112,8 @@ class Objective:
                 scores.append(macro_f1(f["val_y"], probs))
                 hook(epoch, {"val_f1_macro": scores[-1]})
 
-        head.fit(train, epochs=self.cfg.max_epochs, verbose=0, callbacks=[Score()], shuffle=False,
-                 class_weight=class_weights(f["train_y"], n))  # fmt: skip
+        head.fit(train, epochs=self.cfg.max_epochs, verbose=0, callbacks=[Score()],
+                 class_weight=class_weights(f["train_y"], n), shuffle=False)  # fmt: skip
         model = None
         if self.multi:
             model = backbones.build_classifier(
