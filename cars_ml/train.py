@@ -26,6 +26,7 @@ from cars_ml.batchnorm import (
 )
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
+from cars_ml.distill import DistillationLoss, Teacher, training_model
 from cars_ml.evaluate import macro_f1
 from cars_ml.graph_build import use_grappler_for
 from cars_ml.hparams import HParams
@@ -164,13 +165,58 @@ def compile_for_training(
     optimizer.build(model.trainable_variables)
 
 
-def _compile(model: keras.Model, lr: float, smoothing: float) -> None:
-    compile_for_training(
-        model,
-        FusedAdam(lr),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
+def _compile(
+    model: keras.Model, lr: float, smoothing: float, teacher: Teacher | None = None
+) -> None:
+    if teacher is None:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        # The outputs are student and teacher probabilities side by side; the validation
+        # callback scores the student alone, so no training metric is needed.
+        loss = DistillationLoss(
+            int(model.output_shape[-1]) // 2, teacher.temperature, teacher.alpha, smoothing
+        )
+        metrics = []
+    compile_for_training(model, FusedAdam(lr), loss=loss, metrics=metrics)
+
+
+class WarmupCosine(keras.callbacks.Callback):
+    """Learning rate: linear warm-up over ``warmup_steps``, then cosine decay to zero.
+
+    Training from scratch, a constant rate is too high for the first steps (random BatchNorm
+    statistics, large gradients) and too high again at the end, where it keeps the weights
+    jittering instead of settling. The rate is the optimizer's variable, set before each step,
+    so the traced train step is not traced again.
+    """
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int):
+        super().__init__()
+        self.base_lr = float(base_lr)
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        self.step = 0
+
+    def rate(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.base_lr * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate.assign(self.rate(self.step))
+        self.step += 1
+
+
+def scratch_schedule(total_epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(warmup_steps, first epoch early stopping watches)`` of a from-scratch run.
+
+    The warm-up is the first epoch (at most a tenth of the run); the validation score of a
+    network trained from scratch is noise for its first third, so early stopping waits for it.
+    """
+    total = total_epochs * steps_per_epoch
+    return min(steps_per_epoch, total // 10), total_epochs // 3
 
 
 def fit(
@@ -186,11 +232,13 @@ def fit(
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
     recalibrate: bool = True,
+    teacher: Teacher | None = None,
 ) -> FitResult:
     """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
 
     After end-to-end training the BatchNorm statistics are recalibrated (``recalibrate``);
-    tuning trials skip it, as they are scored on their per-epoch validation macro-F1.
+    tuning trials skip it, as they are scored on their per-epoch validation macro-F1. With a
+    ``teacher`` the student learns from its softened probabilities too (``cars_ml.distill``).
     """
     keras.utils.set_random_seed(seed)
     total_epochs = hp.epochs + hp.fine_tune_epochs
@@ -205,6 +253,9 @@ def fit(
     # of the saved bytes). Validation, evaluation, benchmark and export all run its one traced
     # inference function.
     served = keras.Model(model.inputs, model.outputs, name=model.name)
+    if teacher is not None:
+        # The graph that trains: the same student layers, the frozen teacher beside them.
+        model = training_model(served, teacher)
     train_ds = make_dataset(
         splits.train,
         image_size,
@@ -215,20 +266,32 @@ def fit(
         cache=fits_in_cache(len(splits.train), image_size),
     ).map(_one_hot(n))
     val_ds = make_dataset(
-        splits.val, image_size, hp.batch_size, training=False,
+        splits.val,
+        image_size,
+        hp.batch_size,
+        training=False,
         cache=fits_in_cache(len(splits.val), image_size),
-    )  # fmt: skip
+    )
     val_labels = labels_of(splits.val)
     f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
     weights = class_weights(labels_of(splits.train), n)
 
     def run_phase(
-        epochs: int, lr: float, initial_epoch: int, phase: str, *more: keras.callbacks.Callback
+        epochs: int,
+        lr: float,
+        initial_epoch: int,
+        phase: str,
+        *more: keras.callbacks.Callback,
+        watch_from: int = 0,
     ) -> None:
         f1_cb.phase = phase
-        _compile(model, lr, hp.label_smoothing)
+        _compile(model, lr, hp.label_smoothing, teacher)
         stop = keras.callbacks.EarlyStopping(
-            monitor="val_f1_macro", mode="max", patience=hp.patience, restore_best_weights=True
+            monitor="val_f1_macro",
+            mode="max",
+            patience=hp.patience,
+            restore_best_weights=True,
+            start_from_epoch=watch_from,
         )
         model.fit(
             train_ds,
@@ -249,12 +312,20 @@ def fit(
         # to one constant prediction. A lower momentum, warmed up from the first step, lets
         # even a one-epoch tuning trial be scored on its own statistics.
         warmup = MomentumWarmup(trainable_batchnorm(backbone), BN_MOMENTUM_FROM_SCRATCH)
-        run_phase(total_epochs, hp.learning_rate, 0, "end_to_end", warmup)
+        steps = -(-len(splits.train) // hp.batch_size)
+        warmup_steps, watch_from = scratch_schedule(total_epochs, steps)
+        lr = WarmupCosine(hp.learning_rate, total_epochs * steps, warmup_steps)
+        run_phase(
+            total_epochs, hp.learning_rate, 0, "end_to_end", warmup, lr, watch_from=watch_from
+        )
         if recalibrate:
             unaugmented = make_dataset(
-                splits.train, image_size, hp.batch_size, training=False,
+                splits.train,
+                image_size,
+                hp.batch_size,
+                training=False,
                 cache=fits_in_cache(len(splits.train), image_size),
-            ).map(_one_hot(n))  # fmt: skip
+            ).map(_one_hot(n))
             recalibrate_batchnorm(model, warmup, unaugmented, weights)
     else:
         mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
