@@ -19,16 +19,13 @@ import pandas as pd
 import cars_ml
 from cars_ml import backbones, tracking
 from cars_ml.data import DataConfig, load_dataset
-from cars_ml.hparams import HParams
+from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, HParams, check_distill_params
+from cars_ml.pipeline_distill import plan_distillation, student_name
+from cars_ml.pipeline_report import COMPARISON_COLUMNS, log_comparison, print_report
 from cars_ml.promote import PromotionConfig
 from cars_ml.step_pool import Backbone, StepPool
 
 log = logging.getLogger(__name__)
-
-COMPARISON_COLUMNS = (
-    "test_f1_macro", "test_accuracy", "latency_ms_p50", "latency_ms_p95", "model_size_mb",
-    "tflite_int8_size_mb", "int8_f1_drop", "num_params",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,8 +47,24 @@ class PipelineConfig:
     seed: int = 42
     workers: int = 0  # processes running steps; 0 = auto: 2 on the synthetic demo data, else 1
     trial_fraction: float = 0.0  # training images per trial; 0 = auto (DEMO_TRIAL_FRACTION / 1)
+    # Training compute per image of each final training, in GMACs: epochs by cost
+    # (hparams.epochs_for_budget). -1 = auto: DEMO_BUDGET_GMACS on synthetic data, off on real.
+    budget_gmacs: float = -1.0
+    # Distil the run's best model into the backbones that pass the edge budgets (or into
+    # ``distill_students``) after every backbone has trained.
+    distill: bool = True
+    distill_students: tuple[str, ...] = ()
+    temperature: float = DEFAULT_TEMPERATURE
+    alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
+        check_distill_params(self.temperature, self.alpha)
+        for name in self.distill_students:
+            backbones.get_backbone(name)
+        if not (self.budget_gmacs >= 0 or self.budget_gmacs == -1):
+            raise ValueError(
+                f"budget_gmacs must be >= 0 (0 = off) or -1 (auto), got {self.budget_gmacs}."
+            )
         if not self.models:
             raise ValueError("models is empty; pass e.g. models=mobilenet,resnet.")
         if not 0.0 <= self.trial_fraction <= 1.0:
@@ -80,6 +93,20 @@ DEMO_TRIAL_FRACTION = 0.5
 # cost (Inception 0.96 vs 0.99, MobileNet 0.39 vs 0.42); in a whole demo run ResNet50 and
 # Inception fell further (0.79, 0.73; README), the price of the 10-minute goal on slow CPUs.
 DEMO_MAX_PER_CLASS = 28
+
+
+# The demo's training compute per image: about two epochs of its costliest backbones
+# (Inception-ResNet-v2 at 75 px: 0.43 GMACs forward, 1.3 per training image and epoch). MobileNet
+# at 64 px costs a ninth of that and gets 17 epochs instead of 2: test macro-F1 0.51 -> 0.98-1.00
+# in about 25 s more. Real data keeps equal epochs with early stopping unless budget_gmacs is set.
+DEMO_BUDGET_GMACS = 2.5
+
+
+def resolve_budget_gmacs(cfg: PipelineConfig) -> float:
+    """The auto (-1) compute budget: ``DEMO_BUDGET_GMACS`` on synthetic data, else off (0)."""
+    if cfg.budget_gmacs >= 0:
+        return cfg.budget_gmacs
+    return DEMO_BUDGET_GMACS if cfg.data.data == "synthetic" else 0.0
 
 
 def resolve_data(cfg: PipelineConfig) -> DataConfig:
@@ -133,12 +160,21 @@ def step_key(cfg: PipelineConfig, model: str, fingerprint: str) -> str:
     """Key of one backbone's tune+train: code version, its parameters and the dataset."""
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     inputs = {
-        "code": code_version(), "model": model, "fingerprint": fingerprint,
-        "n_trials": n_trials, "max_epochs": max_epochs, "image_size": cfg.image_size,
+        "code": code_version(),
+        "model": model,
+        "fingerprint": fingerprint,
+        "n_trials": n_trials,
+        "max_epochs": max_epochs,
+        "image_size": cfg.image_size,
         "trial_fraction": cfg.trial_fraction,
-        "weights": cfg.weights, "hparams": asdict(hparams), "data": asdict(cfg.data),
-        "seed": cfg.seed, "storage": tracking.redact(cfg.storage), "model_name": cfg.model_name,
-    }  # fmt: skip
+        "weights": cfg.weights,
+        "hparams": asdict(hparams),
+        "data": asdict(cfg.data),
+        "seed": cfg.seed,
+        "storage": tracking.redact(cfg.storage),
+        "model_name": cfg.model_name,
+        "budget_gmacs": resolve_budget_gmacs(cfg),
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -158,17 +194,83 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     study = f"pipeline-{model}-{key[:8]}"
     tune = TuneConfig(
-        model=model, data=cfg.data, n_trials=n_trials, storage=cfg.storage,
-        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed, max_epochs=max_epochs,
-        trial_fraction=cfg.trial_fraction, study_name=study, study_total=True,
+        model=model,
+        data=cfg.data,
+        n_trials=n_trials,
+        storage=cfg.storage,
+        image_size=cfg.image_size,
+        weights=cfg.weights,
+        seed=cfg.seed,
+        max_epochs=max_epochs,
+        trial_fraction=cfg.trial_fraction,
+        study_name=study,
+        study_total=True,
         parent_run_id=parent_run_id,
-        progress_bar=workers == 1)  # fmt: skip
+        progress_bar=workers == 1,
+    )
     train = TrainConfig(
-        model=model, data=cfg.data, weights=cfg.weights, image_size=cfg.image_size,
-        hparams=hparams, seed=cfg.seed, model_name=cfg.model_name, params_from=study,
-        storage=cfg.storage, verbose=2, run_tags={"pipeline_step_key": key},
-        parent_run_id=parent_run_id)  # fmt: skip
+        model=model,
+        data=cfg.data,
+        weights=cfg.weights,
+        image_size=cfg.image_size,
+        hparams=hparams,
+        seed=cfg.seed,
+        model_name=cfg.model_name,
+        params_from=study,
+        storage=cfg.storage,
+        verbose=2,
+        run_tags={"pipeline_step_key": key},
+        parent_run_id=parent_run_id,
+        budget_gmacs=resolve_budget_gmacs(cfg),
+    )
     return Backbone(model, tune, train)
+
+
+def _distill_steps(
+    cfg: PipelineConfig, teacher: dict, students: list[str], fingerprint: str, parent_run_id: str
+) -> list[Backbone]:
+    """One student's training per backbone: its study's best params, the teacher's outputs."""
+    from cars_ml.train_run import TrainConfig
+
+    _, _, hparams = resolve_budget(cfg)
+    uri = f"models:/{cfg.model_name}/{teacher['model_version']}"
+    steps = []
+    for student in students:
+        key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
+        name = student_name(student, teacher["backbone"])
+        previous = _reusable(cfg, key)
+        train = TrainConfig(
+            model=student,
+            data=cfg.data,
+            weights=cfg.weights,
+            image_size=cfg.image_size,
+            hparams=hparams,
+            seed=cfg.seed,
+            model_name=cfg.model_name,
+            params_from=f"pipeline-{student}-{step_key(cfg, student, fingerprint)[:8]}",
+            storage=cfg.storage,
+            verbose=2,
+            run_name=f"distill-{student}",
+            run_tags={"pipeline_step_key": key},
+            parent_run_id=parent_run_id,
+            budget_gmacs=resolve_budget_gmacs(cfg),
+            teacher=uri,
+            temperature=cfg.temperature,
+            alpha=cfg.alpha,
+        )
+        step = Backbone(name, None, train, tuned=True)
+        if previous is not None:
+            print(
+                f"[pipeline] {name}: reusing run {previous.info.run_id} (same inputs)", flush=True
+            )
+            step.result = {
+                "run_id": previous.info.run_id,
+                "reused": True,
+                "model_version": previous.data.tags.get("model_version"),
+                "metrics": previous.data.metrics,
+            }
+        steps.append(step)
+    return steps
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
@@ -185,11 +287,21 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     workers = resolve_workers(cfg)
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
-        tracking.log_params({"models": ",".join(cfg.models), "n_trials": n_trials,
-                             "max_epochs": max_epochs, "epochs": hparams.epochs,
-                             "trial_fraction": cfg.trial_fraction,
-                             "fine_tune_epochs": hparams.fine_tune_epochs, "weights": cfg.weights,
-                             "workers": workers, **splits.params()})  # fmt: skip
+        tracking.log_params(
+            {
+                "models": ",".join(cfg.models),
+                "n_trials": n_trials,
+                "max_epochs": max_epochs,
+                "epochs": hparams.epochs,
+                "trial_fraction": cfg.trial_fraction,
+                "fine_tune_epochs": hparams.fine_tune_epochs,
+                "weights": cfg.weights,
+                "workers": workers,
+                "budget_gmacs": resolve_budget_gmacs(cfg),
+                "distill": cfg.distill,
+                **splits.params(),
+            }
+        )
         results, todo = {}, []
         for model in cfg.models:
             key = step_key(cfg, model, splits.fingerprint)
@@ -200,73 +312,69 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             print(
                 f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True
             )
-            results[model] = {"run_id": previous.info.run_id, "reused": True,
-                              "model_version": previous.data.tags.get("model_version"),
-                              "metrics": previous.data.metrics}  # fmt: skip
-        if todo:
-            print(f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
-                  f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on {workers} worker "
-                  "process(es)", flush=True)  # fmt: skip
-            # Largest first: their steps take longest, and one left for last would run alone.
-            todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
-            with StepPool(workers) as pool:
-                results.update({m: {**r, "reused": False} for m, r in pool.run(todo).items()})
-        rows = [{"backbone": m, "run_id": results[m]["run_id"],
-                 "model_version": results[m]["model_version"], "reused": results[m]["reused"],
-                 **{c: results[m]["metrics"].get(c) for c in COMPARISON_COLUMNS}}
-                for m in cfg.models]  # fmt: skip
+            results[model] = {
+                "run_id": previous.info.run_id,
+                "reused": True,
+                "model_version": previous.data.tags.get("model_version"),
+                "metrics": previous.data.metrics,
+            }
+        rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
+        with StepPool(workers) as pool:
+            if todo:
+                print(
+                    f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
+                    f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on {workers} worker "
+                    "process(es)",
+                    flush=True,
+                )
+                # Largest first: their steps take longest, and one left for last would run alone.
+                todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
+                for m, r in pool.run(todo).items():
+                    rows[m] = {"backbone": m, **r, "reused": False}
+            if cfg.distill:
+                rows.update(
+                    _distill(cfg, list(rows.values()), splits.fingerprint, parent.info.run_id, pool)
+                )
+        rows = [
+            {
+                "backbone": r["backbone"],
+                "run_id": r["run_id"],
+                "model_version": r["model_version"],
+                "reused": r["reused"],
+                "teacher": r.get("teacher", ""),
+                "teacher_version": r.get("teacher_version", ""),
+                **{c: r["metrics"].get(c) for c in COMPARISON_COLUMNS},
+            }
+            for r in rows.values()
+        ]
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
-        _log_comparison(table)
+        log_comparison(table)
         wall = time.perf_counter() - started
         tracking.log_metrics({"pipeline_wall_s": wall})
-        _print_report(table, decision, wall, parent.info.experiment_id)
+        print_report(table, decision, wall, parent.info.experiment_id)
     return table
 
 
-def _log_comparison(table: pd.DataFrame) -> None:
-    tracking.log_table(table, "comparison")
-    for row in table.itertuples():
-        tracking.log_metrics({f"{row.backbone}_{c}": getattr(row, c) for c in ("test_f1_macro", "latency_ms_p50")
-                              if getattr(row, c) is not None})  # fmt: skip
-    tracking.log_figure(comparison_figure(table), "f1_vs_latency.png")
-
-
-def comparison_figure(table: pd.DataFrame):
-    """Test macro-F1 against batch-1 latency; point size by model size, champion ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    data = table.dropna(subset=["test_f1_macro", "latency_ms_p50"])
-    sizes = 30 + 8 * data["model_size_mb"].fillna(1).astype(float)
-    ax.scatter(data["latency_ms_p50"], data["test_f1_macro"], s=sizes, alpha=0.6)
-    for row in data.itertuples():
-        ax.annotate(row.backbone, (row.latency_ms_p50, row.test_f1_macro), fontsize=8,
-                    xytext=(5, 5), textcoords="offset points")  # fmt: skip
-    champ = data[data["champion"]]
-    ax.scatter(champ["latency_ms_p50"], champ["test_f1_macro"], s=400, facecolors="none",
-               edgecolors="red", linewidths=2, label="champion")  # fmt: skip
-    ax.set_xlabel("batch-1 latency p50 (ms)")
-    ax.set_ylabel("test macro-F1")
-    ax.set_title("Backbones: accuracy against edge latency (point size = model MB)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def _print_report(table: pd.DataFrame, decision, wall: float, experiment_id: str) -> None:
-    cols = ["backbone", "model_version", *COMPARISON_COLUMNS, "reused", "champion"]
-    print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\n[pipeline] champion: version {decision.new_champion} ({decision.reason})")
-    print(f"[pipeline] finished in {wall:.0f} s")
-    uri = tracking.tracking_uri()
-    print("\nOpen the MLflow UI:\n"
-          f"  mlflow ui --backend-store-uri {tracking.redact(uri)}  # then http://127.0.0.1:5000/#/experiments/{experiment_id}\n"
-          "Serve the champion:\n"
-          f"  MLFLOW_TRACKING_URI={tracking.redact(uri)} mlflow models serve "
-          f"-m models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS} --env-manager local -p 5001",
-          flush=True)  # fmt: skip
+def _distill(
+    cfg: PipelineConfig, rows: list[dict], fingerprint: str, parent_run_id: str, pool: StepPool
+) -> dict[str, dict]:
+    """The distillation step: the run's best version teaches the backbones within budgets."""
+    teacher, students, why = plan_distillation(rows, cfg.promotion.budgets, cfg.distill_students)
+    if not students:
+        print(f"[pipeline] no distillation: {why}", flush=True)
+        return {}
+    label = f"{teacher['backbone']} v{teacher['model_version']}"
+    print(
+        f"[pipeline] distilling {label} (test macro-F1 "
+        f"{teacher['metrics']['test_f1_macro']:.3f}) into {', '.join(students)}",
+        flush=True,
+    )
+    steps = _distill_steps(cfg, teacher, students, fingerprint, parent_run_id)
+    todo = [s for s in steps if s.result is None]
+    done = {s.model: {**s.result} for s in steps if s.result is not None}
+    if todo:
+        done.update({m: {**r, "reused": False} for m, r in pool.run(todo).items()})
+    lineage = {"teacher": teacher["backbone"], "teacher_version": teacher["model_version"]}
+    return {m: {"backbone": m, **lineage, **r} for m, r in done.items()}

@@ -19,6 +19,7 @@ class Dimension:
     high: float = 0.0
     choices: tuple[Any, ...] = ()
     fine_tune_only: bool = False  # has no effect when only a head trains on cached features
+    distill_only: bool = False  # only searched in a distillation study (a teacher is given)
 
 
 SEARCH_SPACE: dict[str, Dimension] = {
@@ -31,6 +32,8 @@ SEARCH_SPACE: dict[str, Dimension] = {
     "unfreeze_fraction": Dimension("float", 0.0, 0.5, fine_tune_only=True),
     "augment_strength": Dimension("float", 0.0, 0.6, fine_tune_only=True),
     "weight_decay": Dimension("log", 1e-6, 1e-3),
+    "temperature": Dimension("log", 1.0, 10.0, distill_only=True),
+    "alpha": Dimension("float", 0.0, 1.0, distill_only=True),
 }
 
 
@@ -51,14 +54,21 @@ def parse_pins(text: str) -> dict[str, Any]:
     return pins
 
 
-def sample(trial: optuna.Trial, pins: dict[str, Any], *, head_only: bool) -> dict[str, Any]:
+def _skipped(dim: Dimension, head_only: bool, distill: bool) -> bool:
+    return (head_only and dim.fine_tune_only) or (dim.distill_only and not distill)
+
+
+def sample(
+    trial: optuna.Trial, pins: dict[str, Any], *, head_only: bool, distill: bool = False
+) -> dict[str, Any]:
     """Sample one trial's hyperparameters; pinned and (in head-only mode) fine-tune-only ones
-    are fixed, so every trial's params show what really varied."""
+    are fixed, so every trial's params show what really varied. ``temperature`` and ``alpha``
+    are searched only in a distillation study (``distill``)."""
     params: dict[str, Any] = {}
     for name, dim in SEARCH_SPACE.items():
         if name in pins:
             params[name] = pins[name]
-        elif head_only and dim.fine_tune_only:
+        elif _skipped(dim, head_only, distill):
             continue
         elif dim.kind == "log":
             params[name] = trial.suggest_float(name, dim.low, dim.high, log=True)
@@ -69,21 +79,21 @@ def sample(trial: optuna.Trial, pins: dict[str, Any], *, head_only: bool) -> dic
     return params
 
 
-def baseline(pins: dict[str, Any], *, head_only: bool) -> dict[str, Any]:
+def baseline(pins: dict[str, Any], *, head_only: bool, distill: bool = False) -> dict[str, Any]:
     """The training defaults (``HParams``) as a point of the search space, for trial 0.
 
     Evaluated first, they guarantee a study never recommends worse than the defaults, which
     matters most for small budgets where a few random draws can all land badly. Values outside
     a dimension's range are clamped to it (weight decay 0 becomes its lowest value).
     """
-    from cars_ml.hparams import HParams
+    from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, HParams
 
-    defaults = HParams()
+    defaults = {**HParams().as_params(), "temperature": DEFAULT_TEMPERATURE, "alpha": DEFAULT_ALPHA}
     point: dict[str, Any] = {}
     for name, dim in SEARCH_SPACE.items():
-        if name in pins or (head_only and dim.fine_tune_only):
+        if name in pins or _skipped(dim, head_only, distill):
             continue
-        value = getattr(defaults, name)
+        value = defaults[name]
         if dim.kind == "choice":
             point[name] = value if value in dim.choices else dim.choices[0]
         else:

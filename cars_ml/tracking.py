@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def log_classifier_model(
     litert_model=None,
     saved_model=None,
     reference=None,
+    litert_int8_model=None,
 ):
     """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
 
@@ -218,7 +220,7 @@ def log_classifier_model(
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = package.write_model_artifacts(
             model, class_names, image_size, Path(tmp) / "a", litert_model=litert_model,
-            saved_model=saved_model, reference=reference,
+            saved_model=saved_model, reference=reference, litert_int8_model=litert_int8_model,
         )  # fmt: skip
         # Copy the package without caches so the logged model carries only source files.
         code_dir = Path(tmp) / "code" / "cars_ml"
@@ -265,6 +267,53 @@ def check_model_uri(model_uri: str) -> None:
             f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message}. Train and "
             "register a model, run `mlflow run . -e promote` to set the alias, or pass model_uri."
         ) from exc
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model version resolved from a ``models:/`` URI, and where it was trained."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))")
+
+
+def resolve_model_version(model_uri: str) -> RegisteredModel:
+    """``models:/name/<version>`` or ``models:/name@alias`` -> the version, its tags and its
+    training run's metrics; a URI that resolves to nothing fails with the fix."""
+    match = _MODEL_URI.fullmatch(model_uri.strip())
+    if not match:
+        raise ValueError(
+            f"teacher={model_uri!r} is not a registered model URI; pass "
+            f"models:/{cars_ml.REGISTERED_MODEL_NAME}/<version> or models:/<name>@<alias>."
+        )
+    client = mlflow.MlflowClient()
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            mv = client.get_model_version(match["name"], match["version"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(
+            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message} List the "
+            f"versions in the MLflow UI (Models) or train one with `mlflow run . -e train`."
+        ) from exc
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return RegisteredModel(mv.name, str(mv.version), mv.run_id or "", dict(mv.tags), metrics)
+
+
+def download_model(model_uri: str, dst: str | Path) -> Path:
+    """Download a logged model's files (``MLmodel``, ``artifacts/``) into ``dst``."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
 
 
 def close_stale_runs(run_ids, status: str = "KILLED") -> list[str]:

@@ -17,8 +17,15 @@ import numpy as np
 import cars_ml
 from cars_ml import backbones, benchmark, distribute, evaluate, tracking
 from cars_ml.data import DataConfig, load_dataset
-from cars_ml.hparams import HParams
+from cars_ml.hparams import (
+    DEFAULT_ALPHA,
+    DEFAULT_TEMPERATURE,
+    HParams,
+    check_distill_params,
+    epochs_for_budget,
+)
 from cars_ml.schema import METRIC_SCHEMA
+from cars_ml.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,18 @@ class TrainConfig:
     parent_run_id: str = ""  # make the run a child of this run (the pipeline's)
     verbose: int | str = "auto"
     devices: str = "auto"  # tf.distribute: auto, default or mirrored (see cars_ml.distribute)
+    # Knowledge distillation (``cars_ml.distill``): a registered teacher's URI turns the run
+    # into a student's; ``alpha`` weighs the true labels, ``1 - alpha`` the teacher.
+    teacher: str = ""
+    temperature: float = DEFAULT_TEMPERATURE
+    alpha: float = DEFAULT_ALPHA
+    # Training compute per image in GMACs (0 = off): epochs by cost, see hparams.epochs_for_budget.
+    budget_gmacs: float = 0.0
 
     def __post_init__(self) -> None:
+        check_distill_params(self.temperature, self.alpha)
+        if not (self.budget_gmacs >= 0):
+            raise ValueError(f"budget_gmacs must be >= 0 (0 = off), got {self.budget_gmacs}.")
         if self.devices == "multi_worker":
             raise ValueError(distribute.MULTI_WORKER_BLOCKED)
         if self.devices not in distribute.MODES:
@@ -78,7 +95,9 @@ def _with_study_params(cfg: TrainConfig) -> TrainConfig:
     best = best_params(cfg.params_from, cfg.storage or None)
     known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
     log.info("Training with the best params of study %r: %s", cfg.params_from, known)
-    return replace(cfg, hparams=replace(cfg.hparams, **known))
+    # A distillation study also searched how the student learns from its teacher.
+    taught = {k: best[k] for k in ("temperature", "alpha") if cfg.teacher and k in best}
+    return replace(cfg, hparams=replace(cfg.hparams, **known), **taught)
 
 
 def run_train(cfg: TrainConfig) -> TrainOutcome:
@@ -87,7 +106,9 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     # checks) does not need it.
     import keras
 
-    from cars_ml.train import fit, inference_fn
+    from cars_ml.distill import Teacher
+    from cars_ml.perf.macs import count_macs
+    from cars_ml.train import fit, inference_fn, labels_of
 
     tracking.check_tracking_server()
     cfg = _with_study_params(cfg)
@@ -102,11 +123,27 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     # Variables created in the strategy's scope are mirrored on every replica.
     with strat.scope():
         backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    forward_gmacs = count_macs(backbone) / 1e9
+    if cfg.budget_gmacs:
+        epochs = epochs_for_budget(cfg.budget_gmacs, forward_gmacs, cfg.hparams.epochs)
+        cfg = replace(cfg, hparams=replace(cfg.hparams, epochs=epochs))
+    # A teacher URI that does not resolve fails before the data is read or anything trains.
+    teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
     splits = load_dataset(cfg.data)
-    tags = {"backbone": cfg.model, "step": "train", "params_from": cfg.params_from or "-",
-            **cfg.run_tags}  # fmt: skip
-    with tracking.start_run(run_name=cfg.run_name or f"train-{cfg.model}", tags=tags,
-                            parent_run_id=cfg.parent_run_id or None) as run:  # fmt: skip
+    teacher = load_teacher(teacher_version, splits) if teacher_version else None
+    tags = {
+        "backbone": cfg.model,
+        "step": "distill" if teacher else "train",
+        "params_from": cfg.params_from or "-",
+        **cfg.run_tags,
+    }
+    if teacher:
+        tags.update(teacher.lineage_tags())
+    with tracking.start_run(
+        run_name=cfg.run_name or f"train-{cfg.model}",
+        tags=tags,
+        parent_run_id=cfg.parent_run_id or None,
+    ) as run:
         tracking.log_params(
             {
                 "backbone": cfg.model,
@@ -120,9 +157,11 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
                 **cfg.hparams.as_params(),
                 **distribute.describe(strat),
+                "budget_gmacs": cfg.budget_gmacs,
+                **({"temperature": cfg.temperature, "alpha": cfg.alpha} if teacher else {}),
             }
         )
-        tracking.log_metrics(splits.summary())
+        tracking.log_metrics({**splits.summary(), "forward_gmacs": forward_gmacs})
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             tracking.log_metrics(
@@ -140,13 +179,29 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
 
         with strat.scope():  # The head, the optimizer and compile() must be mirrored too.
             result = fit(
-                splits, spec, size, backbone, weights_used, cfg.hparams,
-                seed=cfg.seed, epoch_hook=on_epoch, verbose=cfg.verbose,
-            )  # fmt: skip
-        tracking.log_params({"training_mode": result.training_mode,
-                             "tf_grappler": "on" if result.grappler else "off"})  # fmt: skip
+                splits,
+                spec,
+                size,
+                backbone,
+                weights_used,
+                cfg.hparams,
+                seed=cfg.seed,
+                epoch_hook=on_epoch,
+                verbose=cfg.verbose,
+                teacher=Teacher(teacher.model, cfg.temperature, cfg.alpha) if teacher else None,
+            )
+        tracking.log_params(
+            {
+                "training_mode": result.training_mode,
+                "tf_grappler": "on" if result.grappler else "off",
+            }
+        )
         lap("fit")
         metrics = _evaluate_and_log(cfg, splits, result, size)
+        if teacher:
+            teacher_f1 = evaluate.macro_f1(labels_of(splits.test), teacher.outputs["test"])
+            metrics["teacher_test_f1_macro"] = teacher_f1
+            metrics["distill_gap"] = teacher_f1 - metrics["test_f1_macro"]
         lap("evaluate")
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "model.keras"
@@ -156,12 +211,13 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             infer = inference_fn(result.model)
             metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
             lap("benchmark")
-            litert_model = None
+            litert_model = litert_int8 = None
             if cfg.export_tflite:
-                edge, paths = _export(cfg, splits, result.model, size, metrics["test_f1_macro"],
-                                      Path(tmp))  # fmt: skip
+                edge, paths = _export(
+                    cfg, splits, result.model, size, metrics["test_f1_macro"], Path(tmp)
+                )
                 metrics.update(edge)
-                litert_model = paths["float32"]
+                litert_model, litert_int8 = paths["float32"], paths["int8"]
                 lap("export")
             tracking.log_metrics(metrics)
             # The served model carries the float32 flatbuffer just exported and the
@@ -169,14 +225,21 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             # (MLflow loads the model to check the input example) nor a server start converts
             # the model again or even loads it into Keras.
             info = tracking.log_classifier_model(
-                result.model, list(splits.class_names), size, litert_model=litert_model,
-                saved_model=saved, reference=infer,
-            )  # fmt: skip
+                result.model,
+                list(splits.class_names),
+                size,
+                litert_model=litert_model,
+                litert_int8_model=litert_int8,
+                saved_model=saved,
+                reference=infer,
+            )
         lap("log_model")
         tracking.log_metrics(timings)
         version = None
         if cfg.register:
             tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
+            if teacher:
+                tags.update(teacher.lineage_tags())
             mv = tracking.register_model(
                 info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}
             )
@@ -225,20 +288,36 @@ def _export(
     test_images = load_images_array(list(splits.test), size)
     infer = inference_fn(model)
     keras_preds = np.concatenate(
-        [infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
-         for i in range(0, len(test_images), 64)]
-    )  # fmt: skip
+        [
+            infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
+            for i in range(0, len(test_images), 64)
+        ]
+    )
     metrics, paths = edge_metrics(
-        model, rep, test_images, labels_of(splits.test), float_f1, out_dir,
-        keras_test_preds=keras_preds, infer=infer,
-    )  # fmt: skip
+        model,
+        rep,
+        test_images,
+        labels_of(splits.test),
+        float_f1,
+        out_dir,
+        keras_test_preds=keras_preds,
+        infer=infer,
+    )
     for path in paths.values():
         tracking.log_artifact(path, "tflite")
     return metrics, paths
 
 
 def _print_summary(cfg: TrainConfig, metrics: dict[str, float], version: str | None) -> None:
-    keys = [k for k in (*METRIC_SCHEMA, "tflite_int8_size_mb", "int8_f1_drop") if k in metrics]
+    extra = (
+        "tflite_int8_size_mb",
+        "int8_f1_drop",
+        "int8_agreement",
+        "teacher_test_f1_macro",
+        "distill_gap",
+    )
+    keys = [k for k in (*METRIC_SCHEMA, *extra) if k in metrics]
     lines = [f"  {k:<24} {metrics[k]:.4f}" for k in keys]
     where = f"registered as {cfg.model_name} v{version}" if version else "not registered"
-    print(f"\n[train] {cfg.model}: {where}\n" + "\n".join(lines), flush=True)
+    taught = f", distilled from {cfg.teacher}" if cfg.teacher else ""
+    print(f"\n[train] {cfg.model}{taught}: {where}\n" + "\n".join(lines), flush=True)

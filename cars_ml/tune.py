@@ -11,10 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import optuna
 
 from cars_ml import backbones, search_space, tracking
 from cars_ml.data import DataConfig, load_dataset, train_subset
+from cars_ml.teacher import load_teacher
 from cars_ml.tune_sampler import make_sampler
 from cars_ml.tune_storage import (
     best_trial,
@@ -59,6 +61,9 @@ class TuneConfig:
     # that many); False: this worker runs n_trials more.
     study_total: bool = False
     progress_bar: bool = True  # off where several processes share one terminal
+    # A registered teacher's URI makes this a distillation study: every trial trains the student
+    # end to end on the teacher's outputs, and temperature and alpha join the search space.
+    teacher: str = ""
 
     def __post_init__(self) -> None:
         backbones.get_backbone(self.model)
@@ -135,6 +140,8 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
         if n_trials <= 0:
             print(f"[tune] study {name} already has {cfg.n_trials} trials", flush=True)
             return study
+    # A teacher that does not resolve fails before TensorFlow loads or any trial starts.
+    teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
     # TensorFlow loads only once this process has trials to run.
     import keras
 
@@ -142,11 +149,15 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
 
     # Once per process, never inside the objective.
     splits = train_subset(load_dataset(cfg.data), cfg.trial_fraction, cfg.seed)
+    # The teacher too, with its validation outputs: every trial reuses them.
+    teacher = load_teacher(teacher_version, splits) if teacher_version else None
     # Trials build their own backbones: this one serves cached features (pretrained weights)
     # and latency objectives only, so a random one is not built for nothing.
     backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights, build_random=multi)
     features = None
     tags = {"step": "tune", "backbone": cfg.model, "study_name": name}
+    if teacher:
+        tags.update(teacher.lineage_tags())
     # A database lost mid-study ends the run FAILED with one clear line, not a traceback.
     with (
         storage_errors(storage_url),
@@ -154,7 +165,12 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
             run_name=f"tune-{name}", tags=tags, parent_run_id=cfg.parent_run_id or None
         ),
     ):
-        use_cache = cfg.cached_features and weights_used != "random" and cfg.fine_tune_epochs == 0
+        use_cache = (
+            cfg.cached_features
+            and weights_used != "random"
+            and cfg.fine_tune_epochs == 0
+            and teacher is None  # A student learns from the teacher on every image it sees.
+        )
         if use_cache:
             from cars_ml.features import cached_features
             from cars_ml.serving.layers import ImagePreprocess
@@ -181,11 +197,18 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
             }  # fmt: skip
         )
         tracking.log_metrics(splits.summary())  # num_train_images shows the trials' share.
+        if teacher:
+            from cars_ml.evaluate import macro_f1
+
+            val_f1 = macro_f1(np.array([r.label for r in splits.val]), teacher.outputs["val"])
+            tracking.log_metrics({"teacher_val_f1_macro": val_f1})
         if created:
             # A new study first tries the defaults. Only the worker whose insert created the
             # study queues them (the database keeps study names unique), never two at once.
-            study.enqueue_trial(search_space.baseline(dict(cfg.pins), head_only=use_cache))
-        objective = Objective(cfg, splits, spec, size, weights_used, features)
+            study.enqueue_trial(
+                search_space.baseline(dict(cfg.pins), head_only=use_cache, distill=bool(teacher))
+            )
+        objective = Objective(cfg, splits, spec, size, weights_used, features, teacher)
         objective.backbone_for_latency = backbone
         before = len(study.trials)
         callbacks = [trial_summary]

@@ -15,6 +15,7 @@ import optuna
 import tensorflow as tf
 
 from cars_ml import backbones, benchmark, search_space, tracking
+from cars_ml.distill import Teacher
 from cars_ml.evaluate import macro_f1
 from cars_ml.optimizers import FusedAdam
 from cars_ml.train import HParams, class_weights, compile_for_training, fit, inference_fn
@@ -25,20 +26,25 @@ log = logging.getLogger(__name__)
 class Objective:
     """Callable objective for ``study.optimize``; returns F1 (and latency in multi-objective)."""
 
-    def __init__(self, cfg, splits, spec, size: int, weights_used: str, features=None):
+    def __init__(
+        self, cfg, splits, spec, size: int, weights_used: str, features=None, teacher=None
+    ):
         self.cfg = cfg
         self.splits = splits
         self.spec = spec
         self.size = size
         self.weights_used = weights_used
         self.features = features
+        self.teacher = teacher  # cars_ml.teacher.TeacherInfo of a distillation study, loaded once
         self.multi = "latency" in cfg.objective_names
 
     def __call__(self, trial: optuna.Trial):
         keras.backend.clear_session()
         keras.utils.set_random_seed(self.cfg.seed + trial.number)
         head_only = self.features is not None
-        params = search_space.sample(trial, dict(self.cfg.pins), head_only=head_only)
+        params = search_space.sample(
+            trial, dict(self.cfg.pins), head_only=head_only, distill=self.teacher is not None
+        )
         trial.set_user_attr("pinned", dict(self.cfg.pins))
         tags = {"optuna_trial": str(trial.number), "study_name": trial.study.study_name,
                 "backbone": self.cfg.model, "step": "tune_trial"}  # fmt: skip
@@ -129,9 +135,22 @@ class Objective:
         known = {k: v for k, v in params.items() if k in HParams.__dataclass_fields__}
         hp = HParams(epochs=self.cfg.max_epochs, fine_tune_epochs=self.cfg.fine_tune_epochs,
                      patience=self.cfg.max_epochs, **known)  # fmt: skip
-        result = fit(self.splits, self.spec, self.size, backbone, self.weights_used, hp,
-                     seed=self.cfg.seed, epoch_hook=self._hook(trial), verbose=0,
-                     recalibrate=False)  # fmt: skip
+        teacher = None
+        if self.teacher is not None:
+            teacher = Teacher(self.teacher.model, params["temperature"], params["alpha"])
+        result = fit(
+            self.splits,
+            self.spec,
+            self.size,
+            backbone,
+            self.weights_used,
+            hp,
+            seed=self.cfg.seed,
+            epoch_hook=self._hook(trial),
+            verbose=0,
+            recalibrate=False,
+            teacher=teacher,
+        )
         return float(result.best_val_f1_macro), result.model
 
     backbone_for_latency: keras.Model | None = None

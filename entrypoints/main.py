@@ -1,13 +1,35 @@
 """MLproject entry point `main`: the whole comparison (tune, train, export, register, promote)."""
 
-from _common import comma_list, fraction, integer, non_negative_int, parser, run_main, str2bool
+import argparse
+
+from _common import (
+    comma_list,
+    fraction,
+    image_size,
+    integer,
+    non_negative_int,
+    parser,
+    positive_float,
+    run_main,
+    str2bool,
+)
 from promote import budget
-from train import image_size
 
 from cars_ml import ORIGINAL_BACKBONES
+from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from cars_ml.promote import Budgets
 
 _BUDGETS = Budgets()
+
+
+def budget_gmacs(value: str) -> float:
+    """``auto`` (-1), 0 (off) or GMACs of training compute per image."""
+    if value.strip().lower() == "auto":
+        return -1.0
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be auto, 0 (off) or a number > 0, got {value!r}")
+    return number
 
 
 def build_parser():
@@ -25,24 +47,61 @@ def build_parser():
     )
     p.add_argument("--epochs", type=non_negative_int, default=0, help=f"final head epochs; {auto}")
     p.add_argument("--fine_tune_epochs", type=integer, default=-1, help="-1 = auto")
-    p.add_argument("--trial_fraction", type=fraction, default=0.0,
-                   help="share of the training images each trial trains on; 0 = auto "
-                        "(half on synthetic data, all on real data)")  # fmt: skip
+    p.add_argument(
+        "--trial_fraction",
+        type=fraction,
+        default=0.0,
+        help="share of the training images each trial trains on; 0 = auto "
+        "(half on synthetic data, all on real data)",
+    )
     p.add_argument(
         "--storage", default="", help="Optuna storage URL (empty: SQLite beside mlflow.db)"
     )
     p.add_argument("--image_size", type=image_size, default=-1, help="auto, 0=native or px")
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
-    p.add_argument("--max_per_class", type=non_negative_int, default=0,
-                   help="sample cap per class; 0 = auto (28 on synthetic data, none on real data)")  # fmt: skip
+    p.add_argument(
+        "--max_per_class",
+        type=non_negative_int,
+        default=0,
+        help="sample cap per class; 0 = auto (28 on synthetic data, none on real data)",
+    )
     p.add_argument("--max_latency_ms", type=budget, default=_BUDGETS.max_latency_ms)
     p.add_argument("--max_size_mb", type=budget, default=_BUDGETS.max_size_mb)
     p.add_argument("--max_int8_f1_drop", type=budget, default=_BUDGETS.max_int8_f1_drop)
     p.add_argument("--reuse", type=str2bool, default=True, help="reuse steps with the same inputs")
     p.add_argument("--seed", type=non_negative_int, default=42)
-    p.add_argument("--workers", type=non_negative_int, default=0,
-                   help="processes that tune and train backbones side by side; "
-                        "0 = auto (2 on synthetic data, else 1)")  # fmt: skip
+    p.add_argument(
+        "--budget_gmacs",
+        type=budget_gmacs,
+        default=-1.0,
+        help="training compute per image in GMACs for every final training (epochs by "
+        "cost); auto: 2.5 on synthetic data, off (0) on real data",
+    )
+    p.add_argument(
+        "--distill",
+        type=str2bool,
+        default=True,
+        help="distil the run's best model into the backbones within the edge budgets",
+    )
+    p.add_argument(
+        "--distill_students",
+        default="",
+        help="comma-separated students instead of those within the budgets",
+    )
+    p.add_argument("--temperature", type=positive_float, default=DEFAULT_TEMPERATURE)
+    p.add_argument(
+        "--alpha",
+        type=fraction,
+        default=DEFAULT_ALPHA,
+        help="weight of the true labels in the students' loss",
+    )
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes that tune and train backbones side by side; "
+        "0 = auto (2 on synthetic data, else 1)",
+    )
     return p
 
 
@@ -74,6 +133,11 @@ def main() -> None:
             seed=a.seed,
             workers=a.workers,
             trial_fraction=a.trial_fraction,
+            budget_gmacs=a.budget_gmacs,
+            distill=a.distill,
+            distill_students=comma_list(a.distill_students),
+            temperature=a.temperature,
+            alpha=a.alpha,
         )
     )
 

@@ -2,13 +2,13 @@
 
 from _common import (
     fraction,
+    image_size,
     non_negative_int,
     parser,
     positive_int,
     run_main,
     str2bool,
 )
-from train import image_size
 
 
 def build_parser():
@@ -39,6 +39,12 @@ def build_parser():
     p.add_argument("--max_classes", type=non_negative_int, default=0)
     p.add_argument("--cached_features", type=str2bool, default=True)
     p.add_argument("--pin", default="", help="pinned params, e.g. dropout=0.2,head_units=256")
+    p.add_argument(
+        "--teacher",
+        default="",
+        help="a registered teacher (models:/<name>/<version>): a distillation study that also "
+        "searches temperature and alpha",
+    )
     return p
 
 
@@ -68,6 +74,7 @@ def main() -> None:
             trial_fraction=a.trial_fraction,
             cached_features=a.cached_features,
             pins=tuple(parse_pins(a.pin).items()),
+            teacher=a.teacher,
         )
     )
 

@@ -1,20 +1,26 @@
-"""The demo's small budget applies to the synthetic data only, never to a real dataset."""
+"""The demo's small budget applies to the synthetic data only, never to a real dataset; compute
+budgets buy epochs by cost; the distillation plan picks its teacher and students."""
 
 from __future__ import annotations
 
 import pytest
 
 from cars_ml.data import DataConfig
+from cars_ml.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
 from cars_ml.pipeline import (
     DEMO_BUDGET,
+    DEMO_BUDGET_GMACS,
     DEMO_MAX_PER_CLASS,
     DEMO_TRIAL_FRACTION,
     REAL_BUDGET,
     PipelineConfig,
     resolve_budget,
+    resolve_budget_gmacs,
     resolve_data,
     resolve_trial_fraction,
 )
+from cars_ml.pipeline_distill import plan_distillation
+from cars_ml.promote import Budgets
 
 REAL = DataConfig(data="/data/stanford_cars")
 
@@ -45,3 +51,89 @@ def test_explicit_trial_fraction_wins_on_any_dataset():
 def test_trial_fraction_outside_0_1_is_refused(fraction):
     with pytest.raises(ValueError, match=f"trial_fraction must be in \\[0, 1\\] .*got {fraction}"):
         PipelineConfig(trial_fraction=fraction)
+
+
+def test_compute_budget_is_auto_on_the_demo_only():
+    assert resolve_budget_gmacs(PipelineConfig()) == DEMO_BUDGET_GMACS > 0
+    assert resolve_budget_gmacs(PipelineConfig(data=REAL)) == 0.0
+    assert resolve_budget_gmacs(PipelineConfig(data=REAL, budget_gmacs=40.0)) == 40.0
+    assert resolve_budget_gmacs(PipelineConfig(budget_gmacs=0.0)) == 0.0
+    with pytest.raises(ValueError, match="budget_gmacs must be >= 0"):
+        PipelineConfig(budget_gmacs=-2.0)
+
+
+# Forward GMACs per image at the demo's sizes (counted with cars_ml.perf.macs).
+DEMO_FORWARD_GMACS = {
+    "inception_resnet": 0.433,
+    "xception": 0.551,
+    "inception": 0.201,
+    "resnet": 0.315,
+    "vgg16": 0.313,
+    "vgg19": 0.398,
+    "mobilenet": 0.0463,
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "epochs"),
+    [("inception_resnet", 2), ("xception", 2), ("vgg19", 2), ("inception", 4), ("mobilenet", 17)],
+)
+def test_demo_budget_buys_epochs_by_cost(model, epochs):
+    assert epochs_for_budget(DEMO_BUDGET_GMACS, DEMO_FORWARD_GMACS[model], 2) == epochs
+
+
+def test_budget_epochs_are_floored_at_the_given_epochs_and_capped():
+    assert epochs_for_budget(0.0, 0.05, 3) == 3  # off
+    assert epochs_for_budget(1.0, 10.0, 3) == 3  # too costly: never fewer than asked for
+    assert epochs_for_budget(1e6, 0.001, 3) == 3 * BUDGET_MAX_EPOCH_FACTOR
+    with pytest.raises(ValueError, match="must be >= 0"):
+        epochs_for_budget(-1.0, 0.05, 3)
+
+
+def _row(backbone, version, f1, p95, size):
+    return {
+        "backbone": backbone,
+        "model_version": version,
+        "run_id": f"r{version}",
+        "metrics": {"test_f1_macro": f1, "latency_ms_p95": p95, "model_size_mb": size},
+    }
+
+
+ROWS = [
+    _row("xception", "1", 1.0, 22.0, 83.0),
+    _row("inception_resnet", "2", 1.0, 45.0, 220.0),
+    _row("mobilenet", "3", 0.9, 5.0, 13.0),
+    _row("mobilenet_v2", "4", 0.8, 4.0, 9.0),
+    _row("vgg16", "5", 0.5, 30.0, 59.0),
+]
+
+
+def test_the_best_model_teaches_the_backbones_within_the_edge_budgets():
+    teacher, students, why = plan_distillation(ROWS, Budgets())
+    # A tie on F1 goes to the faster teacher: the students pay for its forward passes.
+    assert teacher["backbone"] == "xception" and why == ""
+    assert students == ["mobilenet", "mobilenet_v2"]  # vgg16 is over the 50 MB size budget
+    teacher, students, _ = plan_distillation(ROWS, Budgets(max_latency_ms=4.5))
+    assert students == ["mobilenet_v2"]
+
+
+def test_students_can_be_named_and_a_run_without_candidates_says_why():
+    _, students, _ = plan_distillation(ROWS, Budgets(), ("vgg16",))
+    assert students == ["vgg16"]
+    teacher, students, why = plan_distillation(ROWS[:1], Budgets())
+    assert teacher["backbone"] == "xception" and students == [] and "budgets" in why
+    teacher, students, why = plan_distillation([{**ROWS[0], "model_version": None}], Budgets())
+    assert teacher is None and students == [] and "no registered version" in why
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0.0}, "temperature=0.0 must be > 0"),
+        ({"alpha": 1.5}, "alpha=1.5 must be"),
+        ({"distill_students": ("bogus",)}, "Unknown backbone 'bogus'"),
+    ],
+)
+def test_bad_distillation_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(**kwargs)

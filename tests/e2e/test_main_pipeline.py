@@ -39,7 +39,19 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     steps = sorted(c.data.tags.get("step") for c in children)
     # On synthetic data a second process tunes ahead: each backbone's study gets its two
     # trials from one or both processes (one tune run each), all under the pipeline run.
-    assert [s for s in steps if s != "tune"] == ["promote", "train", "train"]
+    # After both trains, the better model teaches the other (every backbone passes the switched
+    # off budgets): one distillation step.
+    assert [s for s in steps if s != "tune"] == ["distill", "promote", "train", "train"]
+    (student,) = [c for c in children if c.data.tags.get("step") == "distill"]
+    trained = {c.data.tags["backbone"]: c for c in children if c.data.tags.get("step") == "train"}
+    teacher = max(trained.values(), key=lambda c: c.data.metrics["test_f1_macro"])
+    assert student.data.tags["teacher_backbone"] == teacher.data.tags["backbone"]
+    assert student.data.tags["backbone"] != teacher.data.tags["backbone"]
+    assert student.data.tags["distilled_from"].endswith(f"/{teacher.data.tags['model_version']}")
+    # Equal compute, not equal epochs: MobileNet at 32 px costs a tenth of VGG16 per image.
+    assert int(trained["mobilenet"].data.params["epochs"]) > int(
+        trained["vgg16"].data.params["epochs"]
+    )
     tunes = [c for c in children if c.data.tags.get("step") == "tune"]
     studies = {t.data.tags["study_name"] for t in tunes}
     assert len(studies) == 2 and 2 <= len(tunes) <= 4
@@ -61,6 +73,8 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.html", "f1_vs_latency.png"} <= artifacts
+    # The comparison shows the student beside its teacher.
+    assert f"{student.data.tags['backbone']}-from-{teacher.data.tags['backbone']}" in first.stdout
     for name in ("mobilenet_test_f1_macro", "vgg16_latency_ms_p50"):
         assert name in parent.data.metrics
     champion = client.get_model_version_by_alias("stanford-cars-classifier", "champion")
@@ -68,9 +82,9 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
 
     # Same inputs: every backbone is reused, nothing is trained or registered again.
     second = run_entry("main", *TINY, env=sub_env, timeout=900)
-    assert second.stdout.count("reusing run") == 2
+    assert second.stdout.count("reusing run") == 3  # two backbones and the student
     versions = client.search_model_versions("name='stanford-cars-classifier'")
-    assert len(versions) == 2
+    assert len(versions) == 3
     reused_parent = _pipelines()[1]
     assert sorted(c.data.tags.get("step") for c in _children(reused_parent.info.run_id)) == [
         "promote"
@@ -80,4 +94,4 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     changed = [TINY[0], "mobilenet", *TINY[2:], "--seed", "7"]
     third = run_entry("main", *changed, env=sub_env, timeout=900)
     assert "reusing run" not in third.stdout
-    assert len(client.search_model_versions("name='stanford-cars-classifier'")) == 3
+    assert len(client.search_model_versions("name='stanford-cars-classifier'")) == 6

@@ -1,0 +1,98 @@
+"""The pipeline's comparison of every backbone and student: table, plot, metrics and report."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+import cars_ml
+from cars_ml import tracking
+
+COMPARISON_COLUMNS = (
+    "test_f1_macro",
+    "test_accuracy",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "model_size_mb",
+    "tflite_int8_size_mb",
+    "int8_f1_drop",
+    "int8_agreement",
+    "num_params",
+    "distill_gap",
+)
+
+
+def log_comparison(table: pd.DataFrame) -> None:
+    tracking.log_table(table, "comparison")
+    for row in table.itertuples():
+        tracking.log_metrics(
+            {
+                f"{row.backbone}_{c}": getattr(row, c)
+                for c in ("test_f1_macro", "latency_ms_p50")
+                if getattr(row, c) is not None
+            }
+        )
+    tracking.log_figure(comparison_figure(table), "f1_vs_latency.png")
+
+
+def comparison_figure(table: pd.DataFrame):
+    """Test macro-F1 against batch-1 latency; point size by model size, champion ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    data = table.dropna(subset=["test_f1_macro", "latency_ms_p50"])
+    sizes = 30 + 8 * data["model_size_mb"].fillna(1).astype(float)
+    ax.scatter(data["latency_ms_p50"], data["test_f1_macro"], s=sizes, alpha=0.6)
+    for row in data.itertuples():
+        ax.annotate(
+            row.backbone,
+            (row.latency_ms_p50, row.test_f1_macro),
+            fontsize=8,
+            xytext=(5, 5),
+            textcoords="offset points",
+        )
+    points = {row.backbone: (row.latency_ms_p50, row.test_f1_macro) for row in data.itertuples()}
+    for row in data[data["teacher"].astype(bool)].itertuples():
+        if row.teacher in points:  # A dashed arrow from each teacher to its student.
+            ax.annotate(
+                "",
+                xy=points[row.backbone],
+                xytext=points[row.teacher],
+                arrowprops={"arrowstyle": "->", "linestyle": "--", "color": "grey"},
+            )
+    champ = data[data["champion"]]
+    ax.scatter(
+        champ["latency_ms_p50"],
+        champ["test_f1_macro"],
+        s=400,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=2,
+        label="champion",
+    )
+    ax.set_xlabel("batch-1 latency p50 (ms)")
+    ax.set_ylabel("test macro-F1")
+    ax.set_title(
+        "Accuracy against edge latency (point size = model MB; dashed: teacher -> student)"
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def print_report(table: pd.DataFrame, decision, wall: float, experiment_id: str) -> None:
+    cols = ["backbone", "model_version", *COMPARISON_COLUMNS, "teacher", "reused", "champion"]
+    print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\n[pipeline] champion: version {decision.new_champion} ({decision.reason})")
+    print(f"[pipeline] finished in {wall:.0f} s")
+    uri = tracking.tracking_uri()
+    print(
+        "\nOpen the MLflow UI:\n"
+        f"  mlflow ui --backend-store-uri {tracking.redact(uri)}  # then http://127.0.0.1:5000/#/experiments/{experiment_id}\n"
+        "Serve the champion:\n"
+        f"  MLFLOW_TRACKING_URI={tracking.redact(uri)} mlflow models serve "
+        f"-m models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS} --env-manager local -p 5001",
+        flush=True,
+    )
