@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, tracking
+from cars_ml.serving.model import PRECISION_ENV
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ class ServeConfig:
     port: int = 5001
     host: str = "127.0.0.1"
     workers: int = 1
+    precision: str = "float32"  # the TFLite file the server runs: float32 or int8
 
     def __post_init__(self) -> None:
+        if self.precision not in ("float32", "int8"):
+            raise ValueError(f"precision={self.precision!r} must be float32 or int8.")
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port} must be between 1 and 65535.")
         if self.workers < 1:
@@ -95,9 +99,17 @@ def serve(cfg: ServeConfig) -> None:
     tracking.check_tracking_server()
     tracking.check_model_uri(cfg.uri)
     command = serve_command(cfg)
+    # The served model reads this when it loads, in the server process this one becomes.
+    os.environ[PRECISION_ENV] = cfg.precision
     if os.environ.get("MLFLOW_RUN_ID"):
         _stop_with_parent()
-    log.info("Serving %s on http://%s:%d (POST /invocations)", cfg.uri, cfg.host, cfg.port)
+    log.info(
+        "Serving %s (%s) on http://%s:%d (POST /invocations)",
+        cfg.uri,
+        cfg.precision,
+        cfg.host,
+        cfg.port,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(command[0], command)

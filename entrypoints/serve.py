@@ -13,6 +13,12 @@ def build_parser():
     p.add_argument("--port", type=positive_int, default=5001)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "int8"),
+        help="which exported TFLite file the server runs; int8 is what the edge device runs",
+    )
     return p
 
 
@@ -28,6 +34,7 @@ def main() -> None:
             port=a.port,
             host=a.host,
             workers=a.workers,
+            precision=a.precision,
         )
     )
 

@@ -24,11 +24,19 @@ AGREEMENT_TOLERANCE = 1e-4
 MAX_INTERPRETERS = 4
 
 
+# The int8 file's outputs are uint8 probabilities (steps of 1/256): a recorded check of that
+# file allows two steps, since another CPU's kernels may round one value the other way.
+INT8_TOLERANCE = 2 / 256
+PRECISIONS = ("float32", "int8")
+
+
 class LiteRTEngine:
-    """A pool of single-threaded LiteRT interpreters over one float32 flatbuffer.
+    """A pool of single-threaded LiteRT interpreters over one flatbuffer (float32 or int8).
 
     An interpreter is not thread-safe and ``mlflow models serve`` runs requests in threads, so
     each call borrows one interpreter; with one per core, concurrent requests use every core.
+    The int8 file takes uint8 pixels and gives uint8 probabilities: each tensor's scale and
+    zero point convert them, so callers pass uint8 pixels and get float probabilities either way.
     """
 
     def __init__(self, content: bytes, image_size: int, interpreters: int = 0):
@@ -45,9 +53,27 @@ class LiteRTEngine:
             )
             interpreter.allocate_tensors()
             self._pool.put(interpreter)
-        self._input = detail["index"]
-        self._output = interpreter.get_output_details()[0]["index"]
-        self.num_classes = int(interpreter.get_output_details()[0]["shape"][-1])
+        output = interpreter.get_output_details()[0]
+        self._input, self._output = detail["index"], output["index"]
+        self._input_dtype = np.dtype(detail["dtype"])
+        self._input_scale, self._input_zero = detail["quantization"]
+        self._output_scale, self._output_zero = output["quantization"]
+        self.num_classes = int(output["shape"][-1])
+        self.precision = "float32" if self._input_dtype == np.float32 else "int8"
+
+    def _quantize(self, image: np.ndarray) -> np.ndarray:
+        if self._input_dtype == np.float32:
+            return image.astype(np.float32)
+        if self._input_scale == 0:  # An integer input that takes pixels as they are.
+            return image.astype(self._input_dtype)
+        info = np.iinfo(self._input_dtype)
+        q = np.round(image.astype(np.float32) / self._input_scale + self._input_zero)
+        return np.clip(q, info.min, info.max).astype(self._input_dtype)
+
+    def _dequantize(self, values: np.ndarray) -> np.ndarray:
+        if np.issubdtype(values.dtype, np.floating) or self._output_scale == 0:
+            return values.astype(np.float32)
+        return (values.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, num_classes)`` for uint8 RGB images ``(n, s, s, 3)``."""
@@ -55,9 +81,9 @@ class LiteRTEngine:
         interpreter = self._pool.get()
         try:
             for i in range(len(images)):
-                interpreter.set_tensor(self._input, images[i : i + 1].astype(np.float32))
+                interpreter.set_tensor(self._input, self._quantize(images[i : i + 1]))
                 interpreter.invoke()
-                out[i] = interpreter.get_tensor(self._output)[0]
+                out[i] = self._dequantize(interpreter.get_tensor(self._output))[0]
         finally:
             self._pool.put(interpreter)
         return out
@@ -69,11 +95,36 @@ def probe_images(image_size: int) -> np.ndarray:
     return rng.integers(0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
 
 
-def _checked(engine: LiteRTEngine, probe: np.ndarray, expected: np.ndarray) -> LiteRTEngine:
+def _checked(
+    engine: LiteRTEngine,
+    probe: np.ndarray,
+    expected: np.ndarray,
+    tolerance: float = AGREEMENT_TOLERANCE,
+    what: str = "TensorFlow's",
+) -> LiteRTEngine:
     gap = float(np.max(np.abs(engine(probe) - np.asarray(expected, np.float32))))
-    if not gap <= AGREEMENT_TOLERANCE:
-        raise ValueError(f"its probabilities differ from TensorFlow's by {gap:.2e}")
+    if not gap <= tolerance:
+        raise ValueError(f"its probabilities differ from {what} by {gap:.2e}")
     return engine
+
+
+def int8_check(content: bytes, image_size: int) -> dict[str, np.ndarray]:
+    """Probe images and the int8 file's own probabilities for them, recorded when the model is
+    logged: a server checks the file it loads against them (a damaged or swapped file, or a
+    runtime that computes something else, is refused)."""
+    probe = probe_images(image_size)
+    return {"images": probe, "probabilities": LiteRTEngine(content, image_size, 1)(probe)}
+
+
+def int8_engine(content: bytes, image_size: int, check: str) -> LiteRTEngine:
+    """An engine over the shipped int8 flatbuffer, checked against its recorded outputs; raises
+    ``ValueError`` naming the problem (int8 was asked for, so there is no silent fallback)."""
+    with np.load(check) as recorded:
+        probe, expected = recorded["images"], recorded["probabilities"]
+    engine = LiteRTEngine(content, image_size)
+    if engine.precision != "int8":
+        raise ValueError("the shipped model_int8.tflite is not an integer model")
+    return _checked(engine, probe, expected, INT8_TOLERANCE, "those recorded at logging time")
 
 
 def recorded_engine(content: bytes, image_size: int, check: str) -> LiteRTEngine | None:

@@ -18,6 +18,7 @@ names stored with the model, ``labels.json``; NOT the 1-based Stanford Cars devk
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ DEFAULT_TOP_K = 5
 INFERENCE_CHUNK = 32
 # Inference engines: LiteRT (float32 flatbuffer, XNNPACK) by default, TensorFlow as fallback.
 ENGINES = ("litert", "tensorflow")
+# Set to int8 in the server's environment (``serve -P precision=int8`` does) to serve the int8
+# flatbuffer the edge device runs instead of the float32 one.
+PRECISION_ENV = "CARS_ML_SERVING_PRECISION"
 
 
 class BadRequest(MlflowException):
@@ -132,8 +136,48 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         # In `mlflow models serve` this turns two request shapes MLflow answers with 500 into 4xx.
         harden_scoring_server()
         artifacts = context.artifacts
-        self.load(artifacts["model"], artifacts["labels"], artifacts["serving_config"],
-                  artifacts.get("litert_model"), artifacts.get("litert_check"))  # fmt: skip
+        precision = os.environ.get(PRECISION_ENV, "").strip().lower() or "float32"
+        if precision == "int8":
+            self.load_int8(artifacts)
+            return
+        if precision != "float32":
+            raise ValueError(
+                f"{PRECISION_ENV}={precision!r} is not one of float32, int8; unset it to serve "
+                "the float32 model."
+            )
+        self.load(
+            artifacts["model"],
+            artifacts["labels"],
+            artifacts["serving_config"],
+            artifacts.get("litert_model"),
+            artifacts.get("litert_check"),
+        )
+
+    def load_int8(self, artifacts: dict[str, str]) -> None:
+        """Serve the shipped int8 flatbuffer (what the edge device runs), checked against the
+        outputs recorded for it at logging time; no TensorFlow, no Keras model."""
+        from cars_ml.serving.engine import int8_engine
+
+        if "litert_int8_model" not in artifacts or "litert_int8_check" not in artifacts:
+            raise ValueError(
+                f"{PRECISION_ENV}=int8, but this model version ships no int8 file; serve it as "
+                "float32, or train it again with export_tflite=true."
+            )
+        class_names = json.loads(Path(artifacts["labels"]).read_text(encoding="utf-8"))
+        config = json.loads(Path(artifacts["serving_config"]).read_text(encoding="utf-8"))
+        image_size = int(config["image_size"])
+        content = Path(artifacts["litert_int8_model"]).read_bytes()
+        lite = int8_engine(content, image_size, artifacts["litert_int8_check"])
+        self._model_path = artifacts["model"]
+        self._configure(
+            None,
+            class_names,
+            image_size,
+            lite.num_classes,
+            top_k=int(config.get("top_k", DEFAULT_TOP_K)),
+            limits=Limits(**config.get("limits", {})),
+        )
+        self._lite, self.engine = lite, "litert-int8"
 
     def load(
         self,
@@ -154,8 +198,10 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
 
         class_names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        options = {"top_k": int(config.get("top_k", DEFAULT_TOP_K)),
-                   "limits": Limits(**config.get("limits", {}))}  # fmt: skip
+        options = {
+            "top_k": int(config.get("top_k", DEFAULT_TOP_K)),
+            "limits": Limits(**config.get("limits", {})),
+        }
         image_size = int(config["image_size"])
         engine = str(config.get("engine", "litert"))
         content = Path(litert_path).read_bytes() if litert_path else None
@@ -166,8 +212,14 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
                 self._configure(None, class_names, image_size, lite.num_classes, **options)
                 self._lite, self.engine = lite, "litert"
                 return
-        self.setup(_load_keras(model_path), class_names, image_size, engine=engine,
-                   litert_content=content, **options)  # fmt: skip
+        self.setup(
+            _load_keras(model_path),
+            class_names,
+            image_size,
+            engine=engine,
+            litert_content=content,
+            **options,
+        )
 
     @property
     def model(self):
@@ -214,8 +266,9 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}.")
 
-        self._configure(model, class_names, image_size, int(model.output_shape[-1]),
-                        top_k=top_k, limits=limits)  # fmt: skip
+        self._configure(
+            model, class_names, image_size, int(model.output_shape[-1]), top_k=top_k, limits=limits
+        )
         spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
 
         @tf.function(input_signature=[spec])

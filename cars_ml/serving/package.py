@@ -21,7 +21,7 @@ from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 from PIL import Image
 
 from cars_ml.serving.decode import Limits
-from cars_ml.serving.engine import probe_images
+from cars_ml.serving.engine import int8_check, probe_images
 from cars_ml.serving.model import DEFAULT_TOP_K, INPUT_COLUMN
 
 # The models-from-code file that ``mlflow.pyfunc.log_model(python_model=...)`` records.
@@ -40,6 +40,7 @@ def write_model_artifacts(
     litert_model: str | Path | None = None,
     saved_model: str | Path | None = None,
     reference=None,
+    litert_int8_model: str | Path | None = None,
 ) -> dict[str, str]:
     """Save ``model.keras``, ``labels.json`` and ``serving_config.json`` into ``out_dir``, plus
     ``model_float32.tflite`` when ``litert_model`` (the exported float32 flatbuffer) is given,
@@ -49,7 +50,9 @@ def write_model_artifacts(
 
     ``saved_model``: ``model`` already saved as a ``.keras`` file, copied instead of saved
     again. ``reference``: the model's traced inference (float32 pixels in, probabilities out)
-    for the check; by default the model is called directly.
+    for the check; by default the model is called directly. ``litert_int8_model``: the exported
+    int8 flatbuffer, shipped as ``model_int8.tflite`` with ``litert_int8_check.npz`` (its own
+    outputs on the probe images) for ``CARS_ML_SERVING_PRECISION=int8``.
 
     Returns the ``artifacts`` mapping for ``mlflow.pyfunc.log_model`` (key -> local path).
     """
@@ -93,6 +96,12 @@ def write_model_artifacts(
         call = reference or (lambda x: model(x, training=False))
         expected = np.asarray(call(probe.astype(np.float32)), np.float32)
         np.savez(paths["litert_check"], images=probe, probabilities=expected)
+    if litert_int8_model is not None:
+        paths["litert_int8_model"] = out / "model_int8.tflite"
+        shutil.copyfile(litert_int8_model, paths["litert_int8_model"])
+        paths["litert_int8_check"] = out / "litert_int8_check.npz"
+        content = paths["litert_int8_model"].read_bytes()
+        np.savez(paths["litert_int8_check"], **int8_check(content, image_size))
     return {key: str(path) for key, path in paths.items()}
 
 
