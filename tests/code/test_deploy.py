@@ -1,5 +1,9 @@
 """deploy/ agrees with itself and with the code: compose, Kubernetes, Dockerfiles, auth config.
 
+It also holds every workload to least privilege: its own database role and MinIO user, a
+read-only MLflow account for serving, non-root and read-only containers without capabilities,
+CPU and memory limits, pinned images and a NetworkPolicy that opens only the paths needed.
+
 There is no container engine here, so these checks stand in for `docker compose config` and
 `kubectl apply --dry-run`: the files parse, names, ports, images and environment variables
 match across files and with cars_ml, every entry-point command parses with that entry point's
@@ -46,6 +50,14 @@ URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]+:[^@\s]+@")
 IMAGE = f"cars-ml:{cars_ml.__version__}"
 MODEL_URI = f"models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS}"
 SERVE_PORT = 8080
+INIT_SQL = (DEPLOY / "postgres" / "init.sql").read_text()
+MINIO_INIT_PATH = DEPLOY / "minio" / "init.sh"
+MINIO_INIT = MINIO_INIT_PATH.read_text() if MINIO_INIT_PATH.exists() else ""
+# Workloads that only prepare storage: they run a third-party image, not the project's.
+STORAGE_INIT = {"Job/cars-ml-minio-init"}
+# Compose services that may start as root, each with only the capabilities listed.
+ROOT_SERVICES = {"minio-volume-owner": ["CHOWN"]}
+ROOT_CREDENTIALS = {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
 
 
 def _pins() -> dict[str, str]:
@@ -81,6 +93,30 @@ def _pod(doc: dict) -> dict:
 def _containers() -> list[tuple[str, dict]]:
     return [(f"{d['kind']}/{d['metadata']['name']}", c) for d in K8S_DOCS
             if d["kind"] in ("Deployment", "Job") for c in _pod(d)["containers"]]  # fmt: skip
+
+
+def _project_containers() -> list[tuple[str, dict]]:
+    return [(w, c) for w, c in _containers() if w not in STORAGE_INIT]
+
+
+def _workloads() -> list[dict]:
+    return [d for d in K8S_DOCS if d["kind"] in ("Deployment", "Job")]
+
+
+def _secret_key(container: dict, name: str) -> str:
+    ref = _k8s_env(container)[name]
+    assert isinstance(ref, dict) and "secretKeyRef" in ref, f"{name} must come from a Secret"
+    return ref["secretKeyRef"]["key"]
+
+
+def _compose_var(service: str, name: str) -> str:
+    match = re.fullmatch(r"\$\{(\w+):\?[^}]*\}", str(SERVICES[service]["environment"][name]))
+    assert match, f"compose {service}: {name} must be ${{VAR:?...}}"
+    return match.group(1)
+
+
+def _database_owners() -> dict[str, str]:
+    return dict(re.findall(r"^CREATE DATABASE (\w+) OWNER (\w+);", INIT_SQL, re.MULTILINE))
 
 
 def _k8s_env(container: dict) -> dict[str, object]:
@@ -125,7 +161,11 @@ def test_kubernetes_objects_are_complete_and_selectors_match():
 
 def test_tracking_uri_names_the_server_in_compose_and_kubernetes():
     uris = {SERVICES[n]["environment"]["MLFLOW_TRACKING_URI"] for n in ("serve", "tune")}
-    uris |= {_k8s_env(c)["MLFLOW_TRACKING_URI"] for _, c in _containers() if c["name"] != "mlflow"}
+    uris |= {
+        _k8s_env(c)["MLFLOW_TRACKING_URI"]
+        for _, c in _project_containers()
+        if c["name"] != "mlflow"
+    }
     (uri,) = uris
     url = urlparse(uri)
     assert url.scheme == "http" and url.hostname in SERVICES
@@ -150,13 +190,16 @@ def test_tracking_server_runs_the_same_command_everywhere_behind_basic_auth():
     assert _flag(command, "--app-name") == "basic-auth"
     backend = urlparse(_flag(command, "--backend-store-uri"))
     assert backend.scheme == "postgresql" and backend.password is None
-    assert (
-        backend.hostname in SERVICES
-        and backend.path.lstrip("/") == (SERVICES["postgres"]["environment"]["POSTGRES_DB"])
-    )
+    assert backend.hostname in SERVICES
+    assert _database_owners()[backend.path.lstrip("/")] == backend.username == "mlflow"
     bucket = urlparse(_flag(command, "--artifacts-destination"))
     assert bucket.scheme == "s3"
-    assert f"local/{bucket.netloc}" in SERVICES["minio-init"]["command"][0]
+    assert (
+        f"\nbucket={bucket.netloc} " in MINIO_INIT
+        and 'mc mb --ignore-existing "local/$bucket"' in (MINIO_INIT)
+    )
+    assert SERVICES["minio-init"]["command"] == ["/init/init.sh"]
+    assert "./minio:/init:ro" in SERVICES["minio-init"]["volumes"]
     endpoint = "http://minio:9000"
     assert SERVICES["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == endpoint
     assert _k8s_env(k8s_container)["MLFLOW_S3_ENDPOINT_URL"] == endpoint
@@ -187,8 +230,7 @@ def test_basic_auth_config_has_no_password_and_names_databases_that_exist():
     assert section["default_permission"] in ("READ", "NO_PERMISSIONS")
     url = urlparse(section["database_uri"])
     assert url.password is None and url.hostname in SERVICES
-    init = (DEPLOY / "postgres" / "init.sql").read_text()
-    assert f"CREATE DATABASE {url.path.lstrip('/')};" in init
+    assert _database_owners()[url.path.lstrip("/")] == url.username == "mlflow"
     assert (
         "./postgres/init.sql:/docker-entrypoint-initdb.d/init.sql:ro"
         in (SERVICES["postgres"]["volumes"])
@@ -217,7 +259,7 @@ def test_serving_container_serves_the_champion_on_one_port_with_a_ping_probe():
 
 def test_project_images_are_the_package_version():
     images = {SERVICES[n]["image"] for n in ("serve", "tune")}
-    images |= {c["image"] for _, c in _containers() if c["name"] != "mlflow"}
+    images |= {c["image"] for _, c in _project_containers() if c["name"] != "mlflow"}
     assert images == {IMAGE}
     for name in ("serve", "tune", "mlflow"):
         assert SERVICES[name]["build"]["context"] == ".."
@@ -254,10 +296,10 @@ def test_tune_workers_share_one_study_and_train_takes_its_best():
     )
     url = urlparse(storage)
     assert url.scheme == "postgresql" and url.password is None
-    assert f"CREATE DATABASE {url.path.lstrip('/')};" in (DEPLOY / "postgres/init.sql").read_text()
+    assert _database_owners()[url.path.lstrip("/")] == url.username == "optuna"
     for container in (tune, train):
-        assert "secretKeyRef" in _k8s_env(container)["PGPASSWORD"]
-    assert SERVICES["tune"]["environment"]["PGPASSWORD"].startswith("${POSTGRES_PASSWORD")
+        assert _secret_key(container, "PGPASSWORD") == "OPTUNA_DB_PASSWORD"
+    assert _compose_var("tune", "PGPASSWORD") == "OPTUNA_DB_PASSWORD"
 
 
 def test_credentials_come_only_from_the_environment():
@@ -271,7 +313,12 @@ def test_credentials_come_only_from_the_environment():
             if SECRET_NAME.search(name):
                 ref = value["secretKeyRef"] if isinstance(value, dict) else None
                 assert ref, f"{where}: {name} must come from a Secret (secretKeyRef)"
-                assert ref["name"] == "cars-ml-secrets" and ref["key"] in ENV_EXAMPLE
+                assert ref["key"] in ENV_EXAMPLE, f"{where}: {ref['key']} not in .env.example"
+                # Root credentials live in their own Secret, which only storage init reads.
+                secret = (
+                    "cars-ml-storage-admin" if ref["key"] in ROOT_CREDENTIALS else "cars-ml-secrets"
+                )
+                assert ref["name"] == secret, f"{where}: {name} from {ref['name']}"
     for service_name, service in SERVICES.items():
         for name, value in (service.get("environment") or {}).items():
             if SECRET_NAME.search(name):
@@ -279,7 +326,8 @@ def test_credentials_come_only_from_the_environment():
                 assert match, f"compose {service_name}: {name} must be ${{VAR:?...}} from .env"
                 assert match.group(1) in ENV_EXAMPLE
     for path in [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml"), *DEPLOY.glob("Dockerfile.*"),
-                 DEPLOY / "auth" / "basic_auth.ini"]:  # fmt: skip
+                 DEPLOY / "auth" / "basic_auth.ini", *DEPLOY.glob("postgres/*"),
+                 *DEPLOY.glob("minio/*")]:  # fmt: skip
         text = path.read_text()
         assert not URL_WITH_PASSWORD.search(text), path
         assert not [s for s in secrets if s in text], f"{path}: an example credential"
@@ -291,3 +339,236 @@ def test_readme_mentions_only_deploy_files_that_exist():
     # deploy/.env is the user's own copy of deploy/.env.example (git-ignored), not a repo file.
     for path in set(re.findall(r"\bdeploy/[\w./-]+\w", readme)) - {"deploy/.env"}:
         assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+
+
+# --- Least privilege ---------------------------------------------------------------------------
+
+
+def _quantity(value: object) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6,
+             "G": 1e9}  # fmt: skip
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def _all_k8s_containers(pod: dict) -> list[dict]:
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+@pytest.mark.parametrize("doc", _workloads(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_kubernetes_pods_run_unprivileged_on_read_only_file_systems(doc):
+    pod = _pod(doc)
+    pod_context = pod.get("securityContext", {})
+    assert pod.get("automountServiceAccountToken") is False, "no pod here calls the API"
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for container in _all_k8s_containers(pod):
+        where = f"{doc['metadata']['name']}/{container['name']}"
+        context = {**pod_context, **container.get("securityContext", {})}
+        assert context.get("runAsNonRoot") is True, where
+        assert isinstance(context.get("runAsUser"), int) and context["runAsUser"] > 0, where
+        assert context.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        assert context.get("allowPrivilegeEscalation") is False, where
+        assert context.get("readOnlyRootFilesystem") is True, where
+        assert context.get("privileged", False) is False, where
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert not context.get("capabilities", {}).get("add"), where
+        # A read-only root still needs a scratch /tmp (temporary files, downloaded models).
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert mounts.get("/tmp") in empty_dirs, f"{where}: /tmp must be an emptyDir"
+        home = _k8s_env(container).get("HOME")
+        assert home is None or home == "/tmp" or home in mounts, f"{where}: HOME not writable"
+    for volume in pod.get("volumes", []):
+        assert "hostPath" not in volume, f"{doc['metadata']['name']}: hostPath {volume['name']}"
+
+
+@pytest.mark.parametrize("doc", _workloads(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_kubernetes_containers_request_and_limit_cpu_and_memory(doc):
+    for container in _all_k8s_containers(_pod(doc)):
+        where = f"{doc['metadata']['name']}/{container['name']}"
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert resource in resources.get(kind, {}), f"{where}: no {kind}.{resource}"
+            assert set(resources[kind]) <= {"cpu", "memory", "ephemeral-storage"}, where
+        for resource in ("cpu", "memory"):
+            request = _quantity(resources["requests"][resource])
+            assert request <= _quantity(resources["limits"][resource]), f"{where}: {resource}"
+
+
+def _images() -> list[tuple[str, str]]:
+    images = [(f"compose {n}", s["image"]) for n, s in SERVICES.items()]
+    images += [(f"{d['metadata']['name']}/{c['name']}", c["image"])
+               for d in _workloads() for c in _all_k8s_containers(_pod(d))]  # fmt: skip
+    for name in ("Dockerfile.mlflow", "Dockerfile.serve"):
+        images += [(name, image) for image in re.findall(r"^FROM (\S+)", _dockerfile(name), re.M)]
+    return images
+
+
+@pytest.mark.parametrize("where_image", _images(), ids=lambda wi: wi[0])
+def test_images_are_pinned_by_version(where_image):
+    where, image = where_image
+    name, _, tag = image.rpartition("/")[2].partition(":")
+    assert tag and tag != "latest", f"{where}: {image} must name a version"
+    assert re.search(r"\d", tag), f"{where}: {image}'s tag {tag!r} is not a version"
+    if where.startswith("compose "):
+        assert "${" not in image, f"{where}: the image must not come from the environment"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_compose_services_run_unprivileged_with_limits(name):
+    service = SERVICES[name]
+    assert service.get("read_only") is True, f"{name}: read_only: true"
+    assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop: [ALL]"
+    assert "no-new-privileges:true" in service.get("security_opt", []), name
+    assert not service.get("privileged") and service.get("network_mode") != "host", name
+    user = str(service.get("user", ""))
+    if name in ROOT_SERVICES:
+        # A root helper holds only the capabilities named and cannot reach the network.
+        assert service.get("cap_add") == ROOT_SERVICES[name] and service["network_mode"] == "none"
+    else:
+        assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), f"{name}: user: UID:GID, not root"
+        assert not service.get("cap_add"), f"{name}: no capabilities added"
+    assert re.fullmatch(r"[1-9]\d*[kmg]", str(service.get("mem_limit"))), f"{name}: mem_limit"
+    assert float(service.get("cpus", 0)) > 0, f"{name}: cpus"
+
+
+def test_database_roles_are_separate_and_no_client_holds_the_superuser():
+    roles = re.findall(r"^CREATE ROLE (\w+) (.*);$", INIT_SQL, re.MULTILINE)
+    assert {role for role, _ in roles} == {"mlflow", "optuna"}
+    for role, options in roles:
+        assert {"LOGIN", "NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE"} <= set(options.split()), role
+        assert re.search(r"PASSWORD :'\w+'$", options), f"{role}: password from the environment"
+    assert _database_owners() == {"mlflow": "mlflow", "mlflow_auth": "mlflow", "optuna": "optuna"}
+    assert "REVOKE ALL ON DATABASE mlflow, mlflow_auth, optuna FROM PUBLIC;" in INIT_SQL
+    # init.sql reads each role's password from the variable the clients' PGPASSWORD comes from.
+    for variable in ("MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD"):
+        assert f" {variable}\n" in INIT_SQL and variable in ENV_EXAMPLE
+        assert _compose_var("postgres", variable) == variable
+    # The superuser password reaches PostgreSQL only; each client has its role's password.
+    tracking = _pod(_k8s("Deployment", "mlflow"))["containers"][0]
+    assert _secret_key(tracking, "PGPASSWORD") == "MLFLOW_DB_PASSWORD"
+    assert _compose_var("mlflow", "PGPASSWORD") == "MLFLOW_DB_PASSWORD"
+    for job in ("cars-ml-tune", "cars-ml-train"):
+        (container,) = _pod(_k8s("Job", job))["containers"]
+        assert _secret_key(container, "PGPASSWORD") == "OPTUNA_DB_PASSWORD"
+        assert urlparse(_flag(container["args"], "--storage")).username == "optuna"
+    assert urlparse(_flag(_compose_command(SERVICES["tune"]), "--storage")).username == "optuna"
+    assert "POSTGRES_USER" not in SERVICES["postgres"]["environment"], "the superuser is postgres"
+    for where, container in _containers():
+        keys = [v["secretKeyRef"]["key"] for v in _k8s_env(container).values()
+                if isinstance(v, dict) and "secretKeyRef" in v]  # fmt: skip
+        assert "POSTGRES_PASSWORD" not in keys, where
+    users = {n for n, s in SERVICES.items() if "POSTGRES_PASSWORD" in (s.get("environment") or {})}
+    assert users == {"postgres"}
+
+
+def test_minio_clients_get_a_user_limited_to_the_artifact_bucket():
+    bucket = urlparse(_flag(_dockerfile_cmd("Dockerfile.mlflow"), "--artifacts-destination"))
+    policy = json.loads((DEPLOY / "minio" / "artifacts-policy.json").read_text())
+    resources = {r for s in policy["Statement"] for r in s["Resource"]}
+    assert resources == {f"arn:aws:s3:::{bucket.netloc}", f"arn:aws:s3:::{bucket.netloc}/*"}
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert all(a.startswith("s3:") and "*" not in a and "Policy" not in a for a in actions)
+    assert "mc admin policy create local mlflow-artifacts" in MINIO_INIT
+    assert 'mc admin user add local "$MINIO_MLFLOW_USER" "$MINIO_MLFLOW_PASSWORD"' in MINIO_INIT
+    assert 'mc admin policy attach local mlflow-artifacts --user "$MINIO_MLFLOW_USER"' in MINIO_INIT
+    # The tracking server (the only S3 client; others use its proxy) logs in as that user.
+    tracking = _pod(_k8s("Deployment", "mlflow"))["containers"][0]
+    for name, key in (("AWS_ACCESS_KEY_ID", "MINIO_MLFLOW_USER"),
+                      ("AWS_SECRET_ACCESS_KEY", "MINIO_MLFLOW_PASSWORD")):  # fmt: skip
+        assert _secret_key(tracking, name) == key and _compose_var("mlflow", name) == key
+    # Root credentials: MinIO itself and the one-shot init, nothing else.
+    for key in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        users = {n for n, s in SERVICES.items() if key in str(s.get("environment"))}
+        assert users == {"minio", "minio-init"}, key
+        k8s_users = {w for w, c in _containers() if key in str(_k8s_env(c))}
+        assert k8s_users == STORAGE_INIT, key
+    (init,) = _pod(_k8s("Job", "cars-ml-minio-init"))["containers"]
+    assert init["command"] == ["/bin/sh", "/init/init.sh"]
+    assert {"name": "init", "configMap": {"name": "cars-ml-minio-init"}} in (
+        _pod(_k8s("Job", "cars-ml-minio-init"))["volumes"]
+    )
+
+
+def test_serving_uses_a_read_only_mlflow_account_and_no_service_account_token():
+    (container,) = _pod(_k8s("Deployment", "cars-ml-serve"))["containers"]
+    assert _secret_key(container, "MLFLOW_TRACKING_USERNAME") == "MLFLOW_SERVE_USERNAME"
+    assert _secret_key(container, "MLFLOW_TRACKING_PASSWORD") == "MLFLOW_SERVE_PASSWORD"
+    assert _compose_var("serve", "MLFLOW_TRACKING_USERNAME") == "MLFLOW_SERVE_USERNAME"
+    assert _compose_var("serve", "MLFLOW_TRACKING_PASSWORD") == "MLFLOW_SERVE_PASSWORD"
+    assert _pod(_k8s("Deployment", "cars-ml-serve"))["automountServiceAccountToken"] is False
+    for env in (_k8s_env(container), SERVICES["serve"]["environment"]):
+        assert not [k for k in env if k.startswith(("AWS_", "PG"))], "serving needs no storage"
+    # A user nobody granted anything: basic auth's default permission lets it read, no more.
+    config = configparser.ConfigParser()
+    config.read(DEPLOY / "auth" / "basic_auth.ini")
+    assert config["mlflow"]["default_permission"] == "READ"
+    serve_user = ENV_EXAMPLE["MLFLOW_SERVE_USERNAME"]
+    assert serve_user not in (
+        ENV_EXAMPLE["MLFLOW_TRACKING_USERNAME"],
+        config["mlflow"]["admin_username"],
+    )
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.keys() - {"matchLabels", "matchExpressions"}:
+        if not selector.get("matchLabels", {}).items() <= labels.items():
+            return False
+        for expression in selector.get("matchExpressions", []):
+            assert expression["operator"] == "In", expression
+            if labels.get(expression["key"]) not in expression["values"]:
+                return False
+        return True
+    raise AssertionError(f"unknown selector {selector}")
+
+
+def _ingress_sources(name: str) -> dict[int, set[str]]:
+    """Which app names may connect to pods named ``name``, per port ("*" for anyone)."""
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "cars-ml"}
+    sources: dict[int, set[str]] = {}
+    for policy in (d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"):
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("ports"), f"{policy['metadata']['name']}: name the ports"
+            peers = rule.get("from")
+            allowed = {"*"} if not peers else set()
+            for peer in peers or []:
+                assert set(peer) == {"podSelector"}, "no namespace or IP peers"
+                allowed |= {
+                    n
+                    for n in APPS
+                    if _selects(
+                        peer["podSelector"],
+                        {"app.kubernetes.io/name": n, "app.kubernetes.io/part-of": "cars-ml"},
+                    )
+                }
+            for port in rule["ports"]:
+                sources.setdefault(port["port"], set()).update(allowed)
+    return sources
+
+
+APPS = {"mlflow", "postgres", "minio", "cars-ml-serve", "cars-ml-tune", "cars-ml-train",
+        "cars-ml-minio-init"}  # fmt: skip
+
+
+def test_network_policy_denies_ingress_except_the_paths_needed():
+    policies = [d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+               and not p["spec"].get("ingress") for p in policies), "a default deny for ingress"  # fmt: skip
+    workloads = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+                 for d in _workloads()}  # fmt: skip
+    assert workloads <= APPS
+    assert _ingress_sources("mlflow") == {5000: {"cars-ml-train", "cars-ml-tune", "cars-ml-serve"}}
+    assert _ingress_sources("postgres") == {5432: {"mlflow", "cars-ml-tune", "cars-ml-train"}}
+    assert _ingress_sources("minio") == {9000: {"mlflow", "cars-ml-minio-init"}}
+    assert _ingress_sources("cars-ml-serve") == {SERVE_PORT: {"*"}}
+    for name in ("cars-ml-tune", "cars-ml-train", "cars-ml-minio-init"):
+        assert _ingress_sources(name) == {}, f"nothing connects to {name}"
+    # The ports opened are the ones the services listen on.
+    assert _ingress_sources("mlflow").keys() == {
+        p["port"] for p in _k8s("Service", "mlflow")["spec"]["ports"]
+    }
