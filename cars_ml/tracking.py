@@ -22,27 +22,10 @@ import mlflow
 
 import cars_ml
 
+# Re-exported: callers and tests reach redaction through this module, the one that logs.
+from cars_ml.redaction import _SECRET_ENV, _URL_PASSWORD, has_credentials, redact  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+):(?P<pw>[^@\s]+)@")
-_SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "PGPASSWORD",
-)
-
-
-def redact(value: Any) -> str:
-    """Stringify ``value`` with URL passwords and known secret values replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", str(value))
-    for name in _SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def tracking_uri() -> str:
@@ -178,7 +161,13 @@ def log_figure(figure, artifact_file: str) -> None:
 
 
 def log_table(frame, name: str, artifact_path: str | None = None) -> None:
-    """Log a DataFrame as ``name.csv`` and ``name.html`` artifacts."""
+    """Log a DataFrame as ``name.csv`` and ``name.html`` artifacts, secrets scrubbed.
+
+    Text cells and column names go through :func:`redact`; numbers are left as they are. The
+    caller's frame is not changed.
+    """
+    frame = frame.rename(columns=lambda c: redact(c) if isinstance(c, str) else c)
+    frame = frame.map(lambda v: redact(v) if isinstance(v, str) else v)
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp) / f"{name}.csv", index=False)
         (Path(tmp) / f"{name}.html").write_text(frame.to_html(index=False, na_rep="-"))
