@@ -271,15 +271,36 @@ def close_stale_runs(run_ids, status: str = "KILLED") -> list[str]:
     return closed
 
 
+def filter_equals(key: str, value: str) -> tuple[str, bool]:
+    """A filter-string clause matching ``key`` equal to ``value``, and whether it is exact.
+
+    MLflow's search parser strips one pair of quotes from a value and never unescapes, so
+    doubling a quote (``'a''b'``) or a backslash does not work. A value with single quotes is
+    put in double quotes and the other way round. A value with both cannot be written exactly:
+    it becomes a ``LIKE`` pattern with ``_`` (any one character) for each quote, which also
+    matches look-alikes, so the clause comes back with ``exact=False`` and the caller must
+    compare the results itself.
+    """
+    text = str(value)
+    if "'" not in text:
+        return f"{key} = '{text}'", True
+    if '"' not in text:
+        return f'{key} = "{text}"', True
+    return f"{key} LIKE '{text.replace(chr(39), '_').replace(chr(34), '_')}'", False
+
+
 def find_finished_run(tags: Mapping[str, str]) -> Any | None:
     """The newest FINISHED run in the current experiment carrying all ``tags`` (for reuse)."""
-    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    clauses = [filter_equals(f"tags.`{k}`", v) for k, v in tags.items()]
+    exact = all(is_exact for _, is_exact in clauses)
     runs = mlflow.search_runs(
-        filter_string=" and ".join(clauses + ["attributes.status = 'FINISHED'"]),
+        filter_string=" and ".join([c for c, _ in clauses] + ["attributes.status = 'FINISHED'"]),
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        # A loose (LIKE) match may return look-alikes first; they are filtered out below.
+        max_results=1 if exact else 1000,
         output_format="list",
     )
+    runs = [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
     return runs[0] if runs else None
 
 
