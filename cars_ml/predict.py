@@ -2,7 +2,10 @@
 
 The model is loaded once and fed batches of base64 images, exactly what the server receives.
 When a batch is refused (one file is not a readable image), its files are retried one by one,
-so a bad file costs one row with an ``error`` and never stops the run.
+so a bad file costs one row with an ``error`` and never stops the run. A file over the model's
+per-image byte limit is refused from its size alone, before it is read. File names are user
+controlled and labels come from the model, so CSV cells that a spreadsheet would run as a
+formula are neutralised (see :func:`spreadsheet_safe`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,17 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CSV_COLUMNS = ("file", "label", "class_id", "probability", "top5", "error")
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets
+# (OWASP "CSV injection"); tab and carriage return are included because some of them strip
+# those first and then read the rest as a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """``value`` with a leading single quote when it is text a spreadsheet would run."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,11 @@ def _predict_one(model, name: str, value: str, errors: dict[str, str]) -> dict:
         return _row(name, model.predict(pd.DataFrame({"image": [value]})).iloc[0])
     except MlflowException as exc:
         errors[name] = exc.message.removeprefix("image 0: ")
-        return _row(name, error=errors[name])
+    # Anything else one file triggers (a decoder bug, a malformed answer) is that file's
+    # failure: it is recorded in its row and the other files are still classified.
+    except Exception as exc:  # noqa: BLE001
+        errors[name] = f"{type(exc).__name__}: {exc}"
+    return _row(name, error=errors[name])
 
 
 def _predict_batch(model, names: list[str], values: list, errors: dict[str, str]) -> list[dict]:
@@ -97,13 +115,48 @@ def _predict_batch(model, names: list[str], values: list, errors: dict[str, str]
         return rows
     try:
         frame = model.predict(pd.DataFrame({"image": [values[i] for i in good]}))
-    except MlflowException:
+    # Whatever refused the batch, file-by-file retries find the file(s) that caused it.
+    except Exception:  # noqa: BLE001
         for i in good:
             rows[i] = _predict_one(model, names[i], values[i], errors)
         return rows
     for i, (_, prediction) in zip(good, frame.iterrows(), strict=True):
         rows[i] = _row(names[i], prediction)
     return rows
+
+
+def _max_image_bytes(model) -> int:
+    """The loaded model's per-image byte limit (``serving_config.json``), or the default."""
+    try:
+        limits = model.unwrap_python_model().limits
+    # A model that is not our serving pyfunc has no limits of its own.
+    except (AttributeError, MlflowException):
+        limits = Limits()
+    return int(limits.max_image_bytes)
+
+
+def _read_image(path: Path, max_bytes: int) -> str:
+    """``path`` as base64, refusing a file over ``max_bytes`` before reading it.
+
+    The size is checked with ``stat`` first, and the read itself stops one byte past the limit,
+    so a file that grows in between is refused too instead of being read whole.
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _TooLarge(size, max_bytes)
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _TooLarge(len(data), max_bytes)
+    return base64.b64encode(data).decode("ascii")
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(
+            f"file is {size} bytes, over the model's limit of {limit} bytes per image "
+            "(max_image_bytes); it was not read. Shrink or re-encode it."
+        )
 
 
 def run_predict(cfg: PredictConfig) -> PredictResult:
@@ -127,6 +180,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
             }
         )
         model = tracking.load_pyfunc(cfg.model_uri)
+        max_bytes = _max_image_bytes(model)
         rows: list[dict] = []
         errors: dict[str, str] = {}
         with tqdm(total=len(files), unit="img", desc="predict") as bar:
@@ -136,15 +190,22 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
                 values = []
                 for name, path in zip(names, batch, strict=True):
                     try:
-                        values.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+                        values.append(_read_image(path, max_bytes))
+                    except _TooLarge as exc:
+                        errors[name] = str(exc)
+                        values.append(None)
                     except OSError as exc:
                         errors[name] = f"cannot read file: {exc.strerror or exc}"
                         values.append(None)
                 rows.extend(_predict_batch(model, names, values, errors))
                 bar.update(len(batch))
         table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+        for column in ("file", "label", "top5", "error"):
+            table[column] = table[column].map(spreadsheet_safe)
         # Nullable integers keep class ids as 7, not 7.0, next to the empty cells of bad files.
-        table.astype({"class_id": "Int64"}).to_csv(output, index=False)
+        # RFC 4180 line ends make the writer quote a name holding a carriage return, which would
+        # otherwise split its row in two.
+        table.astype({"class_id": "Int64"}).to_csv(output, index=False, lineterminator="\r\n")
         tracking.log_metrics({"num_images": len(files), "num_errors": len(errors)})
         tracking.log_artifact(output)
     if errors:

@@ -54,9 +54,11 @@ def _missing(exc: MlflowException) -> bool:
 def list_versions(model_name: str) -> list[Any]:
     """Every version of ``model_name`` (all pages), oldest first; [] if the model is unknown."""
     client, versions, token = _client(), [], None
+    # Quoted so that a name holding quotes still works; a loose match is narrowed to the name.
+    clause, _ = tracking.filter_equals("name", model_name)
     while True:
-        page = client.search_model_versions(f"name = '{model_name}'", page_token=token)
-        versions.extend(page)
+        page = client.search_model_versions(clause, page_token=token)
+        versions.extend(v for v in page if v.name == model_name)
         token = page.token
         if not token:
             break

@@ -23,27 +23,10 @@ import mlflow
 
 import cars_ml
 
+# Re-exported: callers and tests reach redaction through this module, the one that logs.
+from cars_ml.redaction import _SECRET_ENV, _URL_PASSWORD, has_credentials, redact  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+):(?P<pw>[^@\s]+)@")
-_SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "PGPASSWORD",
-)
-
-
-def redact(value: Any) -> str:
-    """Stringify ``value`` with URL passwords and known secret values replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", str(value))
-    for name in _SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def tracking_uri() -> str:
@@ -179,7 +162,13 @@ def log_figure(figure, artifact_file: str) -> None:
 
 
 def log_table(frame, name: str, artifact_path: str | None = None) -> None:
-    """Log a DataFrame as ``name.csv`` and ``name.html`` artifacts."""
+    """Log a DataFrame as ``name.csv`` and ``name.html`` artifacts, secrets scrubbed.
+
+    Text cells and column names go through :func:`redact`; numbers are left as they are. The
+    caller's frame is not changed.
+    """
+    frame = frame.rename(columns=lambda c: redact(c) if isinstance(c, str) else c)
+    frame = frame.map(lambda v: redact(v) if isinstance(v, str) else v)
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp) / f"{name}.csv", index=False)
         (Path(tmp) / f"{name}.html").write_text(frame.to_html(index=False, na_rep="-"))
@@ -331,15 +320,36 @@ def close_stale_runs(run_ids, status: str = "KILLED") -> list[str]:
     return closed
 
 
+def filter_equals(key: str, value: str) -> tuple[str, bool]:
+    """A filter-string clause matching ``key`` equal to ``value``, and whether it is exact.
+
+    MLflow's search parser strips one pair of quotes from a value and never unescapes, so
+    doubling a quote (``'a''b'``) or a backslash does not work. A value with single quotes is
+    put in double quotes and the other way round. A value with both cannot be written exactly:
+    it becomes a ``LIKE`` pattern with ``_`` (any one character) for each quote, which also
+    matches look-alikes, so the clause comes back with ``exact=False`` and the caller must
+    compare the results itself.
+    """
+    text = str(value)
+    if "'" not in text:
+        return f"{key} = '{text}'", True
+    if '"' not in text:
+        return f'{key} = "{text}"', True
+    return f"{key} LIKE '{text.replace(chr(39), '_').replace(chr(34), '_')}'", False
+
+
 def find_finished_run(tags: Mapping[str, str]) -> Any | None:
     """The newest FINISHED run in the current experiment carrying all ``tags`` (for reuse)."""
-    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    clauses = [filter_equals(f"tags.`{k}`", v) for k, v in tags.items()]
+    exact = all(is_exact for _, is_exact in clauses)
     runs = mlflow.search_runs(
-        filter_string=" and ".join(clauses + ["attributes.status = 'FINISHED'"]),
+        filter_string=" and ".join([c for c, _ in clauses] + ["attributes.status = 'FINISHED'"]),
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        # A loose (LIKE) match may return look-alikes first; they are filtered out below.
+        max_results=1 if exact else 1000,
         output_format="list",
     )
+    runs = [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
     return runs[0] if runs else None
 
 

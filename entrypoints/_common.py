@@ -88,10 +88,83 @@ def fraction(value: str) -> float:
     return number
 
 
+_CREDENTIAL_FIX = (
+    "pass the URL without it and put the password in PGPASSWORD (or the driver's password file, "
+    "such as ~/.pgpass; MLFLOW_TRACKING_PASSWORD for a tracking server), and rotate this "
+    "password: it has been exposed"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses any argument that carries a password (see :func:`refuse_credentials`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        refuse_credentials(parsed)
+        return parsed, extra
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with the formatting every entry point shares."""
-    return argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def refuse_credentials(namespace: argparse.Namespace) -> None:
+    """Raise ``ValueError`` when an argument holds a password; delete the run that logged it.
+
+    ``mlflow run`` logs every parameter, as typed, on the run it creates before the entry point
+    starts, so redacting it later is too late and the only safe answer is to refuse it. Under
+    ``mlflow run`` (``MLFLOW_RUN_ID`` set) that run is deleted, so no visible run holds the
+    password, and the command that purges it for good is printed.
+    """
+    from cars_ml.redaction import has_credentials, redact
+
+    for name, value in vars(namespace).items():
+        if isinstance(value, str) and has_credentials(value):
+            _discard_mlflow_run()
+            raise ValueError(
+                f"{name}={redact(value)} holds a password, and parameters are stored in plain "
+                f"text (`mlflow run` logs them before any code of ours runs): {_CREDENTIAL_FIX}."
+            )
+
+
+def _discard_mlflow_run() -> None:
+    """Have the run ``mlflow run`` created deleted once it ends; print how to purge it.
+
+    A detached ``cars_ml.discard_run`` process does the deletion: ``mlflow run`` writes the
+    run's status after this process exits and fails on a run that is already deleted.
+    """
+    import subprocess
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from cars_ml.redaction import redact
+
+    uri = redact(os.environ.get("MLFLOW_TRACKING_URI", "") or "./mlruns")
+    if uri.startswith(("http://", "https://")):
+        purge = (
+            f"on the tracking server's host, `mlflow gc --backend-store-uri <its database URL> "
+            f"--run-ids {run_id}` (with MLFLOW_TRACKING_URI={uri} set, so artifacts go too)"
+        )
+    else:
+        purge = f"`mlflow gc --backend-store-uri {uri} --run-ids {run_id}`"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Its own session, so Ctrl-C or a SIGTERM to `mlflow run` does not stop the deletion. The
+    # tracking URI travels in the environment, never on a command line that `ps` shows.
+    subprocess.Popen(
+        [sys.executable, "-m", "cars_ml.discard_run", run_id],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    print(
+        f"note: MLflow run {run_id} holds the password in its parameters (`mlflow run` logged "
+        f"them); it is deleted as soon as `mlflow run` marks it failed. Purge it for good with "
+        f"{purge}.",
+        file=sys.stderr,
     )
 
 

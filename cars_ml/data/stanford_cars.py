@@ -12,7 +12,8 @@ Expected tree (also accepted one level down, under ``stanford_cars/``)::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import scipy.io
@@ -59,8 +60,13 @@ def read_class_names(meta_path: Path) -> list[str]:
     return [str(np.asarray(item).ravel()[0]).strip() for item in np.ravel(mat["class_names"])]
 
 
-def read_annotations(path: Path) -> list[dict]:
-    """Rows ``{fname, class (1-based or None), box}`` from a devkit annotation ``.mat`` file."""
+def read_annotations(path: Path, *, require_class: bool = False) -> list[dict]:
+    """Rows ``{fname, class (1-based or None), box, problem}`` from a devkit annotation file.
+
+    ``problem`` is ``None`` for a good record, else why the record is unusable (an empty or
+    unreadable field); the caller decides whether that raises or is skipped. ``require_class``
+    raises ``DataError`` when the file has no ``class`` field (the unlabelled test file).
+    """
     mat = _loadmat(path)
     annos = mat.get("annotations")
     if annos is None or annos.dtype.names is None:
@@ -73,16 +79,45 @@ def read_annotations(path: Path) -> list[dict]:
     if missing:
         raise DataError(f"{path} lacks the fields {missing}; re-download the Stanford Cars devkit.")
     labelled = "class" in names
-    rows = []
-    for rec in np.ravel(annos):
-        rows.append(
-            {
-                "fname": str(np.asarray(rec["fname"]).ravel()[0]).strip(),
-                "class": int(np.asarray(rec["class"]).ravel()[0]) if labelled else None,
-                "box": tuple(int(np.asarray(rec[f]).ravel()[0]) for f in BOX_FIELDS),
-            }
+    if require_class and not labelled:
+        raise DataError(
+            f"{path} has no 'class' field, so its images carry no labels (it looks like the "
+            "unlabelled cars_test_annos.mat). Use the labelled annotation file from the devkit."
         )
-    return rows
+    return [_read_record(rec, labelled) for rec in np.ravel(annos)]
+
+
+def _read_record(rec, labelled: bool) -> dict:
+    row = {"fname": None, "class": None, "box": None, "problem": None}
+    fields = ("fname", *(("class",) if labelled else ()), *BOX_FIELDS)
+    values = {}
+    for field in fields:
+        cell = np.asarray(rec[field]).ravel()
+        if cell.size == 0:
+            row["problem"] = f"has an empty '{field}' field"
+            return row
+        values[field] = cell[0]
+    row["fname"] = str(values["fname"]).strip()
+    if not row["fname"]:
+        row["problem"] = "has an empty 'fname' field"
+        return row
+    try:
+        row["class"] = int(values["class"]) if labelled else None
+        row["box"] = tuple(int(values[f]) for f in BOX_FIELDS)
+    # A field holding text or a nested struct where a number belongs.
+    except (TypeError, ValueError) as exc:
+        row["problem"] = f"({row['fname']}) has a field that is not a number ({exc})"
+    return row
+
+
+def _escapes(fname: str) -> bool:
+    """Whether ``fname`` is absolute or climbs out of its folder with ``..``.
+
+    A lexical check, so a dataset whose images are symbolic links into shared storage still
+    works: only the annotation file, which may come from anywhere, is distrusted.
+    """
+    posix = PurePosixPath(fname.replace("\\", "/"))
+    return posix.is_absolute() or ".." in posix.parts or bool(PureWindowsPath(fname).drive)
 
 
 def clamp_bbox(
@@ -160,8 +195,23 @@ def _records(
     crop_to_bbox: bool,
     skip_bad_images: bool,
 ) -> list[ImageRecord]:
-    records, missing = [], []
-    for i, row in enumerate(read_annotations(annos_path)):
+    records, missing, bad = [], [], []
+    for i, row in enumerate(read_annotations(annos_path, require_class=True)):
+        problem = row["problem"]
+        if problem is None and _escapes(row["fname"]):
+            problem = (
+                f"has fname {row['fname']!r}, which points outside the image folder "
+                f"{image_dir} (an absolute path or one that climbs out with '..'); it is not read"
+            )
+        if problem is not None:
+            if not skip_bad_images:
+                raise DataError(
+                    f"{annos_path}: record {i + 1} {problem}. Fix the annotation file "
+                    f"(re-download the devkit), or pass skip_bad_images=true to skip such "
+                    "records (they are counted and listed)."
+                )
+            bad.append(f"{annos_path}: record {i + 1} {problem}")
+            continue
         class_id = row["class"]
         if not 1 <= class_id <= len(class_names):
             raise DataError(
@@ -186,6 +236,7 @@ def _records(
             f"{missing[0]}. Restore them (re-extract the image archive into {image_dir}) or "
             "pass skip_bad_images=true to skip them."
         )
+    data.skipped.extend(bad)
     data.skipped.extend(f"{p}: annotated in {annos_path.name} but missing on disk" for p in missing)
     return records
 
@@ -193,10 +244,14 @@ def _records(
 def _header_size(path: Path) -> tuple[int, int] | None:
     """``(width, height)`` from the file header (no pixel decoding), or ``None`` if unreadable."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except OSError:
-        # Unreadable files are reported by image validation, which names the file and the fix.
+        with warnings.catch_warnings():
+            # Between PIL's limit and twice it PIL only warns; validation decides on the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size
+    # Unreadable files and decompression bombs (over twice PIL's pixel limit, refused while
+    # the header is read) are reported by image validation, which names the file and the fix.
+    except (OSError, Image.DecompressionBombError):
         return None
 
 
