@@ -36,6 +36,11 @@ _SECRET_ENV = (
     "PGPASSWORD",
     "POSTGRES_PASSWORD",
     "MINIO_ROOT_PASSWORD",
+    # The per-client credentials of deploy/ (.env.example): database roles, MinIO, serving.
+    "MLFLOW_DB_PASSWORD",
+    "OPTUNA_DB_PASSWORD",
+    "MINIO_MLFLOW_PASSWORD",
+    "MLFLOW_SERVE_PASSWORD",
 )
 
 
