@@ -357,7 +357,14 @@ def find_finished_run(tags: Mapping[str, str]) -> Any | None:
 
 
 def register_in_scratch_store(
-    model, class_names, image_size: int, folder: str | Path, *, name: str = "benchmark-model"
+    model,
+    class_names,
+    image_size: int,
+    folder: str | Path,
+    *,
+    name: str = "benchmark-model",
+    litert_model=None,
+    litert_int8_model=None,
 ) -> tuple[str, str, str]:
     """Save ``model`` as the serving pyfunc and register it in a new SQLite store in ``folder``.
 
@@ -381,7 +388,14 @@ def register_in_scratch_store(
     run = client.create_run(experiment_id, run_name="scratch-model", tags=base_tags())
     local = root / "model"
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = package.write_model_artifacts(model, class_names, image_size, Path(tmp) / "a")
+        artifacts = package.write_model_artifacts(
+            model,
+            class_names,
+            image_size,
+            Path(tmp) / "a",
+            litert_model=litert_model,
+            litert_int8_model=litert_int8_model,
+        )
         code_dir = Path(tmp) / "code" / "cars_ml"
         shutil.copytree(
             Path(cars_ml.__file__).resolve().parent,

@@ -102,6 +102,9 @@ def _with_study_params(cfg: TrainConfig) -> TrainConfig:
 
 def run_train(cfg: TrainConfig) -> TrainOutcome:
     """Run the whole train step inside one MLflow run and return its outcome."""
+    tracking.check_tracking_server()
+    # A teacher URI that does not resolve fails before TensorFlow starts or any data is read.
+    teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
     # TensorFlow loads here, not at import: configuring a step (the pipeline process, argument
     # checks) does not need it.
     import keras
@@ -110,7 +113,6 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     from cars_ml.perf.macs import count_macs
     from cars_ml.train import fit, inference_fn, labels_of
 
-    tracking.check_tracking_server()
     cfg = _with_study_params(cfg)
     # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
     strat = distribute.strategy(cfg.devices)
@@ -127,8 +129,6 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     if cfg.budget_gmacs:
         epochs = epochs_for_budget(cfg.budget_gmacs, forward_gmacs, cfg.hparams.epochs)
         cfg = replace(cfg, hparams=replace(cfg.hparams, epochs=epochs))
-    # A teacher URI that does not resolve fails before the data is read or anything trains.
-    teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
     splits = load_dataset(cfg.data)
     teacher = load_teacher(teacher_version, splits) if teacher_version else None
     tags = {

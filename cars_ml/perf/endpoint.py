@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cars_ml.serve import ServeConfig, serve_command
+from cars_ml.serving.model import PRECISION_ENV
 
 START_TIMEOUT_S = 240.0
 REQUEST_TIMEOUT_S = 60.0
@@ -143,11 +144,13 @@ def compare_serving(
     *,
     seconds: float = 10.0,
     clients: Sequence[int] = (1, 8),
+    precision: str = "float32",
 ) -> dict[str, float]:
     """Serve ``model_uri`` with the ``serve`` step's command and load it from 1 and 8 clients.
 
-    Metrics per client count ``n``, prefixed ``serve`` for one client and ``serve<n>`` otherwise:
-    ``_p50_ms``, ``_p99_ms``, ``_req_per_s`` (successful requests) and ``_errors``.
+    Metrics per client count ``n``, prefixed ``serve`` for one client and ``serve<n>`` otherwise
+    (``serve_int8`` / ``serve<n>_int8`` for the int8 file): ``_p50_ms``, ``_p99_ms``,
+    ``_req_per_s`` (successful requests) and ``_errors``.
     """
     if seconds <= 0:
         raise ValueError(f"serve seconds must be > 0, got {seconds}.")
@@ -155,8 +158,10 @@ def compare_serving(
     command = serve_command(ServeConfig(model_uri=model_uri, port=port))
     env = {k: v for k, v in os.environ.items() if k not in _RUN_ENV}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env[PRECISION_ENV] = precision  # what `serve -P precision=...` hands the server
+    suffix = "" if precision == "float32" else f"_{precision}"
     body = json.dumps({"inputs": {"image": [image_b64]}}).encode()
-    log_path = Path(workdir) / "serve.log"
+    log_path = Path(workdir) / f"serve{suffix}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -171,7 +176,7 @@ def compare_serving(
             )
         warm.close()
         for n in clients:
-            prefix = "serve" if n == 1 else f"serve{n}"
+            prefix = ("serve" if n == 1 else f"serve{n}") + suffix
             result = load_test(port, body, n, seconds)
             metrics.update({f"{prefix}_{key}": value for key, value in result.items()})
     finally:

@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cars_ml import tracking
 from cars_ml.backbones import get_backbone
 from cars_ml.perf import report
@@ -107,14 +109,25 @@ def _built_model(cfg: BenchmarkConfig, class_names: list[str], workdir: Path) ->
     import keras
 
     from cars_ml import backbones
+    from cars_ml.export import export_tflite
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone("mobilenet")
     backbone, _ = backbones.build_backbone(spec, cfg.image_size, "none")
     head = backbones.build_head(backbone.output_shape[-1], len(class_names), 0.3, 0)
     model = backbones.build_classifier(spec, cfg.image_size, backbone, head)
+    # Both TFLite files, as the train step ships them, so the serve section can run each;
+    # random pixels calibrate the int8 ranges, which is enough to time it.
+    rng = np.random.default_rng(0)
+    calibration = rng.integers(0, 256, (8, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    files = export_tflite(model, workdir / "tflite", calibration)
     uri, model_uri, local = tracking.register_in_scratch_store(
-        model, class_names, cfg.image_size, workdir / "scratch_store"
+        model,
+        class_names,
+        cfg.image_size,
+        workdir / "scratch_store",
+        litert_model=files["float32"],
+        litert_int8_model=files["int8"],
     )
     pyfunc = tracking.load_pyfunc(local)
     return _Model(pyfunc, pyfunc.unwrap_python_model(), model_uri, uri, "mobilenet_random_weights")
@@ -157,9 +170,21 @@ def _sections(cfg: BenchmarkConfig, workdir: Path):
     if "serve" in cfg.sections:
         from cars_ml.perf.endpoint import compare_serving
 
-        yield "serve", compare_serving(model.model_uri, model.tracking_uri, file_base64(photo),
-                                       workdir, seconds=cfg.serve_seconds,
-                                       clients=cfg.serve_clients)  # fmt: skip
+        # The float32 and the int8 file side by side, each in its own server.
+        served = {}
+        for precision in ("float32", "int8"):
+            served.update(
+                compare_serving(
+                    model.model_uri,
+                    model.tracking_uri,
+                    file_base64(photo),
+                    workdir,
+                    seconds=cfg.serve_seconds,
+                    clients=cfg.serve_clients,
+                    precision=precision,
+                )
+            )
+        yield "serve", served
     if "edge" in cfg.sections:
         from cars_ml.perf.edge import compare_edge
 

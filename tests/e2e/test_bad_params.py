@@ -71,6 +71,15 @@ CASES = [
     ("promote", ["--max_latency_ms", "-1"], {}, "must be >= 0 (or none), got -1"),
     ("promote", ["--metric", "loss"], {}, "invalid choice: 'loss'"),
     ("promote", ["--min_improvement", "2"], {}, "must be between 0 and 1, got 2"),
+    # distill
+    ("distill", [], {}, "teacher is required"),
+    ("distill", ["--teacher", "models:/stanford-cars-classifier/99"], {}, "does not resolve"),
+    ("distill", ["--teacher", "runs:/abc/model"], {}, "is not a registered model URI"),
+    ("distill", ["--teacher", "models:/m/1", "--student", "tinynet"], {}, "Unknown backbone 'tinynet'"),
+    ("distill", ["--teacher", "models:/m/1", "--temperature", "0"], {}, "must be > 0, got 0"),
+    ("distill", ["--teacher", "models:/m/1", "--alpha", "1.5"], {}, "alpha=1.5 must be between 0 and 1"),
+    ("main", ["--temperature", "-1"], {}, "must be > 0, got -1"),
+    ("main", ["--distill_students", "tinynet"], {}, "Unknown backbone 'tinynet'"),
     # predict
     ("predict", [], {}, "images is required"),
     ("predict", ["--images", "/no/such/folder"], {}, "is not a folder"),
@@ -103,7 +112,7 @@ def _run_case(case, folder: Path) -> tuple:
     env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **extra_env)  # fmt: skip
     started = time.monotonic()
-    proc = run_entry(entry, *(TINY if entry in ("train", "tune") else []), *args, env=env,
+    proc = run_entry(entry, *(TINY if entry in ("train", "tune", "distill") else []), *args, env=env,
                      check=False, timeout=300)  # fmt: skip
     return proc, time.monotonic() - started, uri
 

@@ -81,7 +81,7 @@ def test_mlflow_run_distill_registers_a_student_with_lineage(teacher, sub_env, t
     metrics = run.data.metrics
     assert run.data.tags["step"] == "distill"
     assert run.data.tags["distilled_from"] == teacher
-    assert run.data.params["temperature"] == "3.0" and run.data.params["alpha"] == "0.3"
+    assert float(run.data.params["temperature"]) == 3.0 and float(run.data.params["alpha"]) == 0.3
     # An ordinary train run: the same schema and edge metrics, plus the lineage metrics.
     for name in ("test_f1_macro", "latency_ms_p95", "model_size_mb", "int8_f1_drop"):
         assert np.isfinite(metrics[name]), name
