@@ -335,10 +335,12 @@ def test_credentials_come_only_from_the_environment():
 
 
 def test_readme_mentions_only_deploy_files_that_exist():
-    readme = (ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else ""
-    # deploy/.env is the user's own copy of deploy/.env.example (git-ignored), not a repo file.
-    for path in set(re.findall(r"\bdeploy/[\w./-]+\w", readme)) - {"deploy/.env"}:
-        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+    # The README and the guides under docs/ (the deploy/ walk-through is docs/scale-out.md).
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text() if page.exists() else ""
+        # deploy/.env is the user's own copy of deploy/.env.example (git-ignored), not a repo file.
+        for path in set(re.findall(r"\bdeploy/[\w./-]+\w", text)) - {"deploy/.env"}:
+            assert (ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
 
 
 # --- Least privilege ---------------------------------------------------------------------------
