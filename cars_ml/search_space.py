@@ -1,4 +1,4 @@
-"""The tuning search space, in one place (documented in README's "Tuning" section).
+"""The tuning search space, in one place (documented in docs/tuning.md).
 
 A pure decision: given an Optuna trial and the values the user pinned, return the
 hyperparameters of one trial. Pinned values are not sampled.
