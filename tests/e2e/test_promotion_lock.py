@@ -199,6 +199,7 @@ def test_a_stale_lock_that_cannot_be_removed_waits_with_pauses_until_the_timeout
     """An expired lock whose removal is refused (no permission) or fails (server error): the
     waiter must pause between attempts and give up at its timeout, naming the cause."""
     model = _name()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)  # As a promote run would have it.
     client = MlflowClient(registry_uri=server.uri)
     client.create_registered_model(
         model + LOCK_SUFFIX, tags={"owner": "ghost:1:x", "expires_at": "1.0"}
