@@ -271,7 +271,7 @@ def promotion_lock(
         yield held
     finally:
         stop.set()
-        beat.join()
+        beat.join(timeout=ttl_s)  # A renewal stuck in retries must not hold up the release.
         if _lock_state(client, lock_name)[0] == owner:
             client.delete_registered_model(lock_name)
         else:

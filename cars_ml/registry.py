@@ -502,8 +502,12 @@ def plan_rollback(model_name: str, pending: Move | None = None) -> RollbackPlan:
     history, champion = champion_history(model_name), current_champion(model_name)
     if pending is not None:
         if not any(event.get("id") == pending.id for event in history):
-            event = {"action": pending.action, "version": pending.target}
-            history = [*history, {**event, "previous": pending.source}]
+            event = {
+                "action": pending.action,
+                "version": pending.target,
+                "previous": pending.source,
+            }
+            history = [*history, event]
         champion = pending.target
     return decide_rollback(history, champion)
 
