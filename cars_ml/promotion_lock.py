@@ -2,32 +2,37 @@
 
 Two ``promote`` runs at the same time must leave one champion and one consistent
 ``champion_history``: each takes this lock, re-reads the registry, decides and applies, then
-lets go. The mechanism follows the registry URI:
+lets go.
 
-- ``sqlite:///path``: an exclusive ``fcntl.flock`` on ``path.promote-lock`` beside the database.
-  The kernel drops it when the holder dies, so a killed promote never blocks the next one.
-  Limit: processes on the same host (which SQLite needs anyway); POSIX only.
-- ``postgresql://``: a session-level ``pg_try_advisory_lock`` on a dedicated connection, keyed by
-  the model name. PostgreSQL drops it when the holder's connection ends (process killed,
-  network lost); ``verify()`` notices a lost connection before anything is written.
-- anything else (``http(s)://`` tracking servers, other SQL stores): a lock *registered model*
-  named ``<model>--promote-lock``. Creating a registered model is atomic (the name is the
-  primary key in the server's database), so exactly one creator wins; the holder deletes it on
-  release. Owner and expiry are tags: a lock left by a killed process is taken over after
-  ``ttl_s``. Limits: the lock model is briefly visible in the registry UI, and two waiters that
-  take over the same expired lock at the same instant can race; ``verify()`` re-reads the
-  owner just before writing, so the loser aborts rather than writes.
+The lock lives in the registry itself: a registered model named ``<model>--promote-lock``. So
+every client of one store sees the same lock, whether it reaches the store by its database URL
+(``sqlite://``, ``postgresql://``) or through a tracking server (``http(s)://``). Creating a
+registered model is atomic (the name is the primary key in the store's database), so exactly
+one creator wins; the holder deletes it on release.
 
-``CARS_ML_PROMOTE_LOCK=file|postgres|registry`` forces a mechanism (tests, unusual stores).
+The holder holds a *lease*: the tag ``expires_at`` (wall-clock seconds), renewed every
+``ttl_s / 4`` by a heartbeat thread, so a move that takes longer than ``ttl_s`` keeps its lock.
+A waiter takes over a lock whose lease has expired (its holder died, or lost the store for a
+whole ``ttl_s``), and at once a lock whose holder was a process on this machine that no longer
+exists (the ``machine`` tag names the boot and PID namespace, so a process in another container
+is never mistaken for a dead one). A renewal that finds another owner, or that fails for a whole
+``ttl_s``, marks the lock lost: ``check()`` (cheap, called before every registry write of a
+move) and ``verify()`` (re-reads the owner) then raise ``LockLostError``.
+
+Limits: the lock model is briefly visible in the registry UI; hosts' clocks must agree to well
+within ``ttl_s``; two waiters that take over the same expired lock at the same instant can race,
+and ``verify()`` before the first write makes the loser abort rather than write. A lock whose
+expired holder cannot be deleted (no permission, server errors) is retried with a pause until
+the timeout, which then names the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,204 +41,189 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = "--promote-lock"
-METHODS = ("auto", "file", "postgres", "registry")
+TTL_ENV = "CARS_ML_PROMOTE_LOCK_TTL_S"
+DEFAULT_TTL_S = 60.0
 _POLL_S = 0.1
+# Waiting polls back off to this pause, so that a lock that stays busy (or cannot be taken
+# over) costs the store a few requests a second at most.
+_MAX_POLL_S = 1.0
 
 
 class LockLostError(RuntimeError):
     """The promotion lock is no longer held: another process may be promoting."""
 
 
-def lock_method(registry_uri: str, method: str = "auto") -> str:
-    """The mechanism for ``registry_uri``: file (sqlite), postgres, or registry."""
-    method = os.environ.get("CARS_ML_PROMOTE_LOCK", method) if method == "auto" else method
-    if method not in METHODS:
-        raise ValueError(f"lock method must be one of {METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    if registry_uri.startswith("sqlite:") and _sqlite_path(registry_uri) is not None:
-        return "file"
-    if registry_uri.startswith(("postgresql:", "postgresql+", "postgres:")):
-        return "postgres"
-    return "registry"
+def lease_ttl_s(ttl_s: float | None = None) -> float:
+    """``ttl_s``, else ``CARS_ML_PROMOTE_LOCK_TTL_S``, else 60 s; ValueError unless > 0."""
+    raw = os.environ.get(TTL_ENV, "") if ttl_s is None else ttl_s
+    if raw == "":
+        return DEFAULT_TTL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"the promotion lock lease must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return None
-    return Path(database)
+def _machine() -> str:
+    """This boot of this machine and its PID namespace: where a PID means one process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""  # Not Linux: a holder's PID cannot be checked, only its lease.
+    return f"{boot}:{namespace}"
 
 
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _timeout(model_name: str, timeout_s: float) -> TimeoutError:
+def _holder_is_dead(owner: str, machine: str) -> bool:
+    """True only when ``owner`` was a process in this PID namespace that no longer exists."""
+    if not machine or machine != _machine():
+        return False
+    try:
+        pid = int(owner.split(":")[-2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # It exists, under another user.
+    return False
+
+
+def _timeout(model_name: str, timeout_s: float, cause: str = "") -> TimeoutError:
+    detail = (
+        f"; {cause}"
+        if cause
+        else ". Wait for it to finish and retry; if no promote is running, see README "
+        "'Promotion' (locking) for clearing a stale lock"
+    )
     return TimeoutError(
-        f"Another promote of {model_name!r} held the promotion lock for over {timeout_s:.0f} s. "
-        "Wait for it to finish and retry; if no promote is running, see README 'Promotion' "
-        "(locking) for clearing a stale lock."
+        f"Another promote of {model_name!r} held the promotion lock for over {timeout_s:.0f} s"
+        f"{detail}."
     )
 
 
 class _Held:
-    """What ``promotion_lock`` yields: the method and a way to check the lock is still ours."""
+    """What ``promotion_lock`` yields: the owner and ways to check the lock is still ours."""
 
-    def __init__(self, method: str, owner: str, verify, **details) -> None:
-        self.method = method
+    def __init__(self, owner: str, lock_name: str, client) -> None:
+        self.method = "registry"
         self.owner = owner
-        self.details = details  # e.g. the PostgreSQL backend pid holding the advisory lock
-        self._verify = verify
+        self.lock_name = lock_name
+        self._client = client
+        self.lost: str | None = None  # Why the heartbeat thinks the lock is gone, if it does.
+        self.renewals = 0
+
+    def check(self) -> None:
+        """Raise ``LockLostError`` if the heartbeat found the lock gone (no registry read)."""
+        if self.lost:
+            raise LockLostError(f"promotion lock {self.lock_name!r} lost: {self.lost}")
 
     def verify(self) -> None:
-        """Raise ``LockLostError`` if the lock is no longer held by this process."""
-        self._verify()
+        """Raise ``LockLostError`` unless the store still names this process the owner."""
+        self.check()
+        holder, _, _ = _lock_state(self._client, self.lock_name)
+        if holder != self.owner:
+            raise LockLostError(f"promotion lock {self.lock_name!r} is now held by {holder}")
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path, model_name: str, timeout_s: float) -> Iterator[_Held]:
-    import fcntl
-
-    lock_path = path.with_name(path.name + ".promote-lock")
-    deadline = time.monotonic() + timeout_s
-    with open(lock_path, "a+") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise _timeout(model_name, timeout_s) from None
-                time.sleep(_POLL_S)
-        try:
-            yield _Held("file", _owner(), lambda: None)
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _postgres_driver(uri: str):
-    """``uri`` with a driver that is installed: SQLAlchemy 2.1 maps a bare ``postgresql://`` to
-    psycopg 3 (which the project pins); fall back to psycopg2 where only that is installed."""
-    import importlib.util
-
-    from sqlalchemy.engine import make_url
-
-    url = make_url(uri)
-    if url.drivername in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None:
-        url = url.set(drivername="postgresql+psycopg2")
-    return url
-
-
-@contextlib.contextmanager
-def _postgres_lock(uri: str, model_name: str, timeout_s: float) -> Iterator[_Held]:
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    # A signed 64-bit key derived from the model name: one lock per registered model.
-    digest = hashlib.blake2b(f"cars_ml.promote:{model_name}".encode(), digest_size=8).digest()
-    key = int.from_bytes(digest, "big", signed=True)
-    engine = sqlalchemy.create_engine(_postgres_driver(uri), poolclass=NullPool)
-    deadline = time.monotonic() + timeout_s
-    try:
-        with engine.connect() as conn:
-            try_lock = sqlalchemy.text("SELECT pg_try_advisory_lock(:k)")
-            while not conn.execute(try_lock, {"k": key}).scalar():
-                conn.rollback()
-                if time.monotonic() > deadline:
-                    raise _timeout(model_name, timeout_s)
-                time.sleep(_POLL_S)
-            conn.commit()
-
-            def verify() -> None:
-                held = sqlalchemy.text(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND pid = pg_backend_pid() AND granted"
-                    " AND ((classid::bigint << 32) | objid::bigint) = :k"
-                )
-                try:
-                    ok = conn.execute(held, {"k": key}).scalar() > 0
-                    conn.commit()
-                except sqlalchemy.exc.DBAPIError as exc:
-                    raise LockLostError(f"promotion lock connection lost: {exc}") from exc
-                if not ok:
-                    raise LockLostError("promotion advisory lock is no longer held")
-
-            try:
-                pid = conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
-                conn.commit()
-                yield _Held("postgres", _owner(), verify, backend_pid=pid, key=key)
-            finally:
-                # A dead connection has already dropped the lock together with the session.
-                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
-    finally:
-        engine.dispose()
-
-
-def _registry_lock_owner(client, lock_name: str) -> tuple[str | None, float]:
-    """(owner, expires_at) of the lock model, or (None, 0) when there is none."""
+def _lock_state(client, lock_name: str) -> tuple[str | None, float, str]:
+    """(owner, expires_at, machine) of the lock model, or (None, 0, "") when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
         tags = client.get_registered_model(lock_name).tags
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None, 0.0
+            return None, 0.0, ""
         raise
-    return tags.get("owner"), float(tags.get("expires_at", "0") or 0)
+    return tags.get("owner"), float(tags.get("expires_at", "0") or 0), tags.get("machine", "")
 
 
-@contextlib.contextmanager
-def _registry_lock(model_name: str, timeout_s: float, ttl_s: float) -> Iterator[_Held]:
-    from mlflow import MlflowClient
+def _heartbeat(held: _Held, client, ttl_s: float, stop: threading.Event, written_at: float) -> None:
+    """Renew the lease every ``ttl_s / 4`` until ``stop``; mark the lock lost when it is.
+
+    ``written_at`` (monotonic) is when the lease was last written: the first renewal comes
+    ``ttl_s / 4`` after it.
+    """
+    last_renewed = written_at
+    wait = max(0.0, ttl_s / 4 - (time.monotonic() - written_at))
+    while not stop.wait(wait):
+        wait = ttl_s / 4
+        try:
+            holder, _, _ = _lock_state(client, held.lock_name)
+            if holder != held.owner:
+                held.lost = f"now held by {holder}"
+                return
+            expires = f"{time.time() + ttl_s:.3f}"
+            client.set_registered_model_tag(held.lock_name, "expires_at", expires)
+            last_renewed = time.monotonic()
+            held.renewals += 1
+        except Exception as exc:  # Any failure to renew is retried, then judged by its age.
+            if time.monotonic() - last_renewed > ttl_s:
+                held.lost = f"lease not renewed for {ttl_s:.0f} s ({type(exc).__name__}: {exc})"
+                return
+            log.warning("could not renew the promotion lock lease (will retry): %s", exc)
+
+
+def _acquire(
+    client, lock_name: str, model_name: str, owner: str, timeout_s: float, ttl_s: float
+) -> float:
+    """Create the lock model (taking over a stale one); the monotonic time its lease began."""
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    lock_name = model_name + LOCK_SUFFIX
-    owner = _owner()
     deadline = time.monotonic() + timeout_s
+    pause = _POLL_S
+    cause = ""
     while True:
-        tags = {"owner": owner, "expires_at": f"{time.time() + ttl_s:.3f}"}
+        written_at = time.monotonic()
+        tags = {"owner": owner, "expires_at": f"{time.time() + ttl_s:.3f}", "machine": _machine()}
         try:
             client.create_registered_model(
                 lock_name, tags=tags, description=f"Promotion lock for {model_name}; do not use."
             )
-            break
+            return written_at
         except MlflowException as exc:
             # MLflow's SQL store answers a duplicate name by re-reading the existing model: when
             # the holder released it in between, that read fails with RESOURCE_DOES_NOT_EXIST.
             # Either way the lock was busy a moment ago and may be free now: try again.
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
-        holder, expires_at = _registry_lock_owner(client, lock_name)
-        if holder is not None and expires_at < time.time():
-            # The holder died without releasing. Re-read right before deleting so that a lock
-            # freshly re-taken by another waiter is not deleted.
-            if _registry_lock_owner(client, lock_name)[0] == holder:
-                log.warning("taking over stale promotion lock of %s (expired)", holder)
-                with contextlib.suppress(MlflowException):
-                    client.delete_registered_model(lock_name)
-            continue
-        if time.monotonic() > deadline:
-            raise _timeout(model_name, timeout_s)
-        time.sleep(_POLL_S)
-
-    def verify() -> None:
-        holder, _ = _registry_lock_owner(client, lock_name)
-        if holder != owner:
-            raise LockLostError(f"promotion lock {lock_name!r} is now held by {holder}")
-
-    try:
-        yield _Held("registry", owner, verify)
-    finally:
-        if _registry_lock_owner(client, lock_name)[0] == owner:
-            client.delete_registered_model(lock_name)
-        else:
-            log.error("promotion lock %r was taken over while held", lock_name)
+        holder, expires_at, machine = _lock_state(client, lock_name)
+        stale = holder is not None and (
+            expires_at < time.time() or _holder_is_dead(holder, machine)
+        )
+        # Re-read right before deleting so that a lock freshly re-taken by another waiter is
+        # not deleted.
+        if stale and _lock_state(client, lock_name)[0] == holder:
+            log.warning("taking over the stale promotion lock of %s", holder)
+            try:
+                client.delete_registered_model(lock_name)
+                cause = ""
+                continue  # Free now: create it at once, before another waiter does.
+            except MlflowException as exc:
+                # No permission to delete (403) or a failing server (5xx): wait and retry like
+                # for a busy lock, so that neither the store nor the timeout is overrun.
+                cause = (
+                    f"the lock of {holder} is stale but could not be removed ({exc.error_code}: "
+                    f"{exc.message}); delete the registered model {lock_name!r} with an account "
+                    "that may"
+                )
+                log.warning("could not remove the stale promotion lock: %s", exc.message)
+        if time.monotonic() + pause > deadline:
+            raise _timeout(model_name, timeout_s, cause)
+        time.sleep(pause)
+        pause = min(pause * 1.5, _MAX_POLL_S)
 
 
 @contextlib.contextmanager
@@ -241,28 +231,48 @@ def promotion_lock(
     model_name: str,
     *,
     registry_uri: str | None = None,
-    method: str = "auto",
     timeout_s: float = 120.0,
-    ttl_s: float = 600.0,
+    ttl_s: float | None = None,
 ) -> Iterator[_Held]:
     """Hold the promotion lock of ``model_name``; TimeoutError after ``timeout_s`` of waiting.
 
-    ``ttl_s`` only matters for the registry lock: after it, a lock is considered abandoned.
+    ``ttl_s`` is the lease (default ``CARS_ML_PROMOTE_LOCK_TTL_S`` or 60 s): a holder that stops
+    renewing it for that long is considered gone.
     """
-    if registry_uri is None:
-        import mlflow
+    import mlflow
+    from mlflow import MlflowClient
 
-        registry_uri = mlflow.get_registry_uri()
-    chosen = lock_method(registry_uri, method)
-    if chosen == "file":
-        path = _sqlite_path(registry_uri)
-        if path is None:
-            raise ValueError(f"file lock needs a sqlite:///path registry URI, got {registry_uri}")
-        manager = _file_lock(path, model_name, timeout_s)
-    elif chosen == "postgres":
-        manager = _postgres_lock(registry_uri, model_name, timeout_s)
-    else:
-        manager = _registry_lock(model_name, timeout_s, ttl_s)
-    with manager as held:
-        log.info("promotion lock of %s taken (%s, %s)", model_name, chosen, held.owner)
+    ttl_s = lease_ttl_s(ttl_s)
+    if not timeout_s >= 0:
+        raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
+    registry_uri = registry_uri or mlflow.get_registry_uri()
+    client = MlflowClient(registry_uri=registry_uri)
+    lock_name = model_name + LOCK_SUFFIX
+    owner = _owner()
+    written_at = _acquire(client, lock_name, model_name, owner, timeout_s, ttl_s)
+    held = _Held(owner, lock_name, client)
+    if time.monotonic() - written_at > ttl_s / 4:
+        # A slow create (a cold or busy server) used up much of the lease: renew it before the
+        # caller starts, or a waiter could find the lock born stale.
+        client.set_registered_model_tag(lock_name, "expires_at", f"{time.time() + ttl_s:.3f}")
+        written_at = time.monotonic()
+    stop = threading.Event()
+    # Its own client: the heartbeat runs beside the move's writes.
+    beat_client = MlflowClient(registry_uri=registry_uri)
+    beat = threading.Thread(
+        target=_heartbeat,
+        args=(held, beat_client, ttl_s, stop, written_at),
+        daemon=True,
+        name="lock-lease",
+    )
+    beat.start()
+    log.info("promotion lock of %s taken (%s)", model_name, owner)
+    try:
         yield held
+    finally:
+        stop.set()
+        beat.join(timeout=ttl_s)  # A renewal stuck in retries must not hold up the release.
+        if _lock_state(client, lock_name)[0] == owner:
+            client.delete_registered_model(lock_name)
+        else:
+            log.error("promotion lock %r was taken over while held", lock_name)

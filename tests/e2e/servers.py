@@ -262,3 +262,29 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
             uri = f"http://127.0.0.1:{local['--port']}"
             wait_http(uri + "/health", proc, log_path)
             yield AuthServer(uri, s3, ADMIN_PASSWORD)
+
+
+@dataclass(frozen=True)
+class SqliteTrackingServer:
+    uri: str
+    database_uri: str  # The same store, reached directly.
+    log_path: Path
+
+
+@contextlib.contextmanager
+def sqlite_tracking_server(workdir: Path) -> Iterator[SqliteTrackingServer]:
+    """``mlflow server`` (one worker, no job runner) on a SQLite store in ``workdir``: the
+    lightest real tracking server, and a store that clients can also open by its URL."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    database_uri = f"sqlite:///{workdir / 'server.db'}"
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database_uri,
+               "--artifacts-destination", str(workdir / "served"), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    log_path = workdir / "mlflow-server.log"
+    with process_group(command, env, log_path) as proc:
+        uri = f"http://127.0.0.1:{port}"
+        wait_http(uri + "/health", proc, log_path)
+        yield SqliteTrackingServer(uri, database_uri, log_path)

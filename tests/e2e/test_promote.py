@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cars_ml.promote import PromotionConfig
-from cars_ml.promotion_lock import lock_method, promotion_lock
+from cars_ml.promotion_lock import promotion_lock
 from cars_ml.promotion_run import PROMOTION_EXPERIMENT, run_promote
 
 pytestmark = pytest.mark.e2e
@@ -217,24 +217,21 @@ def test_empty_registry_exits_non_zero_with_the_command_to_fix_it(
     assert "Traceback" not in done.stderr
 
 
-def _race_two_promotes(train_experiment: str, method: str) -> None:
+def _race_two_promotes(train_experiment: str) -> None:
     """Two promote processes wait on the lock held here, then race: one promotes, one keeps."""
     v1 = register(train_experiment, test_f1_macro=0.70)
     run_promote(PromotionConfig(), MODEL)
     register(train_experiment, test_f1_macro=0.80)
     v3 = register(train_experiment, test_f1_macro=0.90)
-    env = {"CARS_ML_PROMOTE_LOCK": method}
-    assert lock_method(mlflow.get_registry_uri(), method) == method
 
     # Hold the lock so both promotes are demonstrably waiting, then let them race for it.
-    with promotion_lock(MODEL, method=method):
+    with promotion_lock(MODEL):
         procs = [
             subprocess.Popen(
                 [sys.executable, str(ROOT / "entrypoints" / "promote.py"), "--model_name", MODEL],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**os.environ, **env},
             )
             for _ in range(2)
         ]
@@ -265,9 +262,8 @@ def _race_two_promotes(train_experiment: str, method: str) -> None:
     }
 
 
-@pytest.mark.parametrize("method", ["file", "registry"])
-def test_two_promotes_at_once_leave_one_champion_and_one_story(train_experiment, method):
-    _race_two_promotes(train_experiment, method)
+def test_two_promotes_at_once_leave_one_champion_and_one_story(train_experiment):
+    _race_two_promotes(train_experiment)
 
 
 @pytest.fixture()
@@ -284,12 +280,10 @@ def postgres_store(postgres_url, monkeypatch) -> str:
 
 
 @pytest.mark.postgres
-def test_two_promotes_at_once_on_postgres_use_an_advisory_lock(
-    postgres_store, tmp_path, monkeypatch
-):
+def test_two_promotes_at_once_on_postgres_leave_one_champion(postgres_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     experiment = mlflow.create_experiment("train", artifact_location=(tmp_path / "a").as_uri())
-    _race_two_promotes(experiment, "postgres")
+    _race_two_promotes(experiment)
 
 
 @pytest.fixture()
@@ -333,10 +327,8 @@ def http_store(tmp_path, monkeypatch) -> str:
 
 
 @pytest.mark.slow
-def test_two_promotes_at_once_on_a_tracking_server_use_the_registry_lock(
+def test_two_promotes_at_once_on_a_tracking_server_leave_one_champion(
     http_store, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CARS_ML_PROMOTE_LOCK", raising=False)
-    assert lock_method(http_store) == "registry"
-    _race_two_promotes(mlflow.create_experiment("train"), "registry")
+    _race_two_promotes(mlflow.create_experiment("train"))

@@ -1,5 +1,7 @@
-"""The promotion lock with real processes: it excludes, it times out with a clear message, and a
-holder killed with SIGKILL (or a stale registry lock) does not block the next promote."""
+"""The promotion lock with real processes: it excludes, it times out with a clear message, a
+holder killed with SIGKILL (or a stale lock) does not block the next promote, a lock that cannot
+be taken over waits with pauses until its timeout, the lock is the same however the store is
+reached, and a holder keeps its lock past the lease by renewing it."""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED
+from servers import sqlite_tracking_server
 
-from cars_ml.promotion_lock import LOCK_SUFFIX, LockLostError, lock_method, promotion_lock
+from cars_ml.promotion_lock import LOCK_SUFFIX, LockLostError, lease_ttl_s, promotion_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "stanford-cars-classifier"
@@ -21,39 +27,32 @@ HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from cars_ml.promotion_lock import promotion_lock
-with promotion_lock(sys.argv[3], registry_uri=sys.argv[2]):
+ttl = float(sys.argv[4]) if len(sys.argv) > 4 else None
+with promotion_lock(sys.argv[3], registry_uri=sys.argv[2], ttl_s=ttl) as held:
     print("held", flush=True)
-    time.sleep(120)
+    # Hold until told (a line on stdin), or for two minutes.
+    if len(sys.argv) > 5:
+        sys.stdin.readline()
+    else:
+        time.sleep(120)
+    held.verify()
+    print("still ours", flush=True)
 """
 
 
-@pytest.mark.parametrize(
-    ("uri", "method"),
-    [
-        ("sqlite:///mlflow.db", "file"),
-        ("sqlite:////tmp/x/mlflow.db", "file"),
-        ("sqlite://", "registry"),  # in-memory: no file to lock beside
-        ("postgresql://u:p@db:5432/mlflow", "postgres"),
-        ("postgresql+psycopg2://db/mlflow", "postgres"),
-        ("http://127.0.0.1:5000", "registry"),
-        ("https://mlflow.example.com", "registry"),
-        ("mysql://db/mlflow", "registry"),
-    ],
-)
-def test_lock_method_follows_the_registry_uri(uri, method, monkeypatch):
-    monkeypatch.delenv("CARS_ML_PROMOTE_LOCK", raising=False)
-    assert lock_method(uri) == method
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_lease_that_is_not_a_positive_number_is_refused(value, monkeypatch):
+    monkeypatch.setenv("CARS_ML_PROMOTE_LOCK_TTL_S", value)
+    with pytest.raises(ValueError, match="lease must be a number of seconds > 0"):
+        lease_ttl_s()
 
 
-def test_unknown_lock_method_is_refused(monkeypatch):
-    monkeypatch.setenv("CARS_ML_PROMOTE_LOCK", "carrier-pigeon")
-    with pytest.raises(ValueError, match="lock method must be one of"):
-        lock_method("sqlite:///mlflow.db")
-
-
-def _hold(uri: str) -> subprocess.Popen:
+def _hold(uri: str, model: str = MODEL, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(ROOT), uri, MODEL], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(ROOT), uri, model, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -77,8 +76,8 @@ def _killed_holder_does_not_block(uri: str) -> None:
 
 
 @pytest.mark.e2e
-def test_file_lock_excludes_and_dies_with_its_holder(tmp_path, monkeypatch):
-    monkeypatch.delenv("CARS_ML_PROMOTE_LOCK", raising=False)
+def test_sqlite_lock_excludes_and_dies_with_its_holder(tmp_path):
+    # The holder's lease runs for a minute: only recognising its process as gone frees it.
     _killed_holder_does_not_block(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
@@ -86,15 +85,15 @@ def test_file_lock_excludes_and_dies_with_its_holder(tmp_path, monkeypatch):
 def test_registry_lock_excludes_releases_and_takes_over_a_stale_lock(tracking_uri):
     client = MlflowClient()
     lock_name = MODEL + LOCK_SUFFIX
-    with promotion_lock(MODEL, method="registry") as held:
+    with promotion_lock(MODEL) as held:
         assert client.get_registered_model(lock_name).tags["owner"] == held.owner
-        with pytest.raises(TimeoutError), promotion_lock(MODEL, method="registry", timeout_s=0.3):
+        with pytest.raises(TimeoutError), promotion_lock(MODEL, timeout_s=0.3):
             pass
     assert lock_name not in {m.name for m in client.search_registered_models()}
 
     # A holder that died long ago: its lock has expired and is taken over.
     client.create_registered_model(lock_name, tags={"owner": "ghost:1:x", "expires_at": "1.0"})
-    with promotion_lock(MODEL, method="registry", timeout_s=5) as held:
+    with promotion_lock(MODEL, timeout_s=5) as held:
         held.verify()
         # Someone else taking the lock over is noticed before anything is written.
         client.set_registered_model_tag(lock_name, "owner", "thief:2:y")
@@ -124,7 +123,7 @@ def test_registry_lock_released_while_the_store_checks_the_duplicate(tracking_ur
         return real_get(store, name)
 
     monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", get_after_release)
-    with promotion_lock(MODEL, method="registry", timeout_s=5) as held:
+    with promotion_lock(MODEL, timeout_s=5) as held:
         assert released == [lock_name]
         held.verify()
     assert lock_name not in {m.name for m in client.search_registered_models()}
@@ -132,26 +131,95 @@ def test_registry_lock_released_while_the_store_checks_the_duplicate(tracking_ur
 
 @pytest.mark.e2e
 @pytest.mark.postgres
-def test_postgres_advisory_lock_excludes_and_dies_with_its_holder(postgres_url):
+def test_postgres_lock_excludes_and_dies_with_its_holder(postgres_url):
     _killed_holder_does_not_block(postgres_url)
 
 
-@pytest.mark.e2e
-@pytest.mark.postgres
-def test_postgres_lock_lost_with_its_connection_is_noticed(postgres_url):
-    import sqlalchemy
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `mlflow server` on SQLite for the tests below; each uses its own model name."""
+    with sqlite_tracking_server(tmp_path_factory.mktemp("lock-server")) as running:
+        yield running
 
-    engine = sqlalchemy.create_engine(postgres_url)
-    with promotion_lock(MODEL, registry_uri=postgres_url) as held:
+
+def _name() -> str:
+    return f"lock-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("holder_via", ["database", "server"])
+def test_the_lock_is_the_same_through_the_database_url_and_the_server(server, holder_via):
+    """Promotes of one store may reach it both ways (a pod through the server, an operator with
+    the database URL): a holder either way must block a waiter the other way."""
+    holder_uri, waiter_uri = (server.database_uri, server.uri)
+    if holder_via == "server":
+        holder_uri, waiter_uri = waiter_uri, holder_uri
+    model = _name()
+    holder = _hold(holder_uri, model)
+    try:
+        with (
+            pytest.raises(TimeoutError, match="held the promotion lock"),
+            promotion_lock(model, registry_uri=waiter_uri, timeout_s=1),
+        ):
+            pass
+        lock = MlflowClient(registry_uri=waiter_uri).get_registered_model(model + LOCK_SUFFIX)
+        assert lock.tags["owner"].split(":")[1] == str(holder.pid)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+@pytest.mark.e2e
+def test_a_move_longer_than_the_lease_keeps_its_lock(server):
+    """The holder renews its 2 s lease while it works for longer than two leases (until the
+    waiter has given up): the waiter must not take the lock over, and the holder still owns it."""
+    model = _name()
+    holder = _hold(server.uri, model, "2", "until-told")
+    try:
+        with (
+            pytest.raises(TimeoutError, match="held the promotion lock"),
+            promotion_lock(model, registry_uri=server.uri, timeout_s=5, ttl_s=2),
+        ):
+            pass
+        out, _ = holder.communicate("done\n", timeout=30)
+        assert (out.strip(), holder.returncode) == ("still ours", 0)
+    finally:
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    with promotion_lock(model, registry_uri=server.uri, timeout_s=2) as held:
         held.verify()
-        with engine.connect() as conn:
-            # Drop the lock holder's session, as a failed network or server restart would.
-            conn.execute(
-                sqlalchemy.text("SELECT pg_terminate_backend(:pid)"),
-                {"pid": held.details["backend_pid"]},
-            )
-            conn.commit()
-        time.sleep(0.2)
-        with pytest.raises(LockLostError):
-            held.verify()
-    engine.dispose()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("code", [PERMISSION_DENIED, INTERNAL_ERROR], ids=["403", "500"])
+def test_a_stale_lock_that_cannot_be_removed_waits_with_pauses_until_the_timeout(
+    server, monkeypatch, code
+):
+    """An expired lock whose removal is refused (no permission) or fails (server error): the
+    waiter must pause between attempts and give up at its timeout, naming the cause."""
+    model = _name()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)  # As a promote run would have it.
+    client = MlflowClient(registry_uri=server.uri)
+    client.create_registered_model(
+        model + LOCK_SUFFIX, tags={"owner": "ghost:1:x", "expires_at": "1.0"}
+    )
+    calls = []
+
+    def refuse(self, name):
+        calls.append(time.monotonic())
+        if len(calls) > 40:  # Without pauses it would spin here for ever.
+            pytest.fail(f"{len(calls)} deletes in {calls[-1] - calls[0]:.2f} s: no pause")
+        raise MlflowException(f"delete of {name} refused", error_code=code)
+
+    monkeypatch.setattr(MlflowClient, "delete_registered_model", refuse)
+    start = time.monotonic()
+    with (
+        pytest.raises(TimeoutError, match="could not be removed") as caught,
+        promotion_lock(model, registry_uri=server.uri, timeout_s=2),
+    ):
+        pass
+    elapsed = time.monotonic() - start
+    assert 1.5 < elapsed < 3.5, elapsed
+    assert 3 <= len(calls) <= 20, len(calls)
+    assert model + LOCK_SUFFIX in str(caught.value)
