@@ -105,6 +105,28 @@ class DistillationLoss(keras.losses.Loss):
         }
 
 
+class _InferenceOnly(keras.layers.Layer):
+    """Calls a model in inference mode whatever mode the outer model runs in.
+
+    A ``training=False`` passed while building a functional model does not survive into the
+    model's training calls (Keras 3 passes the outer mode on): the teacher's dropout would then
+    perturb every target. This layer fixes the mode inside its own call.
+    """
+
+    def __init__(self, model: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs):
+        outputs = self.model(inputs, training=False)
+        if isinstance(outputs, (list, tuple)):  # A functional model built with a list of outputs.
+            (outputs,) = outputs
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.model.output_shape[-1])
+
+
 def training_model(student: keras.Model, teacher: Teacher) -> keras.Model:
     """The student's training graph: one image in, student and teacher probabilities out.
 
@@ -124,9 +146,7 @@ def training_model(student: keras.Model, teacher: Teacher) -> keras.Model:
         view = keras.layers.Resizing(
             teacher.image_size, teacher.image_size, interpolation="bilinear", name="teacher_view"
         )(image)
-    taught = teacher.model(view, training=False)
-    if isinstance(taught, (list, tuple)):  # A functional model built with a list of outputs.
-        (taught,) = taught
+    taught = _InferenceOnly(teacher.model, name="teacher")(view)
     outputs = keras.layers.Concatenate(name="student_and_teacher")([student.outputs[0], taught])
     return keras.Model(image, outputs, name=f"{student.name}_distill")
 

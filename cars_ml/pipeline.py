@@ -207,6 +207,8 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
         study_total=True,
         parent_run_id=parent_run_id,
         progress_bar=workers == 1,
+        # The trials' share of the final training's compute, as max_epochs is of its epochs.
+        budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
     )
     train = TrainConfig(
         model=model,

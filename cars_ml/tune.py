@@ -64,6 +64,10 @@ class TuneConfig:
     # A registered teacher's URI makes this a distillation study: every trial trains the student
     # end to end on the teacher's outputs, and temperature and alpha join the search space.
     teacher: str = ""
+    # Training compute per image of a trial trained end to end, in GMACs (0 = off): a cheap
+    # backbone's trials train for more than max_epochs (hparams.epochs_for_budget), so that they
+    # rank hyperparameters for a run as long as its final training.
+    budget_gmacs: float = 0.0
 
     def __post_init__(self) -> None:
         backbones.get_backbone(self.model)
@@ -190,6 +194,7 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                 "pruner": cfg.pruner,
                 "objectives": cfg.objectives,
                 "max_epochs": cfg.max_epochs,
+                "budget_gmacs": cfg.budget_gmacs,
                 "trial_fraction": cfg.trial_fraction,
                 "trial_mode": "cached_head" if use_cache else "end_to_end",
                 "pins": dict(cfg.pins),

@@ -17,7 +17,9 @@ import tensorflow as tf
 from cars_ml import backbones, benchmark, search_space, tracking
 from cars_ml.distill import Teacher
 from cars_ml.evaluate import macro_f1
+from cars_ml.hparams import epochs_for_budget
 from cars_ml.optimizers import FusedAdam
+from cars_ml.perf.macs import count_macs
 from cars_ml.train import HParams, class_weights, compile_for_training, fit, inference_fn
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,13 @@ class Objective:
         weights = "none" if self.weights_used == "random" else self.cfg.weights
         backbone, _ = backbones.build_backbone(self.spec, self.size, weights)
         known = {k: v for k, v in params.items() if k in HParams.__dataclass_fields__}
-        hp = HParams(epochs=self.cfg.max_epochs, fine_tune_epochs=self.cfg.fine_tune_epochs,
-                     patience=self.cfg.max_epochs, **known)  # fmt: skip
+        epochs = epochs_for_budget(
+            self.cfg.budget_gmacs, count_macs(backbone) / 1e9, self.cfg.max_epochs
+        )
+        tracking.log_params({"trial_epochs": epochs})
+        hp = HParams(
+            epochs=epochs, fine_tune_epochs=self.cfg.fine_tune_epochs, patience=epochs, **known
+        )
         teacher = None
         if self.teacher is not None:
             teacher = Teacher(self.teacher.model, params["temperature"], params["alpha"])

@@ -3,6 +3,7 @@
 from _common import (
     fraction,
     image_size,
+    non_negative_float,
     non_negative_int,
     parser,
     positive_int,
@@ -40,6 +41,13 @@ def build_parser():
     p.add_argument("--cached_features", type=str2bool, default=True)
     p.add_argument("--pin", default="", help="pinned params, e.g. dropout=0.2,head_units=256")
     p.add_argument(
+        "--budget_gmacs",
+        type=non_negative_float,
+        default=0.0,
+        help="training compute per image of a trial in GMACs: cheap backbones' trials train "
+        "for more than max_epochs (0 = off)",
+    )
+    p.add_argument(
         "--teacher",
         default="",
         help="a registered teacher (models:/<name>/<version>): a distillation study that also "
@@ -75,6 +83,7 @@ def main() -> None:
             cached_features=a.cached_features,
             pins=tuple(parse_pins(a.pin).items()),
             teacher=a.teacher,
+            budget_gmacs=a.budget_gmacs,
         )
     )
 
