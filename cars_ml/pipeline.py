@@ -183,16 +183,32 @@ def _reusable(cfg: PipelineConfig, key: str):
     return tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
 
 
+def study_name(model: str, key: str) -> str:
+    """The Optuna study of ``model``'s step ``key``; its final training (and a student of the
+    same backbone) takes the best params from it."""
+    return f"pipeline-{model}-{key[:8]}"
+
+
+def _reused(name: str, previous) -> dict:
+    """The outcome of a finished earlier run with the same inputs, announced on the console."""
+    print(f"[pipeline] {name}: reusing run {previous.info.run_id} (same inputs)", flush=True)
+    return {
+        "run_id": previous.info.run_id,
+        "reused": True,
+        "model_version": previous.data.tags.get("model_version"),
+        "metrics": previous.data.metrics,
+    }
+
+
 def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, workers: int) -> Backbone:
     """One backbone's study and final training, both children of the pipeline run.
 
     With several workers their lines interleave, so trials print one line each (no bar).
     """
-    from cars_ml.train_run import TrainConfig
     from cars_ml.tune import TuneConfig
 
     n_trials, max_epochs, hparams = resolve_budget(cfg)
-    study = f"pipeline-{model}-{key[:8]}"
+    study = study_name(model, key)
     tune = TuneConfig(
         model=model,
         data=cfg.data,
@@ -210,7 +226,17 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
         # The trials' share of the final training's compute, as max_epochs is of its epochs.
         budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
     )
-    train = TrainConfig(
+    train = _train_config(cfg, model, key, parent_run_id, params_from=study)
+    return Backbone(model, tune, train)
+
+
+def _train_config(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, **extra):
+    """The final training of ``model`` in this pipeline run (plain or, with ``extra``, a
+    student's): the run's data, budget and seed, a child of the pipeline run."""
+    from cars_ml.train_run import TrainConfig
+
+    _, _, hparams = resolve_budget(cfg)
+    return TrainConfig(
         model=model,
         data=cfg.data,
         weights=cfg.weights,
@@ -218,59 +244,39 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
         hparams=hparams,
         seed=cfg.seed,
         model_name=cfg.model_name,
-        params_from=study,
         storage=cfg.storage,
         verbose=2,
         run_tags={"pipeline_step_key": key},
         parent_run_id=parent_run_id,
         budget_gmacs=resolve_budget_gmacs(cfg),
+        **extra,
     )
-    return Backbone(model, tune, train)
 
 
 def _distill_steps(
     cfg: PipelineConfig, teacher: dict, students: list[str], fingerprint: str, parent_run_id: str
 ) -> list[Backbone]:
     """One student's training per backbone: its study's best params, the teacher's outputs."""
-    from cars_ml.train_run import TrainConfig
-
-    _, _, hparams = resolve_budget(cfg)
     uri = f"models:/{cfg.model_name}/{teacher['model_version']}"
     steps = []
     for student in students:
         key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
         name = student_name(student, teacher["backbone"])
         previous = _reusable(cfg, key)
-        train = TrainConfig(
-            model=student,
-            data=cfg.data,
-            weights=cfg.weights,
-            image_size=cfg.image_size,
-            hparams=hparams,
-            seed=cfg.seed,
-            model_name=cfg.model_name,
-            params_from=f"pipeline-{student}-{step_key(cfg, student, fingerprint)[:8]}",
-            storage=cfg.storage,
-            verbose=2,
+        train = _train_config(
+            cfg,
+            student,
+            key,
+            parent_run_id,
+            params_from=study_name(student, step_key(cfg, student, fingerprint)),
             run_name=f"distill-{student}",
-            run_tags={"pipeline_step_key": key},
-            parent_run_id=parent_run_id,
-            budget_gmacs=resolve_budget_gmacs(cfg),
             teacher=uri,
             temperature=cfg.temperature,
             alpha=cfg.alpha,
         )
         step = Backbone(name, None, train, tuned=True)
         if previous is not None:
-            print(
-                f"[pipeline] {name}: reusing run {previous.info.run_id} (same inputs)", flush=True
-            )
-            step.result = {
-                "run_id": previous.info.run_id,
-                "reused": True,
-                "model_version": previous.data.tags.get("model_version"),
-                "metrics": previous.data.metrics,
-            }
+            step.result = _reused(name, previous)
         steps.append(step)
     return steps
 
@@ -311,15 +317,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             if previous is None:
                 todo.append(_steps(cfg, model, key, parent.info.run_id, workers))
                 continue
-            print(
-                f"[pipeline] {model}: reusing run {previous.info.run_id} (same inputs)", flush=True
-            )
-            results[model] = {
-                "run_id": previous.info.run_id,
-                "reused": True,
-                "model_version": previous.data.tags.get("model_version"),
-                "metrics": previous.data.metrics,
-            }
+            results[model] = _reused(model, previous)
         rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
         with StepPool(workers) as pool:
             if todo:

@@ -41,6 +41,8 @@ GOALS: dict[str, Goal] = {
     "serve_p50_ms": Goal("<", 15.0),
     "serve_errors": Goal("==", 0.0),
     "serve8_errors": Goal("==", 0.0),
+    "serve_int8_errors": Goal("==", 0.0),
+    "serve8_int8_errors": Goal("==", 0.0),
     "int8_latency_over_floor": Goal("<=", 3.0),
     "pipeline_speedup_vs_seed_loader": Goal(">=", 5.0),
     # "Data never the bottleneck": side-by-side step timings on shared cores scatter by a few

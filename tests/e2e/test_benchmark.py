@@ -23,6 +23,7 @@ EXPECTED = {
     "serve": [
         "serve_p50_ms", "serve_p99_ms", "serve_req_per_s", "serve_errors",
         "serve8_p50_ms", "serve8_p99_ms", "serve8_req_per_s", "serve8_errors",
+        "serve_int8_p50_ms", "serve_int8_req_per_s", "serve_int8_errors", "serve8_int8_errors",
     ],
     "edge": [
         "tflite_float32_ms", "tflite_int8_ms", "int8_speedup_vs_float", "model_macs",
@@ -63,6 +64,8 @@ def test_benchmark_logs_every_metric_of_one_run(sub_env, tracking_uri, tmp_path)
     not_finite = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     assert not not_finite, f"metrics that are not finite numbers: {not_finite}"
     assert metrics["serve_errors"] == 0 and metrics["serve8_errors"] == 0
+    # The int8 file served side by side with the float32 one, just as cleanly.
+    assert metrics["serve_int8_errors"] == 0 and metrics["serve8_int8_errors"] == 0
     assert metrics["model_macs"] > 0
 
     params = run.data.params

@@ -72,9 +72,19 @@ def server(tracking_uri, tmp_path, monkeypatch):
     register_champion(tiny_mobilenet(), CAR_NAMES)
     port = free_port()
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-               "models:/stanford-cars-classifier@champion", "--env-manager", "local",
-               "-p", str(port)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/stanford-cars-classifier@champion",
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             command,
@@ -150,6 +160,18 @@ def test_serves_real_photos_and_refuses_bad_input_with_400(server, shared_data):
     assert proc.poll() is None, "the server must keep running"
 
 
+def _start_serve_entry(args: list[str], env: dict, log_path) -> subprocess.Popen:
+    """The `serve` entry point in its own process group, its output in ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "entrypoints" / "serve.py"), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     entry = [sys.executable, str(ROOT / "entrypoints" / "serve.py")]
@@ -161,11 +183,7 @@ def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, m
     register_champion(tiny_mobilenet(), CAR_NAMES)
     port = free_port()
     log_path = tmp_path / "serve-entry.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [*entry, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = _start_serve_entry(["--port", str(port)], env, log_path)
     try:
         wait_until_up(proc, port, log_path)
         # Signal only the entry-point process: it became the MLflow CLI, which must take the
@@ -184,3 +202,48 @@ def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, m
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypatch):
+    """`serve -P precision=int8`: the real server answers from the int8 file (probabilities in
+    steps of its 1/256 output scale) with the same labels as the float model."""
+    from serving_helpers import COLOURS, colour_classifier, colour_images
+
+    from cars_ml import tracking
+    from cars_ml.export import export_tflite
+
+    monkeypatch.chdir(tmp_path)
+    model, names = colour_classifier()
+    calibration, _ = colour_images(64, seed=1)
+    files = export_tflite(model, tmp_path / "tflite", calibration)
+    with tracking.start_run("serving-int8"):
+        info = tracking.log_classifier_model(
+            model, names, 32, litert_model=files["float32"], litert_int8_model=files["int8"]
+        )
+    version = tracking.register_model(info.model_uri, "stanford-cars-classifier")
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(
+        "stanford-cars-classifier", "champion", version.version
+    )
+    port = free_port()
+    log_path = tmp_path / "serve-int8.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = _start_serve_entry(["--port", str(port), "--precision", "int8"], env, log_path)
+    try:
+        wait_until_up(proc, port, log_path)
+        images, labels = colour_images(6, seed=9)
+        status, answer = post(
+            port, {"inputs": {"image": [png_b64(Image.fromarray(i)) for i in images]}}
+        )
+        assert status == 200, answer
+        got = [p["label"] for p in answer["predictions"]]
+        assert got == [list(COLOURS)[i] for i in labels]
+        for prediction in answer["predictions"]:
+            step = prediction["probability"] * 256
+            assert abs(step - round(step)) < 1e-3, prediction
+        assert "(int8)" in log_path.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
