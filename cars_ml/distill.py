@@ -1,7 +1,7 @@
 """Knowledge distillation: a student learns from a teacher's softened probabilities and the labels.
 
 No MLflow here: a teacher is a Keras classifier (pixels in [0, 255], probabilities out) loaded
-from a local model directory; ``cars_ml.registry`` finds that directory for a registered version.
+from a local model directory; ``cars_ml.teacher`` downloads that directory for a registered version.
 
 Consistent teaching: teacher and student see the same augmented view of every batch, because the
 teacher runs inside the student's training graph on the very tensor the student gets (resized to

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from cars_ml.promote import Budgets
+from cars_ml.promote import Budgets, metric_value
 
 
 def student_name(student: str, teacher: str) -> str:
@@ -27,7 +27,7 @@ def plan_distillation(
     ranked = [
         r
         for r in rows
-        if r.get("model_version") and _finite(r["metrics"].get("test_f1_macro")) is not None
+        if r.get("model_version") and metric_value(r["metrics"], "test_f1_macro") is not None
     ]
     if not ranked:
         return None, [], "no registered version with a test macro-F1 to teach"
@@ -35,7 +35,7 @@ def plan_distillation(
         ranked,
         key=lambda r: (
             -r["metrics"]["test_f1_macro"],
-            _finite(r["metrics"].get("latency_ms_p95")) or math.inf,
+            metric_value(r["metrics"], "latency_ms_p95") or math.inf,
             int(r["model_version"]),
         ),
     )
@@ -51,16 +51,8 @@ def plan_distillation(
             r["backbone"]
             for r in rows
             if r["backbone"] != teacher["backbone"]
-            and all((_finite(r["metrics"].get(m)) or math.inf) <= limit for m, limit in checks)
+            and all((metric_value(r["metrics"], m) or math.inf) <= limit for m, limit in checks)
         ]
     if not chosen:
         return teacher, [], "no other backbone passes the size and latency budgets"
     return teacher, chosen, ""
-
-
-def _finite(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None

@@ -123,7 +123,7 @@ class Decision:
         return self.action in ("promote", "rollback") and not self.dry_run
 
 
-def _value(row: Mapping[str, Any], column: str) -> float | None:
+def metric_value(row: Mapping[str, Any], column: str) -> float | None:
     """A finite float from a row, or None when missing, empty or not a number."""
     raw = row.get(column)
     try:
@@ -154,7 +154,7 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     for check, column, budget, limit in checks:
         passes, reasons = [], []
         for i, row in enumerate(rows):
-            value = _value(row, column)
+            value = metric_value(row, column)
             if check != "metric" and limit is None:
                 ok, reason = True, ""
             elif value is None:
@@ -184,9 +184,9 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
 
 
 def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:
-    latency = _value(row, LATENCY_METRIC)
+    latency = metric_value(row, LATENCY_METRIC)
     return (
-        -(_value(row, metric) or 0.0),
+        -(metric_value(row, metric) or 0.0),
         latency if latency is not None else math.inf,
         0 if row["version"] == champion else 1,
         -int(row["version"]) if row["version"].isdigit() else 0,
@@ -194,9 +194,9 @@ def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tupl
 
 
 def _describe(row: Mapping[str, Any], metric: str) -> str:
-    latency = _value(row, LATENCY_METRIC)
+    latency = metric_value(row, LATENCY_METRIC)
     lat = f", {LATENCY_METRIC} {_fmt(latency)}" if latency is not None else ""
-    return f"v{row['version']} ({metric} {_fmt(_value(row, metric) or 0.0)}{lat})"
+    return f"v{row['version']} ({metric} {_fmt(metric_value(row, metric) or 0.0)}{lat})"
 
 
 def decide(
@@ -245,7 +245,9 @@ def decide(
             f"({champ_row['fail_reasons']})."
         )
     else:
-        improvement = (_value(challenger, metric) or 0.0) - (_value(champ_row, metric) or 0.0)
+        improvement = (metric_value(challenger, metric) or 0.0) - (
+            metric_value(champ_row, metric) or 0.0
+        )
         gain = f"{metric} +{_fmt(improvement)}"
         if improvement >= config.min_improvement - IMPROVEMENT_TOLERANCE:
             action = "promote"
