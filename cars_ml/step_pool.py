@@ -149,7 +149,12 @@ class StepPool:
         self._procs: list[_Worker] = []
 
     def __enter__(self) -> StepPool:
-        if self.workers >= 2:
+        return self
+
+    def _start(self) -> None:
+        """Spawn the workers at the first step, so a pipeline whose steps are all reused starts
+        none (each costs a Python start and the library's imports)."""
+        if self.workers >= 2 and not self._procs:
             # Spawned, not forked: TensorFlow's runtime threads do not survive a fork.
             context = multiprocessing.get_context("spawn")
             self._done = context.Queue()
@@ -164,7 +169,6 @@ class StepPool:
                 proc.start()
                 self._pids[number] = proc.pid
                 self._procs.append(_Worker(number + 1, proc, jobs))
-        return self
 
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:  # Done: let the workers finish cleanly.
@@ -182,10 +186,12 @@ class StepPool:
     def run(self, backbones: list[Backbone]) -> dict[str, dict]:
         """Run every backbone's steps; returns each train's outcome by backbone name."""
         started = time.perf_counter()
+        self._start()
         if not self._procs:
             for b in backbones:
-                _announce("tuning", b.model, 0, started)
-                run_job(Job("tune", b.model, b.tune))
+                if not b.tuned:  # A distillation student has no study of its own.
+                    _announce("tuning", b.model, 0, started)
+                    run_job(Job("tune", b.model, b.tune))
                 _announce("training", b.model, 0, started)
                 b.result = run_job(Job("train", b.model, b.train))
             return {b.model: b.result for b in backbones}

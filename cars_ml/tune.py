@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import optuna
 
 from cars_ml import backbones, search_space, tracking
@@ -204,8 +203,9 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
         tracking.log_metrics(splits.summary())  # num_train_images shows the trials' share.
         if teacher:
             from cars_ml.evaluate import macro_f1
+            from cars_ml.train import labels_of
 
-            val_f1 = macro_f1(np.array([r.label for r in splits.val]), teacher.outputs["val"])
+            val_f1 = macro_f1(labels_of(splits.val), teacher.outputs["val"])
             tracking.log_metrics({"teacher_val_f1_macro": val_f1})
         if created:
             # A new study first tries the defaults. Only the worker whose insert created the

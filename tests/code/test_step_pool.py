@@ -91,3 +91,25 @@ def test_a_measurement_stops_the_other_workers_and_only_for_its_duration():
         benchmark.share_measurements(None, [])
         other.kill()
         other.join()
+
+
+def test_one_worker_runs_each_study_then_its_train_and_a_student_without_a_study(monkeypatch):
+    from cars_ml import step_pool
+
+    ran = []
+
+    def record(job):
+        ran.append((job.kind, job.model))
+        return {"model": job.model} if job.kind == "train" else None
+
+    monkeypatch.setattr(step_pool, "run_job", record)
+    plain = _backbones("mobilenet")[0]
+    student = Backbone("mobilenet-from-xception", None, SimpleNamespace(), tuned=True)
+    with step_pool.StepPool(1) as pool:
+        results = pool.run([plain, student])
+    assert ran == [
+        ("tune", "mobilenet"),
+        ("train", "mobilenet"),
+        ("train", "mobilenet-from-xception"),
+    ]
+    assert results["mobilenet-from-xception"] == {"model": "mobilenet-from-xception"}
