@@ -17,12 +17,14 @@ import binascii
 import io
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Formats we let PIL try. Restricting the list keeps rarely used (and historically buggy)
 # decoders such as TIFF, PSD or EPS away from untrusted bytes.
@@ -37,23 +39,36 @@ _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/\-_]*={0,2}$")
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may contain; logged in ``serving_config.json`` with the model.
+    """What one request, and the server as a whole, may hold; logged in ``serving_config.json``.
 
     - ``max_image_bytes`` (default 10 MiB): decoded size of one image file. Checked on the base64
       length first, so an oversized value is refused before it is decoded.
     - ``max_pixels`` (default 40 megapixels): width x height read from the image header before
       any pixel is decoded; stops decompression bombs (a tiny PNG that inflates to gigabytes).
     - ``max_images_per_request`` (default 64): images in one request; split bigger jobs.
+    - ``max_request_bytes`` (default 24 MiB): the whole HTTP body, refused with 413 before it is
+      read (from ``Content-Length``) or as soon as more arrives; fits one image at the limit.
+    - ``max_concurrent_requests`` (default 4): requests the server reads and answers at once;
+      the next ones wait for a slot (up to ``queue_timeout_s``, default 30 s, then 503).
+    - ``decode_memory_mb`` (default 512): memory the server's image decodes may hold at once,
+      estimated from each image's header (see :func:`decode_cost`); a decode that does not fit
+      waits for others to finish, and one larger than the whole budget runs alone.
+
+    Together these bound the server's memory: see docs/serving.md for the budget they give.
     """
 
     max_image_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images_per_request: int = 64
+    max_request_bytes: int = 24 * 1024 * 1024
+    max_concurrent_requests: int = 4
+    decode_memory_mb: int = 512
+    queue_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_pixels", "max_images_per_request"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)}.")
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {value}.")
 
 
 class RequestError(ValueError):
@@ -64,6 +79,46 @@ class RequestError(ValueError):
         prefix = f"image {index}: " if index is not None else ""
         super().__init__(prefix + message)
         self.reason = message
+
+
+# Bytes per pixel of PIL's image buffers (RGB is stored in 4 bytes a pixel).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+# Peak memory of decoding one image, in frames of its buffer: the frame, the box-reduced copy and
+# the codec's own buffers. Measured per format on 40-megapixel images (docs/serving.md); libwebp
+# decodes into a buffer of its own that Pillow then copies, twice.
+_FRAMES = {"WEBP": 4.0}
+_DEFAULT_FRAMES = 2.0
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Estimated peak bytes of decoding ``image`` (opened, after any draft, not yet loaded)."""
+    width, height = image.size
+    frames = _FRAMES.get(str(image.format), _DEFAULT_FRAMES)
+    return int(width * height * _BYTES_PER_PIXEL.get(image.mode, 4) * frames)
+
+
+class DecodeBudget:
+    """Memory for image decodes shared by a server's threads: a decode waits until its
+    estimated cost fits beside the ones running; one larger than the budget runs alone."""
+
+    def __init__(self, megabytes: int):
+        self.capacity = int(megabytes) * 2**20
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int):
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self.in_use == 0 or self.in_use + nbytes <= self.capacity
+            )
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
 
 
 def _strip_data_url(text: str) -> str:
@@ -124,18 +179,22 @@ def _b64_to_bytes(value: object, max_bytes: int) -> bytes:
     return raw
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparent pixels are composited on white, 16-bit scaled to 8-bit."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's own I;16 -> L conversion clips at 255 instead of scaling, washing images out.
+        # This runs on the shrunk image, so the float copy is small.
         arr = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         grey = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -144,16 +203,64 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a mangled EXIF block is ignored rather than fatal."""
+# EXIF orientation -> the transpose that makes the image upright (what ImageOps.exif_transpose
+# applies); read before shrinking, because the shrunk copy carries no EXIF block.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The EXIF transpose to apply; a mangled EXIF block is ignored rather than fatal."""
     try:
-        return ImageOps.exif_transpose(image) or image
+        return _ORIENTATION.get(image.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 -- PIL raises many types for broken EXIF; pixels are fine.
+        return None
+
+
+def _shrink(image: Image.Image, target: int) -> Image.Image:
+    """Box-reduce a decoded image in its own mode so its short side keeps >= 2x ``target``.
+
+    Colour conversion, alpha compositing and EXIF rotation then work on the small copy, so a
+    40-megapixel image never passes through a second full-size buffer. ``reduce`` cannot average
+    palette indices, so palette and 1-bit images are first sampled (nearest) down to twice the
+    final size and expanded there; 16-bit greys use ``resize``.
+    """
+    factor = min(image.size) // (2 * target)
+    if factor < 2:
         return image
+    if image.mode in ("P", "1"):
+        if factor >= 4:
+            size = (max(1, image.width * 2 // factor), max(1, image.height * 2 // factor))
+            image = image.resize(size, Image.Resampling.NEAREST)
+            factor = 2
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    if image.mode.startswith("I;16"):
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        return image.resize(size, Image.Resampling.BOX)
+    return image.reduce(factor)
 
 
-def decode_image_bytes(raw: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode image file bytes into an upright RGB PIL image, checking dimensions first."""
+def decode_image_bytes(
+    raw: bytes,
+    *,
+    max_pixels: int,
+    target_size: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> Image.Image:
+    """Decode image file bytes into an upright RGB PIL image, checking dimensions first.
+
+    With ``target_size`` (the model's input size) a large image is decoded reduced: JPEG in
+    draft mode (the codec's own DCT scaling, never below twice the target), other formats
+    box-reduced right after decoding. Peak memory is then one decoded frame, not several, and
+    with a ``budget`` the decode waits until its estimated cost fits (:class:`DecodeBudget`).
+    """
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the limit; PIL's warning would only add noise.
@@ -167,9 +274,15 @@ def decode_image_bytes(raw: bytes, *, max_pixels: int) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels, over the limit of "
                     f"{max_pixels} pixels (decompression bomb protection); downscale it first."
                 )
-            image.load()
-            image = _upright(image)
-            return _to_rgb(image)
+            if target_size and image.format == "JPEG":
+                image.draft(None, (2 * target_size, 2 * target_size))
+            with budget.reserve(decode_cost(image)) if budget else nullcontext():
+                image.load()
+                transpose = _orientation(image)
+                if target_size:
+                    image = _shrink(image, target_size)
+                image = _to_rgb(image)
+            return image.transpose(transpose) if transpose is not None else image
     except RequestError:
         raise
     except Image.DecompressionBombError as exc:
@@ -188,9 +301,17 @@ def decode_image_bytes(raw: bytes, *, max_pixels: int) -> Image.Image:
         ) from exc
 
 
-def decode_base64_image(value: object, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_base64_image(
+    value: object,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    target_size: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> Image.Image:
     """Decode one base64 (or ``data:image/...;base64,``) string into an RGB PIL image."""
-    return decode_image_bytes(_b64_to_bytes(value, max_bytes), max_pixels=max_pixels)
+    raw = _b64_to_bytes(value, max_bytes)
+    return decode_image_bytes(raw, max_pixels=max_pixels, target_size=target_size, budget=budget)
 
 
 def resize_rgb(image: Image.Image, image_size: int) -> np.ndarray:
@@ -200,11 +321,17 @@ def resize_rgb(image: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def prepare_batch(values: Sequence[object], image_size: int, limits: Limits) -> np.ndarray:
+def prepare_batch(
+    values: Sequence[object],
+    image_size: int,
+    limits: Limits,
+    budget: DecodeBudget | None = None,
+) -> np.ndarray:
     """Decode and resize every value into one uint8 array ``(n, s, s, 3)``.
 
     Images are decoded one at a time and only the resized pixels are kept, so peak memory is one
-    full-size image plus the batch.
+    decoded frame plus the batch. ``budget`` (shared by the server's threads) bounds the memory
+    of the decodes running at once server-wide.
     """
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise RequestError(f"expected a list of base64 image strings, got {type(values).__name__}.")
@@ -219,7 +346,11 @@ def prepare_batch(values: Sequence[object], image_size: int, limits: Limits) -> 
     for index, value in enumerate(values):
         try:
             image = decode_base64_image(
-                value, max_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels
+                value,
+                max_bytes=limits.max_image_bytes,
+                max_pixels=limits.max_pixels,
+                target_size=image_size,
+                budget=budget,
             )
             out[index] = resize_rgb(image, image_size)
         except RequestError as exc:

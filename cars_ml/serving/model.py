@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from cars_ml.serving.decode import Limits, RequestError, prepare_batch
+from cars_ml.serving.decode import DecodeBudget, Limits, RequestError, prepare_batch
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("label", "class_id", "probability", "top_k")
@@ -133,25 +133,26 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from cars_ml.serving.scoring_guard import harden_scoring_server
 
-        # In `mlflow models serve` this turns two request shapes MLflow answers with 500 into 4xx.
-        harden_scoring_server()
         artifacts = context.artifacts
         precision = os.environ.get(PRECISION_ENV, "").strip().lower() or "float32"
         if precision == "int8":
             self.load_int8(artifacts)
-            return
-        if precision != "float32":
+        elif precision == "float32":
+            self.load(
+                artifacts["model"],
+                artifacts["labels"],
+                artifacts["serving_config"],
+                artifacts.get("litert_model"),
+                artifacts.get("litert_check"),
+            )
+        else:
             raise ValueError(
                 f"{PRECISION_ENV}={precision!r} is not one of float32, int8; unset it to serve "
                 "the float32 model."
             )
-        self.load(
-            artifacts["model"],
-            artifacts["labels"],
-            artifacts["serving_config"],
-            artifacts.get("litert_model"),
-            artifacts.get("litert_check"),
-        )
+        # In `mlflow models serve` this bounds each request's memory and the server's
+        # concurrency by this model's limits, and answers bad requests with short 4xx errors.
+        harden_scoring_server(self.limits)
 
     def load_int8(self, artifacts: dict[str, str]) -> None:
         """Serve the shipped int8 flatbuffer (what the edge device runs), checked against the
@@ -240,6 +241,8 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         self.image_size = int(image_size)
         self.top_k = max(1, min(int(top_k), num_classes))
         self.limits = limits or Limits()
+        # Shared by the server's request threads: bounds the memory of the decodes at once.
+        self._decode_budget = DecodeBudget(self.limits.decode_memory_mb)
 
     def setup(
         self,
@@ -336,7 +339,7 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         """
         values = extract_images(model_input)
         try:
-            pixels = prepare_batch(values, self.image_size, self.limits)
+            pixels = prepare_batch(values, self.image_size, self.limits, self._decode_budget)
         except RequestError as exc:
             raise _bad_request(str(exc)) from None
         return self.format_predictions(self.predict_images(pixels))

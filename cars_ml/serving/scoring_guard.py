@@ -1,61 +1,291 @@
-"""Turn two request shapes that MLflow's scoring server answers with HTTP 500 into 4xx.
+"""Bound what one request can cost ``mlflow models serve``, and answer every bad one with a 4xx.
 
-``mlflow models serve`` parses the request in ``mlflow/pyfunc/scoring_server/__init__.py``
-before any model code runs, and answers two hostile inputs with an unhandled exception (500):
+MLflow's scoring server (``mlflow/pyfunc/scoring_server/__init__.py``, a FastAPI app under
+uvicorn, verified against MLflow 3.17) has no limits of its own:
 
-- JSON nested more deeply than Python's recursion limit (``[[[[...]]]]``, ~2 KB suffices):
-  ``_decode_json_input`` catches ``JSONDecodeError`` but not the ``RecursionError`` that
-  ``json.loads`` raises;
-- a request without a ``Content-Type`` header: ``invocations`` calls ``content_type.split``
-  on ``None``.
+- it reads the whole body into memory, however large, before any model code runs;
+- it turns ``{"inputs": ...}`` and ``{"instances": ...}`` bodies into numpy string arrays padded
+  to the longest entry: one 10 MB image among 63 small ones becomes a 3.6 GB array;
+- every request that arrives runs at once, one thread each (as many as the thread pool has);
+- its error responses carry the Python stack trace and echo the request back; JSON nested more
+  deeply than the recursion limit, or a request without ``Content-Type``, get a 500.
 
-The model is loaded inside the server process before the first request, so
-``CarsClassifier.load_context`` calls :func:`harden_scoring_server`, which wraps the module's
-``invocations`` function (looked up by name on every request) to answer those two with a
-400/415. It only acts where the scoring server module is already imported (the serving process)
-and leaves a newer MLflow that lacks the function alone. Verified against MLflow 3.17.
+The model is loaded inside the server process before the app is built, so
+``CarsClassifier.load_context`` calls :func:`harden_scoring_server` with the model's
+:class:`~cars_ml.serving.decode.Limits`. It puts two guards in place:
+
+1. a gate in front of ``/invocations`` (the app class is wrapped once, just before MLflow builds
+   the app): a ``Content-Length`` over ``max_request_bytes`` gets a 413 before the body is read,
+   a body that grows past it while arriving gets a 413 as soon as it does, and at most
+   ``max_concurrent_requests`` requests are read and answered at once (the others wait, then 503);
+2. the module's ``invocations`` function (looked up by name on every request) is wrapped: JSON
+   bodies are read by ``request.py`` into plain strings, never a padded array; Parquet, which can
+   inflate far beyond its size, is refused; error responses are short and carry no stack trace.
+
+Outside the serving process (``mlflow.pyfunc.load_model`` in ``predict``, tests) nothing changes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import os
 import sys
+from io import StringIO
+
+from cars_ml.serving.decode import Limits, RequestError
+from cars_ml.serving.request import EXAMPLE, parse_body
 
 log = logging.getLogger(__name__)
 
 _MARK = "_cars_ml_guarded"
-NESTING_MESSAGE = (
-    "Invalid input. The request JSON is nested too deeply to parse; send "
-    '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}} or '
-    '{"inputs": {"image": ["<base64>"]}}.'
-)
+# Set by `mlflow models serve` for the uvicorn process that builds the scoring app.
+SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
+# A refused body up to this many times the limit is read and dropped before the 413 (see
+# RequestGate); a larger one is answered at once and the connection closed.
+DRAIN_FACTOR = 8
+# Longest error message returned to a client; the reason comes first and is far shorter.
+MAX_MESSAGE_CHARS = 1000
 CONTENT_TYPE_MESSAGE = (
     "Missing Content-Type header; send the request with 'Content-Type: application/json'."
 )
+PARQUET_MESSAGE = (
+    "Parquet bodies are not accepted by this model (a compressed body can inflate far beyond "
+    f"the request limit); send application/json such as {EXAMPLE}, or text/csv."
+)
 
 
-def harden_scoring_server() -> bool:
-    """Wrap the scoring server's ``invocations``; returns whether the guard is in place."""
+def error_body(status: int, message: str) -> bytes:
+    """The JSON error body MLflow's scoring server uses, with a bounded message."""
+    code = {413: "REQUEST_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE"}.get(status)
+    code = code or ("INVALID_PARAMETER_VALUE" if status < 500 else "INTERNAL_ERROR")
+    return json.dumps({"error_code": code, "message": short_message(message)}).encode()
+
+
+def short_message(message: str) -> str:
+    """Drop MLflow's echo of the request (``Failed to predict data '<the whole request>'``) and
+    cap the length, so the reason comes first and a huge request is never sent back."""
+    text = str(message)
+    if text.startswith("Failed to predict data") and "Error: " in text:
+        text = text.split("Error: ", 1)[1]
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[:MAX_MESSAGE_CHARS] + " ... (truncated)"
+    return text
+
+
+def harden_scoring_server(limits: Limits | None = None) -> bool:
+    """Install both guards in the serving process; returns whether ``invocations`` is guarded."""
+    limits = limits or Limits()
     server = sys.modules.get("mlflow.pyfunc.scoring_server")
-    original = getattr(server, "invocations", None) if server else None
-    response_type = getattr(server, "InvocationsResponse", None) if server else None
-    if original is None or response_type is None:
+    if server is None or not hasattr(server, "invocations"):
+        return False
+    if os.environ.get(SERVER_MODEL_PATH_ENV):
+        _gate_next_app(limits)
+        _return_large_buffers()
+    return _guard_invocations(server, limits)
+
+
+def _return_large_buffers() -> None:
+    """Make glibc hand every buffer of 1 MiB or more straight back to the system when freed.
+
+    By default glibc raises its mmap threshold after the first large free, so later image-sized
+    buffers come from per-thread heaps that fragment and keep their peak: measured under the
+    concurrent near-limit load test, the server then grew by a third more than with the
+    threshold fixed. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 2**20)
+
+
+def _guard_invocations(server, limits: Limits) -> bool:
+    original = server.invocations
+    response_type = getattr(server, "InvocationsResponse", None)
+    if response_type is None:
         return False
     if getattr(original, _MARK, False):
         return True
+    import pandas as pd
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    def reply(status: int, message: str):
+        return response_type(error_body(status, message).decode(), status, "application/json")
 
     def invocations(data, content_type, model, input_schema):
         if not content_type:
             return response_type(response=CONTENT_TYPE_MESSAGE, status=415, mimetype="text/plain")
+        parts = [part.strip().lower() for part in content_type.split(";")]
+        if parts[0] == "application/vnd.apache.parquet":
+            return response_type(response=PARQUET_MESSAGE, status=415, mimetype="text/plain")
         try:
+            if parts[0] == "application/json" and parts[1:] in ([], ["charset=utf-8"]):
+                values = parse_body(data, limits)
+                # An object column holds the request's own strings: no padded copy.
+                frame = pd.DataFrame({"image": pd.Series(values, dtype=object)})
+                result = StringIO()
+                server.predictions_to_json(model.predict(frame), result)
+                return response_type(result.getvalue(), 200, "application/json")
+            # CSV, and the unusual content types MLflow itself refuses with a 415.
             return original(data, content_type, model, input_schema)
+        except RequestError as exc:
+            return reply(400, str(exc))
         except RecursionError:
-            # The server's error handler turns an MlflowException into its HTTP status (400).
-            raise MlflowException(NESTING_MESSAGE, error_code=BAD_REQUEST) from None
+            return reply(400, f"the request is nested too deeply to parse; send {EXAMPLE}.")
+        except MlflowException as exc:
+            return reply(exc.get_http_status_code(), exc.message)
+        except Exception:
+            # The stack trace goes to the server's log for the operator, not to the client.
+            log.exception("Unexpected error while scoring a request")
+            return reply(500, "internal error while scoring; the server log has the details.")
 
     setattr(invocations, _MARK, True)
     server.invocations = invocations
-    log.info("Scoring server hardened: deep JSON and a missing Content-Type get 4xx, not 500.")
+    log.info("Scoring server hardened: bounded JSON parsing, short 4xx errors, no stack traces.")
     return True
+
+
+class RequestGate:
+    """Admission for ``POST /invocations``: body size and concurrent requests (ASGI level)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __call__(self, scope, receive, send, app) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/invocations":
+            await app(scope, receive, send)
+            return
+        limit = self.limits.max_request_bytes
+        headers = scope.get("headers", [])
+        declared = _content_length(headers)
+        if declared is not None and declared > limit:
+            # A client that sends the body anyway would lose this reply to the TCP reset that
+            # closing on unread data causes, so a moderately oversized body is read and dropped
+            # (constant memory) first; a client that asked `Expect: 100-continue` sends nothing.
+            if declared <= DRAIN_FACTOR * limit and not _expects_continue(headers):
+                await _drain(receive)
+            await _reply(send, 413, _too_large(declared, limit))
+            return
+        if self._slots is None:
+            # Created here, inside the server's event loop.
+            self._slots = asyncio.Semaphore(self.limits.max_concurrent_requests)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self.limits.queue_timeout_s)
+        except TimeoutError:
+            await _reply(send, 503, "the server is busy; retry the request shortly.", retry=True)
+            return
+        try:
+            body = await _read_body(receive, limit)
+            if body is None:
+                await _drain(receive, DRAIN_FACTOR * limit)
+                await _reply(send, 413, _too_large(None, limit))
+                return
+            await app(scope, _replay(body, receive), send)
+        finally:
+            self._slots.release()
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    size_text = f"{size} bytes" if size is not None else "larger"
+    return (
+        f"request body is {size_text}, over the limit of {limit} bytes (max_request_bytes); "
+        "send fewer or smaller images per request."
+    )
+
+
+def _expects_continue(headers) -> bool:
+    return any(
+        name.lower() == b"expect" and value.lower() == b"100-continue" for name, value in headers
+    )
+
+
+async def _drain(receive, budget: int | None = None) -> None:
+    """Read and drop the rest of a refused body, up to ``budget`` bytes."""
+    total = 0
+    while budget is None or total <= budget:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        total += len(message.get("body", b""))
+
+
+def _content_length(headers) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body, or ``None`` as soon as more than ``limit`` bytes have arrived."""
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands the app the body already read, then the real stream."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _reply(send, status: int, message: str, retry: bool = False) -> None:
+    body = error_body(status, message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if retry:
+        headers.append((b"retry-after", b"1"))
+    # The unread body is not drained: uvicorn closes the connection after this response.
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _gate_next_app(limits: Limits) -> None:
+    """Make the next FastAPI app built in this process (MLflow's scoring app) pass the gate.
+
+    ``mlflow.pyfunc.scoring_server.init`` imports ``FastAPI`` when it is called, after the model
+    is loaded; the subclass puts the class back as soon as that one app exists.
+    """
+    try:
+        import fastapi
+    except ImportError:
+        return
+    original = fastapi.FastAPI
+    if getattr(original, _MARK, False):
+        return
+    gate = RequestGate(limits)
+
+    class GatedFastAPI(original):
+        def __init__(self, *args, **kwargs):
+            fastapi.FastAPI = original
+            super().__init__(*args, **kwargs)
+
+        async def __call__(self, scope, receive, send) -> None:
+            await gate(scope, receive, send, super().__call__)
+
+    setattr(GatedFastAPI, _MARK, True)
+    fastapi.FastAPI = GatedFastAPI

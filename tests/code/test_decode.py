@@ -187,6 +187,45 @@ def test_exif_orientation_is_applied():
     assert decoded[:8].mean() > 200 and decoded[12:].mean() < 50  # the white half is now on top
 
 
+def _halves(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Left half white, right half black (dark red for palette images)."""
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, width // 2, height))
+    return image.convert(mode) if mode != "RGB" else image
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
+def test_large_images_are_decoded_reduced_with_orientation_and_colours_kept(fmt):
+    """Reduced decoding (JPEG draft, box reduce, nearest for palettes) keeps what the model
+    sees: the short side stays >= 2x the target, the EXIF rotation still applies."""
+    image = _halves(1200, 600)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save = {"exif": exif.tobytes()} if fmt in ("JPEG", "PNG", "WEBP") else {}
+    decoded = decode(encode(image, fmt, **save), target_size=32)
+    rotated = fmt != "GIF"
+    width, height = decoded.size
+    assert (width < height) == rotated, decoded.size
+    assert 64 <= min(decoded.size) < 600, f"{decoded.size}: not reduced to >= 2x the 32 px target"
+    pixels = np.asarray(decoded).astype(int)
+    first, last = (pixels[:40], pixels[-40:]) if rotated else (pixels[:, :40], pixels[:, -40:])
+    assert first.mean() > 200 and last.mean() < 60
+
+
+def test_large_palette_sixteen_bit_and_transparent_images_keep_their_colours():
+    palette = Image.new("P", (900, 900), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 900, 450))
+    top = np.asarray(decode(encode(palette, "PNG", transparency=0), target_size=16)).astype(int)
+    assert np.abs(top[2, 2] - (255, 0, 0)).max() <= 2 and np.abs(top[-2, -2] - 255).max() <= 2
+    grey16 = Image.fromarray(np.full((700, 700), 32768, dtype=np.uint16))
+    grey = np.asarray(decode(encode(grey16, "PNG"), target_size=16)).astype(int)
+    assert np.abs(grey - 128).max() <= 1
+    rgba = Image.new("RGBA", (800, 800), (0, 0, 255, 0))
+    white = np.asarray(decode(encode(rgba, "PNG"), target_size=16)).astype(int)
+    assert white.min() >= 253
+
+
 SAMPLE_PNG = base64.b64decode(encode(Image.new("RGB", (6, 6), (1, 2, 3))))
 
 

@@ -1,15 +1,16 @@
-"""The scoring-server guard: deep JSON and a missing Content-Type become 4xx, not 500.
+"""The scoring-server guard: bad requests become short 4xx answers, never a 500 or a stack trace.
 
-Calls MLflow's real ``invocations`` function (no server, no model: both requests are refused
-before the model would be used). The end-to-end check is tests/e2e/test_hostile_requests.py.
+Calls MLflow's real ``invocations`` function (no server, no model: every request here is refused
+before the model would be used). The end-to-end checks are tests/e2e/test_hostile_requests.py and
+tests/e2e/test_serving_memory.py.
 """
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
-from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
 from cars_ml.serving.scoring_guard import harden_scoring_server
@@ -35,11 +36,15 @@ def test_unguarded_mlflow_raises_what_becomes_a_500():
         scoring_server.invocations(b"{}", None, NO_MODEL, None)
 
 
+def _message(response) -> str:
+    assert "stack_trace" not in response.response
+    return json.loads(response.response)["message"]
+
+
 def test_deep_json_is_a_400(guarded):
-    with pytest.raises(MlflowException) as info:
-        guarded(DEEP, "application/json", NO_MODEL, None)
-    assert info.value.get_http_status_code() == 400
-    assert "nested too deeply" in info.value.message
+    response = guarded(DEEP, "application/json", NO_MODEL, None)
+    assert response.status == 400
+    assert "nested too deeply" in _message(response)
 
 
 def test_missing_content_type_is_a_415(guarded):
@@ -48,8 +53,11 @@ def test_missing_content_type_is_a_415(guarded):
     assert "Content-Type" in response.response
 
 
-def test_other_requests_reach_mlflow_unchanged(guarded):
-    with pytest.raises(MlflowException) as info:
-        guarded(b"[1, 2]", "application/json", NO_MODEL, None)
-    assert "Received a list" in info.value.message
+def test_json_is_read_by_the_guard_and_other_types_reach_mlflow(guarded):
+    response = guarded(b"[1, 2]", "application/json", NO_MODEL, None)
+    assert response.status == 400 and "Received a list" in _message(response)
     assert guarded(b"{}", "text/plain", NO_MODEL, None).status == 415
+    # MLflow's own answer to an unknown charset, untouched.
+    assert "UTF-8" in guarded(b"{}", "application/json; charset=latin-1", NO_MODEL, None).response
+    parquet = guarded(b"PAR1", "application/vnd.apache.parquet", NO_MODEL, None)
+    assert parquet.status == 415 and "Parquet" in parquet.response

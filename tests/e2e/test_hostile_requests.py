@@ -6,8 +6,10 @@ and the server must keep serving. One server for the whole module (start-up cost
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -108,7 +110,7 @@ CASES = [
     Case("dataframe_records not a list", {"dataframe_records": 7}, "must be a list of records"),
     Case("nested dicts", {"inputs": {"image": {"a": {"b": {"c": 1}}}}}, "got dict"),
     Case("LLM chat shape", {"messages": [{"role": "user", "content": "hi"}]},
-         "missing column 'image'"),
+         "exactly one of the input fields"),
     Case("wrong column", {"dataframe_split": {"columns": ["img"], "data": [["x"]]}},
          "missing column 'image'"),
     Case("extra column", {"dataframe_split": {"columns": ["image", "x"], "data": [["a", 1]]}},
@@ -156,8 +158,16 @@ CASES = [
     Case("instances format", {"instances": [{"image": b64(good_jpeg)}]}, OK),
     Case("inputs format", {"inputs": {"image": [b64(good_jpeg)] * 3}}, OK, n=3),
     # --- Size limits -------------------------------------------------------------------------
-    Case("oversized body: 20 MB image", lambda: one(b64(bytes(20 * 1024 * 1024))),
+    Case("12 MB image in a body under the request limit", lambda: one(b64(bytes(12 * 2**20))),
          "over the limit of 10485760 bytes"),
+    Case("30 MB body (over max_request_bytes)", lambda: one(b64(bytes(22 * 2**20))),
+         "over the limit of 25165824 bytes (max_request_bytes)"),
+    Case("one long and many empty strings (numpy would pad them all)",
+         lambda: {"inputs": {"image": [b64(good_jpeg) * 2000] + [""] * 60_000}},
+         "too many images in one request: 60001 > max_images_per_request=64"),
+    Case("instances of records", {"instances": [{"image": b64(good_jpeg)}] * 2}, OK, n=2),
+    Case("dataframe_records", {"dataframe_records": [{"image": b64(good_jpeg)}]}, OK),
+    Case("inputs as a plain list", {"inputs": [b64(good_jpeg)]}, OK),
     Case("3000 tiny images in one request", lambda: images_request([solid_png(RED, 4)] * 3000),
          "too many images in one request: 3000 > max_images_per_request=64"),
     Case("64 images (the limit)", lambda: images_request([solid_png(RED, 8)] * 64), OK, n=64),
@@ -189,8 +199,10 @@ def test_hostile_request_gets_prediction_or_clear_4xx(served, case):
     else:
         assert 400 <= reply.status < 500, f"{case.name}: {reply.status} {reply.text[:300]}"
         assert case.expect in reply.message, f"{case.name}: {reply.message[:800]}"
-        # The reason is short and first, not buried after an echo of the (huge) request.
-        assert len(reply.message) < 2000, f"{case.name}: message of {len(reply.message)} chars"
+        # The reason is short and first, not buried after an echo of the (huge) request, and
+        # the client gets no stack trace.
+        assert len(reply.body) < 2000, f"{case.name}: error body of {len(reply.body)} bytes"
+        assert "stack_trace" not in reply.text and "Traceback" not in reply.text, case.name
     assert served.alive(), f"server died on {case.name}"
 
 
@@ -213,4 +225,45 @@ def test_missing_content_type_header_gets_415(served):
     assert reply.status == 415, (reply.status, reply.text[:300])
     assert "Content-Type" in reply.text
     assert served.alive()
+    assert post(served.port, one(b64(good_jpeg))).status == 200
+
+
+def _raw_exchange(port: int, head: bytes, chunks=(), timeout: float = 30) -> tuple[int, bytes]:
+    """Send request ``head`` and then ``chunks`` as far as the server reads them; the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for chunk in chunks:
+                sock.sendall(chunk)
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                reply += data
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    return status, reply
+
+
+def _head(length: str | None, *extra: str) -> bytes:
+    lines = ["POST /invocations HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"Content-Length: {length}"] if length is not None else []
+    return ("\r\n".join([*lines, *extra, "Connection: close"]) + "\r\n\r\n").encode()
+
+
+def test_body_over_request_limit_is_refused_before_it_is_read(served):
+    """A 10 GB ``Content-Length`` gets a 413 at once: the server does not wait for the body."""
+    status, reply = _raw_exchange(served.port, _head(str(10 * 2**30)))
+    assert status == 413, reply[:300]
+    assert b"max_request_bytes" in reply
+    status, reply = _raw_exchange(served.port, _head(str(30 * 2**20), "Expect: 100-continue"))
+    assert status == 413, reply[:300]
+    assert served.alive()
+
+
+def test_chunked_body_growing_past_the_limit_gets_413(served):
+    """Without a length the gate counts while the body arrives and stops at the limit."""
+    chunk = b"a" * 2**20
+    frames = [*(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(40)), b"0\r\n\r\n"]
+    status, reply = _raw_exchange(served.port, _head(None, "Transfer-Encoding: chunked"), frames)
+    assert status == 413, reply[:300]
+    assert b"max_request_bytes" in reply
     assert post(served.port, one(b64(good_jpeg))).status == 200
