@@ -1,0 +1,261 @@
+"""The edge agent as a user runs it: installed with ``pip install ./deploy/edge`` into a virtual
+environment without TensorFlow or cars-ml, pinned to one core as device ``sim-1core``, against a
+real ``mlflow server``. It measures the registered versions, logs metrics and tags, stores the
+device profile, measures nothing twice, skips a version without tflite files, stops cleanly on
+SIGTERM and fails in one line when the server is away."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from servers import free_port, sqlite_tracking_server
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGE = ROOT / "deploy" / "edge"
+MODEL = "stanford-cars-classifier"
+DEVICE = "sim-1core"
+P = f"device_{DEVICE}"
+
+pytestmark = pytest.mark.e2e
+
+
+def _package_hash() -> str:
+    """Changes whenever the agent's pins or its code change, so a stale venv is never reused."""
+    digest = hashlib.sha256()
+    files = [EDGE / "requirements.txt", EDGE / "pyproject.toml"]
+    files += sorted(p for p in (EDGE / "cars_ml_edge").rglob("*") if p.is_file())
+    for path in files:
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(EDGE).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def edge_venv() -> Path:
+    """A venv with only ``pip install ./deploy/edge`` in it, built once per package hash.
+
+    It lives under ``~/.cache/cars-ml`` rather than ``$CARS_ML_CACHE``, which the test
+    conftest points at a fresh folder for every session.
+    """
+    cache = Path.home() / ".cache" / "cars-ml"
+    venv = cache / f"edge-venv-{_package_hash()}"
+    if (venv / ".complete").exists():
+        return venv
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built aside and renamed, so an interrupted build is never taken for a finished one.
+    building = cache / f".edge-venv-building-{uuid.uuid4().hex[:8]}"
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, timeout=120)
+    # The copy keeps build artefacts (build/, *.egg-info) out of the source tree.
+    source = building / "src"
+    shutil.copytree(EDGE, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = subprocess.run(
+        [str(building / "bin" / "pip"), "install", "-q", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    shutil.rmtree(source)
+    (building / ".complete").write_text(f"built in {time.monotonic() - start:.0f} s\n")
+    try:
+        building.rename(venv)
+    except OSError:  # Another session finished the same venv first.
+        shutil.rmtree(building, ignore_errors=True)
+    # A venv's scripts name its own path: the rename needs the console script rewritten.
+    _fix_shebangs(venv, building)
+    return venv
+
+
+def _fix_shebangs(venv: Path, old: Path) -> None:
+    for script in (venv / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            data = script.read_bytes()
+            if data.startswith(b"#!") and str(old).encode() in data:
+                script.write_bytes(data.replace(str(old).encode(), str(venv).encode()))
+    cfg = venv / "pyvenv.cfg"
+    cfg.write_text(cfg.read_text().replace(str(old), str(venv)))
+
+
+def _agent_env() -> dict:
+    """No MLflow settings and no PYTHONPATH: the agent sees only its venv and its arguments."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHON"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _agent(venv: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["taskset", "-c", "0", str(venv / "bin" / "cars-ml-edge"), *args],
+        env=_agent_env(),
+        cwd=venv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _register(client: MlflowClient, experiment_id: str, files: list[Path], seed: int) -> str:
+    """A run with ``files`` as ``tflite/`` artifacts, registered as the model's next version."""
+    run = client.create_run(experiment_id, run_name=f"colour-net-{seed}")
+    client.log_param(run.info.run_id, "model", "colour-net")
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path), "tflite")
+    client.set_terminated(run.info.run_id)
+    source = f"{run.info.artifact_uri}/tflite"
+    version = client.create_model_version(MODEL, source, run_id=run.info.run_id)
+    return version.version
+
+
+def _tflite_pair(workdir: Path, seed: int) -> list[Path]:
+    from serving_helpers import colour_classifier, colour_images
+
+    from cars_ml.export import export_tflite
+
+    model, _ = colour_classifier(seed=seed)
+    paths = export_tflite(model, workdir / f"seed{seed}", colour_images(40, seed)[0])
+    return [paths["float32"], paths["int8"]]
+
+
+def test_venv_has_no_tensorflow_and_refuses_bad_arguments(edge_venv):
+    python = str(edge_venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'tensorflow'" in probe.stderr
+    # Run from outside the repository, where ``python -c`` would find cars_ml in the cwd.
+    probe = subprocess.run(
+        [python, "-c", "import cars_ml"], capture_output=True, env=_agent_env(), cwd=edge_venv
+    )
+    assert probe.returncode != 0
+    bad = _agent(edge_venv, "--tracking-uri", "http://x", "--device", "Pi 5", timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "device name" in bad.stderr, bad.stderr
+
+
+def test_unreachable_server_is_one_line_naming_it(edge_venv):
+    uri = f"http://admin:hunter2secret@127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = _agent(edge_venv, "--tracking-uri", uri, "--device", DEVICE, "--once", timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - start < 60
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot reach the tracking server" in lines[0]
+    assert "hunter2secret" not in result.stderr + result.stdout and "admin:***@" in lines[0]
+
+
+def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
+    with sqlite_tracking_server(tmp_path / "server") as server:
+        client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        experiment_id = client.create_experiment("edge-e2e")
+        client.create_registered_model(MODEL)
+        versions = [
+            _register(client, experiment_id, _tflite_pair(tmp_path, seed), seed) for seed in (0, 1)
+        ]
+
+        first = _agent(
+            edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once", "--runs", "20"
+        )
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "Traceback" not in first.stderr
+        assert "[1/2]" in first.stdout and "[2/2]" in first.stdout, first.stdout
+        assert "calibrating device profile" in first.stdout
+
+        for number in versions:
+            mv = client.get_model_version(MODEL, number)
+            metrics = client.get_run(mv.run_id).data.metrics
+            for precision in ("float32", "int8"):
+                p50, p95, p99 = (
+                    metrics[f"{P}_{precision}_latency_ms_{q}"] for q in ("p50", "p95", "p99")
+                )
+                assert 0 < p50 <= p95 <= p99
+                assert metrics[f"{P}_{precision}_latency_ms_p95_t1"] == p95
+                assert metrics[f"{P}_{precision}_load_ms"] > 0
+                assert metrics[f"{P}_{precision}_peak_rss_mb"] > 0
+            tags = mv.tags
+            assert float(tags[f"device.{DEVICE}.int8_latency_ms_p95"]) > 0
+            assert float(tags[f"device.{DEVICE}.float32_latency_ms_p95"]) > 0
+            assert tags[f"device.{DEVICE}.threads"] == "1"
+            assert '"cores": 1' in tags[f"device.{DEVICE}.facts"]  # The taskset pin shows.
+            assert tags[f"device.{DEVICE}.measured_at"].endswith("Z")
+            assert f"device.{DEVICE}.facts" in client.get_run(mv.run_id).data.tags
+
+        devices = client.get_experiment_by_name("cars-ml-devices")
+        (profile,) = client.search_runs([devices.experiment_id], f"tags.device = '{DEVICE}'")
+        assert profile.info.run_name == DEVICE
+        for key in (
+            "peak_float32_gmacs",
+            "peak_int8_gmacs",
+            "peak_float32_gmacs_t1",
+            "peak_int8_gmacs_t1",
+        ):
+            assert profile.data.metrics[key] > 0
+
+        again = _agent(edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once")
+        assert again.returncode == 0, again.stderr
+        assert "nothing to measure" in again.stdout and "calibrating" not in again.stdout
+
+        bare = client.create_run(experiment_id, run_name="no-export")
+        notes = tmp_path / "notes.txt"
+        notes.write_text("trained with export_tflite=false\n")
+        client.log_artifact(bare.info.run_id, str(notes))
+        client.set_terminated(bare.info.run_id)
+        skipped = client.create_model_version(
+            MODEL, bare.info.artifact_uri, run_id=bare.info.run_id
+        )
+        third = _agent(edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once")
+        assert third.returncode == 0, third.stderr
+        assert (
+            f"version {skipped.version}: no tflite artifacts (train with "
+            "export_tflite=true); skipped"
+        ) in third.stdout
+        assert (
+            f"device.{DEVICE}.measured_at"
+            not in client.get_model_version(MODEL, skipped.version).tags
+        )
+
+        # SIGTERM while measuring: exit 143, and nothing of the interrupted measurement is logged.
+        run_id = client.get_model_version(MODEL, versions[0]).run_id
+        proc = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                str(edge_venv / "bin" / "cars-ml-edge"),
+                "--tracking-uri",
+                server.uri,
+                "--device",
+                DEVICE,
+                "--versions",
+                versions[0],
+                "--runs",
+                "10000000",
+            ],
+            env=_agent_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for line in proc.stdout:
+                if "measuring" in line:
+                    break
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 143, err
+        assert "stopped by SIGTERM" in err and "Traceback" not in err
+        history = client.get_metric_history(run_id, f"{P}_int8_latency_ms_p95")
+        assert len(history) == 1
