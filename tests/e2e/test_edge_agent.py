@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 from servers import free_port, sqlite_tracking_server
+from serving_helpers import colour_images
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "deploy" / "edge"
@@ -119,7 +121,7 @@ def _register(client: MlflowClient, experiment_id: str, files: list[Path], seed:
 
 
 def _tflite_pair(workdir: Path, seed: int) -> list[Path]:
-    from serving_helpers import colour_classifier, colour_images
+    from serving_helpers import colour_classifier
 
     from cars_ml.export import export_tflite
 
@@ -163,9 +165,15 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
             _register(client, experiment_id, _tflite_pair(tmp_path, seed), seed) for seed in (0, 1)
         ]
 
-        first = _agent(
-            edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once", "--runs", "20"
-        )
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for i, image in enumerate(colour_images(6, seed=7, size=48)[0]):
+            Image.fromarray(image).save(photos / f"car{i}.png")
+        (photos / "notes.txt").write_text("not a photo")
+
+        command = ["--tracking-uri", server.uri, "--device", DEVICE, "--once", "--runs", "20"]
+        first = _agent(edge_venv, *command, "--images", str(photos))
+        print(first.stdout)  # The progress a user sees (pytest -s).
         assert first.returncode == 0, first.stdout + first.stderr
         assert "Traceback" not in first.stderr
         assert "[1/2]" in first.stdout and "[2/2]" in first.stdout, first.stdout
@@ -182,6 +190,7 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
                 assert metrics[f"{P}_{precision}_latency_ms_p95_t1"] == p95
                 assert metrics[f"{P}_{precision}_load_ms"] > 0
                 assert metrics[f"{P}_{precision}_peak_rss_mb"] > 0
+            assert 0 <= metrics[f"{P}_int8_agreement"] <= 1 and metrics[f"{P}_images"] == 6
             tags = mv.tags
             assert float(tags[f"device.{DEVICE}.int8_latency_ms_p95"]) > 0
             assert float(tags[f"device.{DEVICE}.float32_latency_ms_p95"]) > 0
@@ -242,6 +251,7 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
                 "10000000",
             ],
             env=_agent_env(),
+            cwd=edge_venv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -185,8 +185,8 @@ def run_pass(client, options: Options, signals: Signals) -> int:
             )
         done += 1
         line = (
-            f"{where} ({name}): int8 p95 {metrics[f'device_{options.device}_int8_latency_ms_p95']:.2f} ms, "
-            f"float32 p95 {metrics[f'device_{options.device}_float32_latency_ms_p95']:.2f} ms"
+            f"{where} ({name}): int8 p95 {metrics[f'device_{options.device}_int8_latency_ms_p95']:.3g} ms, "
+            f"float32 p95 {metrics[f'device_{options.device}_float32_latency_ms_p95']:.3g} ms"
         )
         agreement = metrics.get(f"device_{options.device}_int8_agreement")
         if agreement is not None:
