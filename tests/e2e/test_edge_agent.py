@@ -222,16 +222,22 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
         skipped = client.create_model_version(
             MODEL, bare.info.artifact_uri, run_id=bare.info.run_id
         )
+        garbage = tmp_path / "garbage"
+        garbage.mkdir()
+        for name in ("model_float32.tflite", "model_int8.tflite"):
+            (garbage / name).write_bytes(b"not a flatbuffer" * 64)
+        broken = _register(client, experiment_id, sorted(garbage.iterdir()), seed=9)
         third = _agent(edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once")
         assert third.returncode == 0, third.stderr
         assert (
             f"version {skipped.version}: no tflite artifacts (train with "
             "export_tflite=true); skipped"
         ) in third.stdout
-        assert (
-            f"device.{DEVICE}.measured_at"
-            not in client.get_model_version(MODEL, skipped.version).tags
-        )
+        assert f"version {broken} (colour-net): a tflite file does not load" in third.stdout
+        assert "Traceback" not in third.stdout + third.stderr
+        for number in (skipped.version, broken):
+            tags = client.get_model_version(MODEL, number).tags
+            assert f"device.{DEVICE}.measured_at" not in tags
 
         # SIGTERM while measuring: exit 143, and nothing of the interrupted measurement is logged.
         run_id = client.get_model_version(MODEL, versions[0]).run_id

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # The agent prints one progress line per version; per-file download bars only add noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     code = 1
     try:
         code = _run(args)
@@ -177,9 +179,11 @@ def _run(args) -> int:
             return 1
         return 0
     print(f"watching {args.model_name} every {args.interval}s (Ctrl-C to stop)", flush=True)
+    first = True
     while True:
         try:
-            agent.run_pass(client, options, signals)
+            agent.run_pass(client, options, signals, announce_empty=first)
+            first = False
         except agent.Interrupted:
             raise
         except Exception as exc:
