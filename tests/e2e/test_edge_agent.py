@@ -53,6 +53,7 @@ def edge_venv() -> Path:
     cache = Path.home() / ".cache" / "cars-ml"
     venv = cache / f"edge-venv-{_package_hash()}"
     if (venv / ".complete").exists():
+        (venv / ".complete").touch()  # Marks it in use for the clean-up below.
         return venv
     cache.mkdir(parents=True, exist_ok=True)
     # Built aside and renamed, so an interrupted build is never taken for a finished one.
@@ -77,7 +78,17 @@ def edge_venv() -> Path:
         shutil.rmtree(building, ignore_errors=True)
     # A venv's scripts name its own path: the rename needs the console script rewritten.
     _fix_shebangs(venv, building)
+    _remove_stale(cache, keep=venv)
     return venv
+
+
+def _remove_stale(cache: Path, keep: Path, idle_s: float = 3600) -> None:
+    """Delete venvs of older agent versions (about 300 MB each) unused for an hour; one that
+    another checkout uses right now has a fresh ``.complete`` and stays."""
+    for old in cache.glob("edge-venv-*"):
+        marker = old / ".complete"
+        if old != keep and (not marker.exists() or time.time() - marker.stat().st_mtime > idle_s):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fix_shebangs(venv: Path, old: Path) -> None:
@@ -106,6 +117,28 @@ def _agent(venv: Path, *args: str, timeout: float = 240) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+def _popen(venv: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["taskset", "-c", "0", str(venv / "bin" / "cars-ml-edge"), *args],
+        env=_agent_env(),
+        cwd=venv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen, text: str) -> list[str]:
+    """The agent's stdout lines up to the first containing ``text`` (the test's timeout
+    catches an agent that never prints it)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"agent exited before {text!r}: {''.join(lines)}{proc.stderr.read()}")
 
 
 def _register(client: MlflowClient, experiment_id: str, files: list[Path], seed: int) -> str:
@@ -239,33 +272,51 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
             tags = client.get_model_version(MODEL, number).tags
             assert f"device.{DEVICE}.measured_at" not in tags
 
-        # SIGTERM while measuring: exit 143, and nothing of the interrupted measurement is logged.
-        run_id = client.get_model_version(MODEL, versions[0]).run_id
-        proc = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0",
-                str(edge_venv / "bin" / "cars-ml-edge"),
-                "--tracking-uri",
-                server.uri,
-                "--device",
-                DEVICE,
-                "--versions",
-                versions[0],
-                "--runs",
-                "10000000",
-            ],
-            env=_agent_env(),
-            cwd=edge_venv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        # --watch: a version registered while it polls is measured; the skipped ones are
+        # reported once, not at every poll; SIGTERM between versions ends it with 143.
+        watcher = _popen(
+            edge_venv,
+            "--tracking-uri",
+            server.uri,
+            "--device",
+            DEVICE,
+            "--watch",
+            "--interval",
+            "1",
+            "--runs",
+            "20",
         )
         try:
-            for line in proc.stdout:
-                if "measuring" in line:
-                    break
+            lines = _read_until(watcher, "watching")
+            newest = _register(
+                client, experiment_id, sorted((tmp_path / "seed0").glob("*.tflite")), 0
+            )
+            lines += _read_until(watcher, f"version {newest} (colour-net): int8 p95")
+            time.sleep(2.5)  # Two more polls, with nothing new.
+            watcher.send_signal(signal.SIGTERM)
+            rest, err = watcher.communicate(timeout=60)
+        finally:
+            watcher.kill()
+        assert watcher.returncode == 143, err
+        output = "".join(lines) + rest
+        assert output.count("no tflite artifacts") == 1 and "does not load" in output, output
+        assert f"device.{DEVICE}.measured_at" in client.get_model_version(MODEL, newest).tags
+
+        # SIGTERM while measuring: exit 143, and nothing of the interrupted measurement is logged.
+        run_id = client.get_model_version(MODEL, versions[0]).run_id
+        proc = _popen(
+            edge_venv,
+            "--tracking-uri",
+            server.uri,
+            "--device",
+            DEVICE,
+            "--versions",
+            versions[0],
+            "--runs",
+            "10000000",
+        )
+        try:
+            _read_until(proc, "measuring")
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)

@@ -133,9 +133,24 @@ def ensure_profile(client, options: Options, force: bool = False) -> None:
     )
 
 
-def run_pass(client, options: Options, signals: Signals) -> int:
-    """Measure every pending version once; returns how many were measured and logged."""
+def run_pass(
+    client,
+    options: Options,
+    signals: Signals,
+    announce_empty: bool = True,
+    skipped: set[int] | None = None,
+) -> int:
+    """Measure every pending version once; returns how many were measured and logged.
+
+    A watching agent passes ``announce_empty=False`` to stay quiet while nothing new is
+    registered, and one ``skipped`` set for all its passes, so that a version it could not
+    measure (no files, a file that does not load) is reported once, not at every poll.
+    """
+    skipped = set() if skipped is None else skipped
     pending = registry.versions_to_measure(client, options.model, options.device, options.versions)
+    pending = [version for version in pending if version.version not in skipped]
+    if not pending and not announce_empty:
+        return 0
     if not pending:
         print(
             f"nothing to measure: every version of {options.model} is measured on {options.device}",
@@ -146,6 +161,10 @@ def run_pass(client, options: Options, signals: Signals) -> int:
     done = 0
     for index, version in enumerate(pending, start=1):
         where = f"version {version.version}"
+        if not version.run_id:
+            print(f"{where}: registered without a training run; skipped", flush=True)
+            skipped.add(version.version)
+            continue
         with tempfile.TemporaryDirectory(prefix="cars-ml-edge-") as tmp:
             files = registry.download(client, version.run_id, Path(tmp))
             if files is None:
@@ -153,6 +172,7 @@ def run_pass(client, options: Options, signals: Signals) -> int:
                     f"{where}: no tflite artifacts (train with export_tflite=true); skipped",
                     flush=True,
                 )
+                skipped.add(version.version)
                 continue
             name = registry.architecture(client, version.run_id)
             print(
@@ -164,6 +184,7 @@ def run_pass(client, options: Options, signals: Signals) -> int:
                 metrics = measure_files(files, options)
             except MemoryError:
                 print(f"{where} ({name}): out of memory while measuring; skipped", flush=True)
+                skipped.add(version.version)
                 continue
             except (ValueError, RuntimeError) as exc:
                 reason = (
@@ -172,6 +193,7 @@ def run_pass(client, options: Options, signals: Signals) -> int:
                 print(
                     f"{where} ({name}): a tflite file does not load ({reason}); skipped", flush=True
                 )
+                skipped.add(version.version)
                 continue
         with signals.deferred():
             registry.log_measurement(

@@ -179,10 +179,10 @@ def _run(args) -> int:
             return 1
         return 0
     print(f"watching {args.model_name} every {args.interval}s (Ctrl-C to stop)", flush=True)
-    first = True
+    first, skipped = True, set()
     while True:
         try:
-            agent.run_pass(client, options, signals, announce_empty=first)
+            agent.run_pass(client, options, signals, announce_empty=first, skipped=skipped)
             first = False
         except agent.Interrupted:
             raise
