@@ -7,11 +7,13 @@ SIGTERM and fails in one line when the server is away."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -189,6 +191,34 @@ def test_unreachable_server_is_one_line_naming_it(edge_venv):
     assert "hunter2secret" not in result.stderr + result.stdout and "admin:***@" in lines[0]
 
 
+class _Refuses(http.server.BaseHTTPRequestHandler):
+    """A server behind basic auth that accepts nobody."""
+
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+        self.end_headers()
+        self.wfile.write(b"You are not authenticated.")
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_refused_credentials_are_one_line_naming_the_variables(edge_venv):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        result = _agent(edge_venv, "--tracking-uri", uri, "--device", DEVICE, timeout=120)
+    finally:
+        server.shutdown()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "MLFLOW_TRACKING_USERNAME" in lines[0] and "Traceback" not in result.stderr
+
+
 def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
     with sqlite_tracking_server(tmp_path / "server") as server:
         client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
@@ -242,6 +272,14 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
             "peak_int8_gmacs_t1",
         ):
             assert profile.data.metrics[key] > 0
+
+        recalibrated = _agent(
+            edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--calibrate"
+        )
+        assert recalibrated.returncode == 0 and "calibrating" in recalibrated.stdout
+        assert "measuring" not in recalibrated.stdout
+        history = client.get_metric_history(profile.info.run_id, "peak_int8_gmacs_t1")
+        assert len(history) == 2
 
         again = _agent(edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once")
         assert again.returncode == 0, again.stderr
