@@ -136,3 +136,24 @@ def test_passwords_are_masked_and_errors_explained():
     )
     assert "cannot reach the tracking server at http://h:1" in cli._problem(away, "http://h:1")
     assert cli._problem(ValueError("other"), "http://h") is None
+
+
+def test_scrubbed_masks_passwords_inside_messages():
+    text = "API request to http://ann:s3cret@h:5000/api failed"
+    assert cli.scrubbed(text) == "API request to http://ann:***@h:5000/api failed"
+
+
+def test_agent_pins_are_the_projects_and_agree_with_each_other():
+    edge = Path(__file__).resolve().parents[2] / "deploy" / "edge"
+    pins = [
+        line
+        for line in (edge / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    pyproject = (edge / "pyproject.toml").read_text()
+    assert all(f'"{pin}"' in pyproject for pin in pins), pins
+    project = (edge.parents[1] / "pyproject.toml").read_text()
+    for pin in pins:
+        # mlflow-skinny is the client half of the project's mlflow, at the same version.
+        assert f'"{pin.replace("mlflow-skinny", "mlflow")}"' in project, pin
+    assert "tensorflow" not in pyproject and 'cars-ml"' not in pyproject

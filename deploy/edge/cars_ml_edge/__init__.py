@@ -1,0 +1,1 @@
+"""cars-ml-edge: measure cars-ml's registered TFLite models on an edge device."""

@@ -101,6 +101,12 @@ def masked(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def scrubbed(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it masked: MLflow's
+    error messages repeat the URL they called."""
+    return re.sub(r"(://[^/\s:@]+):[^@\s/]+@", r"\1:***@", text)
+
+
 def _problem(exc: BaseException, uri: str) -> str | None:
     """One line for an MLflow or HTTP failure, or None when ``exc`` is something else."""
     text = str(exc)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             line = f"error: {type(exc).__name__}: {first}"
-        print(line, file=sys.stderr)
+        print(scrubbed(line), file=sys.stderr)
     return code
 
 
