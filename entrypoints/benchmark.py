@@ -25,21 +25,26 @@ def build_parser():
     return p
 
 
-def main() -> None:
-    from cars_ml.perf.run import BenchmarkConfig, parse_sections, run_benchmark
+def config(a):
+    """The ``BenchmarkConfig`` of parsed arguments (imports the library)."""
+    from cars_ml.perf.run import BenchmarkConfig, parse_sections
 
-    a = build_parser().parse_args()
-    run_benchmark(
-        BenchmarkConfig(
-            model_uri=a.model_uri,
-            image_size=a.image_size,
-            runs=a.runs,
-            serve_seconds=a.serve_seconds,
-            pipeline_images=a.pipeline_images,
-            sections=parse_sections(a.sections),
-            kernel_models=comma_list(a.kernel_models),
-        )
+    return BenchmarkConfig(
+        model_uri=a.model_uri,
+        image_size=a.image_size,
+        runs=a.runs,
+        serve_seconds=a.serve_seconds,
+        pipeline_images=a.pipeline_images,
+        sections=parse_sections(a.sections),
+        kernel_models=comma_list(a.kernel_models),
     )
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    from cars_ml.perf.run import run_benchmark
+
+    run_benchmark(config(a))
 
 
 if __name__ == "__main__":

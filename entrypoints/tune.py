@@ -56,36 +56,41 @@ def build_parser():
     return p
 
 
+def config(a):
+    """The ``TuneConfig`` of parsed arguments (imports the library)."""
+    from cars_ml.data import DataConfig
+    from cars_ml.tuning.run import TuneConfig
+    from cars_ml.tuning.search_space import parse_pins
+
+    return TuneConfig(
+        model=a.model,
+        data=DataConfig(
+            data=a.data, seed=a.seed, max_per_class=a.max_per_class, max_classes=a.max_classes
+        ),
+        n_trials=a.n_trials,
+        timeout_s=a.timeout_s,
+        storage=a.storage,
+        study_name=a.study_name,
+        pruner=a.pruner,
+        objectives=a.objectives,
+        image_size=a.image_size,
+        weights=a.weights,
+        seed=a.seed,
+        max_epochs=a.max_epochs,
+        fine_tune_epochs=a.fine_tune_epochs,
+        trial_fraction=a.trial_fraction,
+        cached_features=a.cached_features,
+        pins=tuple(parse_pins(a.pin).items()),
+        teacher=a.teacher,
+        budget_gmacs=a.budget_gmacs,
+    )
+
+
 def main() -> None:
     a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
-    from cars_ml.data import DataConfig
-    from cars_ml.search_space import parse_pins
-    from cars_ml.tune import TuneConfig, run_tune
+    from cars_ml.tuning.run import run_tune
 
-    run_tune(
-        TuneConfig(
-            model=a.model,
-            data=DataConfig(
-                data=a.data, seed=a.seed, max_per_class=a.max_per_class, max_classes=a.max_classes
-            ),  # fmt: skip
-            n_trials=a.n_trials,
-            timeout_s=a.timeout_s,
-            storage=a.storage,
-            study_name=a.study_name,
-            pruner=a.pruner,
-            objectives=a.objectives,
-            image_size=a.image_size,
-            weights=a.weights,
-            seed=a.seed,
-            max_epochs=a.max_epochs,
-            fine_tune_epochs=a.fine_tune_epochs,
-            trial_fraction=a.trial_fraction,
-            cached_features=a.cached_features,
-            pins=tuple(parse_pins(a.pin).items()),
-            teacher=a.teacher,
-            budget_gmacs=a.budget_gmacs,
-        )
-    )
+    run_tune(config(a))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.export import LiteRTRunner, export_tflite
+from cars_ml.export.tflite import LiteRTRunner, export_tflite
 from cars_ml.perf.macs import count_macs
 from cars_ml.perf.timing import interleaved_medians
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.serve import ServeConfig, serve_command
 from cars_ml.serving.model import PRECISION_ENV
+from cars_ml.serving.run import ServeConfig, serve_command
 
 START_TIMEOUT_S = 240.0
 REQUEST_TIMEOUT_S = 60.0

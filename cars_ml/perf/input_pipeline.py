@@ -118,10 +118,10 @@ def data_wait(
     import keras
     import tensorflow as tf
 
-    from cars_ml import backbones
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.optimizers import FusedAdam
-    from cars_ml.train import compile_for_training
+    from cars_ml.modeling import backbones
+    from cars_ml.modeling.optimizers import FusedAdam
+    from cars_ml.training.fit import compile_for_training
 
     if max_steps:
         records = list(records)[: max_steps * batch_size]

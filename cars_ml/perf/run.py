@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cars_ml import tracking
-from cars_ml.backbones import get_backbone
+from cars_ml.modeling.backbones import get_backbone
 from cars_ml.perf import report
 from cars_ml.perf.inputs import (
     car_class_names,
@@ -108,8 +108,8 @@ def _built_model(cfg: BenchmarkConfig, class_names: list[str], workdir: Path) ->
     """A MobileNet with random weights and a 196-class head, registered in a scratch store."""
     import keras
 
-    from cars_ml import backbones
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
+    from cars_ml.modeling import backbones
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone("mobilenet")

@@ -142,7 +142,7 @@ def test_refused_parameter_deletes_the_mlflow_run_holding_it(tracking_uri, monke
 def test_discard_ends_a_run_nobody_ends(tracking_uri):
     import mlflow
 
-    from cars_ml.discard_run import discard
+    from cars_ml.tracking.discard import discard
 
     client = mlflow.MlflowClient()
     run = client.create_run("0")

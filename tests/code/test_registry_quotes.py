@@ -9,7 +9,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from cars_ml import registry, tracking
+from cars_ml import tracking
+from cars_ml.promotion import registry
 
 NAMES = ["cars'model", 'cars"model', "cars'\"model", "it's_100%"]
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from cars_ml.predict import PredictConfig, _format_top5, find_images
-from cars_ml.serve import ServeConfig, serve_command
+from cars_ml.serving.predict import PredictConfig, _format_top5, find_images
+from cars_ml.serving.run import ServeConfig, serve_command
 
 
 def test_serve_uri_and_command():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from cars_ml.tune_sampler import PerTrialSeedSampler, make_sampler
+from cars_ml.tuning.sampler import PerTrialSeedSampler, make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -24,7 +24,7 @@ from fast_fail import assert_fails_fast
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from cars_ml.tune_storage import GRACE_ENV, HEARTBEAT_ENV
+from cars_ml.tuning.storage import GRACE_ENV, HEARTBEAT_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -266,7 +266,7 @@ def _terminate_backends(database: str) -> int:
 def test_postgres_connections_dropped_during_study(
     tracking_uri, fault_env, postgres_url, tmp_path, monkeypatch
 ):
-    from cars_ml.tune_storage import open_storage
+    from cars_ml.tuning.storage import open_storage
 
     # Beats every second, as elsewhere, but a longer grace: on a loaded 2-core machine a
     # reconnecting heartbeat can be a few seconds late, and this test asks whether live trials
@@ -340,7 +340,7 @@ def test_storage_writes_survive_connections_killed_mid_statement(postgres_url, m
     """Every trial write lands although the database kills the connections all the time."""
     import threading
 
-    from cars_ml.tune_storage import open_storage
+    from cars_ml.tuning.storage import open_storage
 
     monkeypatch.setenv(HEARTBEAT_ENV, "1")
     monkeypatch.setenv(GRACE_ENV, "3")

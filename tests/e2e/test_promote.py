@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from cars_ml.promote import PromotionConfig
-from cars_ml.promotion_lock import promotion_lock
-from cars_ml.promotion_run import PROMOTION_EXPERIMENT, run_promote
+from cars_ml.promotion.lock import promotion_lock
+from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.promotion.run import PROMOTION_EXPERIMENT, run_promote
 
 pytestmark = pytest.mark.e2e
 

@@ -25,10 +25,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from servers import sqlite_tracking_server
 
-from cars_ml import registry
-from cars_ml.promote import PromotionConfig
-from cars_ml.promotion_lock import LOCK_SUFFIX
-from cars_ml.promotion_run import decide_now, run_promote
+from cars_ml.promotion import registry
+from cars_ml.promotion.lock import LOCK_SUFFIX
+from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.promotion.run import decide_now, run_promote
 
 pytestmark = pytest.mark.e2e
 

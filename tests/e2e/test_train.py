@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from e2e_utils import ROOT, run_entry
 
-from cars_ml.train_run import METRIC_SCHEMA
+from cars_ml.training.run import METRIC_SCHEMA
 
 pytestmark = pytest.mark.e2e
 

@@ -12,11 +12,12 @@ import optuna
 import pytest
 from e2e_utils import ROOT, run_entry
 
-from cars_ml import backbones, search_space
 from cars_ml.data import DataConfig
-from cars_ml.train import HParams
-from cars_ml.tune import TuneConfig, run_tune
-from cars_ml.tune_storage import best_params
+from cars_ml.modeling import backbones
+from cars_ml.training.fit import HParams
+from cars_ml.tuning import search_space
+from cars_ml.tuning.run import TuneConfig, run_tune
+from cars_ml.tuning.storage import best_params
 
 pytestmark = pytest.mark.e2e
 TINY = DataConfig(max_classes=4, max_per_class=12)

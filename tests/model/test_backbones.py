@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from cars_ml import backbones
-from cars_ml.optimizers import FusedAdam
-from cars_ml.train import compile_for_training
+from cars_ml.modeling import backbones
+from cars_ml.modeling.optimizers import FusedAdam
+from cars_ml.training.fit import compile_for_training
 
 NAMES = sorted(backbones.BACKBONES)
 

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import tensorflow as tf
 
-from cars_ml import distribute
+from cars_ml.modeling import distribute
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     """
     import json
     from cars_ml.data import DataConfig
-    from cars_ml.train import HParams
-    from cars_ml.train_run import TrainConfig, run_train
+    from cars_ml.training.fit import HParams
+    from cars_ml.training.run import TrainConfig, run_train
 
     out = run_train(TrainConfig(
         model="mobilenet", data=DataConfig(max_classes=3, max_per_class=8), weights="none",
@@ -69,7 +69,7 @@ def test_a_bad_cpu_split_is_refused_with_the_fix(monkeypatch, value):
 
 
 def test_unknown_devices_and_multi_worker_are_refused_with_the_alternative():
-    from cars_ml.train_run import TrainConfig
+    from cars_ml.training.run import TrainConfig
 
     with pytest.raises(ValueError, match="not one of auto, default, mirrored"):
         distribute.strategy("tpu")

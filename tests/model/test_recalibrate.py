@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cars_ml.batchnorm import MomentumWarmup, recalibrate_batchnorm, warm_momentum
-from cars_ml.optimizers import FusedAdam
+from cars_ml.modeling.batchnorm import MomentumWarmup, recalibrate_batchnorm, warm_momentum
+from cars_ml.modeling.optimizers import FusedAdam
 
 
 class _CountCalls(keras.layers.Layer):

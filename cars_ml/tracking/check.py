@@ -13,7 +13,7 @@ import os
 import urllib.error
 import urllib.request
 
-from cars_ml.tracking import redact
+from cars_ml.tracking.redaction import redact
 
 _DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 

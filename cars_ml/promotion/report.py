@@ -11,7 +11,7 @@ import math
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cars_ml.promote import Budgets, Decision
+from cars_ml.promotion.policy import Budgets, Decision
 
 
 def _role(row: pd.Series, decision: Decision) -> str:

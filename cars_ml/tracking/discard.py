@@ -1,6 +1,6 @@
 """Delete the run ``mlflow run`` created for a refused entry point, once MLflow lets go of it.
 
-``python -m cars_ml.discard_run <run_id>``, started detached by an entry point that refuses a
+``python -m cars_ml.tracking.discard <run_id>``, started detached by an entry point that refuses a
 parameter holding a password (``entrypoints/_common.py``). The run cannot be deleted by the
 entry point itself: after the entry point exits, ``mlflow run`` always writes the run's final
 status (MLflow 3 compares the status string with integer codes, so it never sees the run as
@@ -35,9 +35,9 @@ def discard(run_id: str, wait_s: float = WAIT_S) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m cars_ml.discard_run <run_id>", file=sys.stderr)
+        print("usage: python -m cars_ml.tracking.discard <run_id>", file=sys.stderr)
         return 2
-    from cars_ml.redaction import redact
+    from cars_ml.tracking.redaction import redact
 
     try:
         discard(argv[0])

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import optuna
 
-from cars_ml import backbones, search_space, tracking
+from cars_ml import tracking
 from cars_ml.data import DataConfig, load_dataset, train_subset
-from cars_ml.teacher import load_teacher
-from cars_ml.tune_sampler import make_sampler
-from cars_ml.tune_storage import (
+from cars_ml.modeling import backbones
+from cars_ml.training.teacher import load_teacher
+from cars_ml.tuning import search_space
+from cars_ml.tuning.sampler import make_sampler
+from cars_ml.tuning.storage import (
     best_trial,
     close_dead_trial_runs,
     default_storage,
@@ -148,7 +150,7 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     # TensorFlow loads only once this process has trials to run.
     import keras
 
-    from cars_ml.tune_objective import Objective, trial_summary
+    from cars_ml.tuning.objective import Objective, trial_summary
 
     # Once per process, never inside the objective.
     splits = train_subset(load_dataset(cfg.data), cfg.trial_fraction, cfg.seed)
@@ -175,8 +177,8 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
             and teacher is None  # A student learns from the teacher on every image it sees.
         )
         if use_cache:
-            from cars_ml.features import cached_features
             from cars_ml.serving.layers import ImagePreprocess
+            from cars_ml.tuning.features import cached_features
 
             features, hit = cached_features(backbone, ImagePreprocess(spec.preprocess), splits,
                                             name=cfg.model, image_size=size, weights_used=weights_used)  # fmt: skip
@@ -202,8 +204,8 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
         )
         tracking.log_metrics(splits.summary())  # num_train_images shows the trials' share.
         if teacher:
-            from cars_ml.evaluate import macro_f1
-            from cars_ml.train import labels_of
+            from cars_ml.training.evaluate import macro_f1
+            from cars_ml.training.fit import labels_of
 
             val_f1 = macro_f1(labels_of(splits.val), teacher.outputs["val"])
             tracking.log_metrics({"teacher_val_f1_macro": val_f1})

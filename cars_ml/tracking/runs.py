@@ -1,4 +1,4 @@
-"""The only module that starts MLflow runs and logs to them.
+"""Runs: start and end them, log params, metrics, tags and artifacts, find finished ones.
 
 It respects what ``mlflow run`` hands over (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``,
 ``MLFLOW_EXPERIMENT_ID``), checks the tracking server answers before any work starts, and
@@ -11,20 +11,16 @@ import contextlib
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 import cars_ml
-
-# Re-exported: callers and tests reach redaction through this module, the one that logs.
-from cars_ml.redaction import _SECRET_ENV, _URL_PASSWORD, has_credentials, redact  # noqa: F401
+from cars_ml.tracking.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +32,8 @@ def tracking_uri() -> str:
 
 def check_tracking_server(timeout_s: float = 5.0) -> None:
     """Fail within seconds, naming the URI, when the tracking server or database does not answer
-    or refuses our credentials (see :mod:`cars_ml.tracking_check`)."""
-    from cars_ml.tracking_check import check_reachable
+    or refuses our credentials (see :mod:`cars_ml.tracking.check`)."""
+    from cars_ml.tracking.check import check_reachable
 
     check_reachable(tracking_uri(), timeout_s)
 
@@ -179,132 +175,6 @@ def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_text(redact(json.dumps(data, indent=2, default=str)), artifact_file)
 
 
-# --- Serving model: log, register, load (owner: serving) ---------------------------------------
-
-
-def log_classifier_model(
-    model,
-    class_names,
-    image_size: int,
-    *,
-    name: str = "model",
-    litert_model=None,
-    saved_model=None,
-    reference=None,
-    litert_int8_model=None,
-):
-    """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
-
-    Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
-    ``labels.json``, ``serving_config.json``, and the exported float32 ``.tflite`` when
-    ``litert_model`` names it, with its check) plus a copy of the ``cars_ml`` package as code, so
-    ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
-    """
-    import shutil
-
-    from cars_ml.serving import package
-
-    if mlflow.active_run() is None:
-        raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = package.write_model_artifacts(
-            model, class_names, image_size, Path(tmp) / "a", litert_model=litert_model,
-            saved_model=saved_model, reference=reference, litert_int8_model=litert_int8_model,
-        )  # fmt: skip
-        # Copy the package without caches so the logged model carries only source files.
-        code_dir = Path(tmp) / "code" / "cars_ml"
-        shutil.copytree(
-            Path(cars_ml.__file__).resolve().parent,
-            code_dir,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=package.MODEL_CODE_PATH,
-            artifacts=artifacts,
-            code_paths=[str(code_dir)],
-            signature=package.model_signature(),
-            input_example=package.input_example(),
-            pip_requirements=package.pip_requirements(),
-        )
-
-
-def register_model(model_uri: str, name: str, tags: Mapping[str, Any] | None = None):
-    """Register ``model_uri`` as a new version of ``name`` and tag it; returns the ModelVersion."""
-    version = mlflow.register_model(model_uri, name)
-    client = mlflow.MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(name, version.version, key, redact(value)[:5000])
-    return client.get_model_version(name, version.version)
-
-
-def load_pyfunc(model_uri: str):
-    """Load a logged or registered pyfunc model (``models:/name@alias``, ``runs:/...``, a path)."""
-    return mlflow.pyfunc.load_model(model_uri)
-
-
-def check_model_uri(model_uri: str) -> None:
-    """Fail fast with a clear message when a ``models:/name@alias`` URI does not resolve."""
-    match = re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", model_uri)
-    if not match:
-        return
-    client = mlflow.MlflowClient()
-    try:
-        client.get_model_version_by_alias(match["name"], match["alias"])
-    except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(
-            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message}. Train and "
-            "register a model, run `mlflow run . -e promote` to set the alias, or pass model_uri."
-        ) from exc
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    """A registered model version resolved from a ``models:/`` URI, and where it was trained."""
-
-    name: str
-    version: str
-    run_id: str
-    tags: dict[str, str]
-    metrics: dict[str, float]
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))")
-
-
-def resolve_model_version(model_uri: str) -> RegisteredModel:
-    """``models:/name/<version>`` or ``models:/name@alias`` -> the version, its tags and its
-    training run's metrics; a URI that resolves to nothing fails with the fix."""
-    match = _MODEL_URI.fullmatch(model_uri.strip())
-    if not match:
-        raise ValueError(
-            f"teacher={model_uri!r} is not a registered model URI; pass "
-            f"models:/{cars_ml.REGISTERED_MODEL_NAME}/<version> or models:/<name>@<alias>."
-        )
-    client = mlflow.MlflowClient()
-    try:
-        if match["alias"]:
-            mv = client.get_model_version_by_alias(match["name"], match["alias"])
-        else:
-            mv = client.get_model_version(match["name"], match["version"])
-    except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(
-            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message} List the "
-            f"versions in the MLflow UI (Models) or train one with `mlflow run . -e train`."
-        ) from exc
-    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-    return RegisteredModel(mv.name, str(mv.version), mv.run_id or "", dict(mv.tags), metrics)
-
-
-def download_model(model_uri: str, dst: str | Path) -> Path:
-    """Download a logged model's files (``MLmodel``, ``artifacts/``) into ``dst``."""
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-
-
 def close_stale_runs(run_ids, status: str = "KILLED") -> list[str]:
     """End runs left RUNNING by a killed process (e.g. a tuning worker); returns those closed."""
     client = mlflow.MlflowClient()
@@ -351,71 +221,6 @@ def find_finished_run(tags: Mapping[str, str]) -> Any | None:
     )
     runs = [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
     return runs[0] if runs else None
-
-
-# --- Benchmark: a throwaway registry for serving a freshly built model (owner: perf) ----------
-
-
-def register_in_scratch_store(
-    model,
-    class_names,
-    image_size: int,
-    folder: str | Path,
-    *,
-    name: str = "benchmark-model",
-    litert_model=None,
-    litert_int8_model=None,
-) -> tuple[str, str, str]:
-    """Save ``model`` as the serving pyfunc and register it in a new SQLite store in ``folder``.
-
-    Only an explicit client touches the scratch store: the tracking URI, the active run and the
-    experiment in force are left alone, so it can be called while a benchmark run is open.
-    Returns ``(tracking_uri, model_uri, local_model_path)``: serve ``model_uri`` with
-    ``MLFLOW_TRACKING_URI=tracking_uri``; load ``local_model_path`` in this process.
-    """
-    import shutil
-
-    from cars_ml.serving import package
-
-    root = Path(folder).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    # Artifacts go beside the database, never into ./mlruns of the working directory.
-    experiment_id = client.create_experiment(
-        "scratch", artifact_location=(root / "artifacts").as_uri()
-    )
-    run = client.create_run(experiment_id, run_name="scratch-model", tags=base_tags())
-    local = root / "model"
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = package.write_model_artifacts(
-            model,
-            class_names,
-            image_size,
-            Path(tmp) / "a",
-            litert_model=litert_model,
-            litert_int8_model=litert_int8_model,
-        )
-        code_dir = Path(tmp) / "code" / "cars_ml"
-        shutil.copytree(
-            Path(cars_ml.__file__).resolve().parent,
-            code_dir,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=package.MODEL_CODE_PATH,
-            artifacts=artifacts,
-            code_paths=[str(code_dir)],
-            signature=package.model_signature(),
-            input_example=package.input_example(),
-            pip_requirements=package.pip_requirements(),
-        )
-    client.log_artifacts(run.info.run_id, str(local), "model")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
-    return uri, f"models:/{name}/{version.version}", str(local)
 
 
 # --- Reliability: dead workers' runs (owner: reliability) ---------------------------------

@@ -86,7 +86,7 @@ def baseline(pins: dict[str, Any], *, head_only: bool, distill: bool = False) ->
     matters most for small budgets where a few random draws can all land badly. Values outside
     a dimension's range are clamped to it (weight decay 0 becomes its lowest value).
     """
-    from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, HParams
+    from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, HParams
 
     defaults = {**HParams().as_params(), "temperature": DEFAULT_TEMPERATURE, "alpha": DEFAULT_ALPHA}
     point: dict[str, Any] = {}

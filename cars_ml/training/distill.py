@@ -1,7 +1,7 @@
 """Knowledge distillation: a student learns from a teacher's softened probabilities and the labels.
 
 No MLflow here: a teacher is a Keras classifier (pixels in [0, 255], probabilities out) loaded
-from a local model directory; ``cars_ml.teacher`` downloads that directory for a registered version.
+from a local model directory; ``cars_ml.training.teacher`` downloads that directory for a registered version.
 
 Consistent teaching: teacher and student see the same augmented view of every batch, because the
 teacher runs inside the student's training graph on the very tensor the student gets (resized to
@@ -26,7 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, check_distill_params
+from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, check_distill_params
 
 log = logging.getLogger(__name__)
 

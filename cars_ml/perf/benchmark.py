@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-# Set in each worker of the pipeline's step pool (``step_pool``): a lock every worker takes to
+# Set in each worker of the pipeline's step pool (``pipeline.pool``): a lock every worker takes to
 # measure, and the pids of all workers. A measurement stops the others (SIGSTOP) so that no
 # reported latency shares the CPU with another step; the lock keeps two workers from stopping
 # each other mid-measurement.

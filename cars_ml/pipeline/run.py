@@ -17,13 +17,19 @@ from pathlib import Path
 import pandas as pd
 
 import cars_ml
-from cars_ml import backbones, tracking
+from cars_ml import tracking
 from cars_ml.data import DataConfig, load_dataset
-from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, HParams, check_distill_params
-from cars_ml.pipeline_distill import plan_distillation, student_name
-from cars_ml.pipeline_report import COMPARISON_COLUMNS, log_comparison, print_report
-from cars_ml.promote import PromotionConfig
-from cars_ml.step_pool import Backbone, StepPool
+from cars_ml.modeling import backbones
+from cars_ml.pipeline.distill import plan_distillation, student_name
+from cars_ml.pipeline.pool import Backbone, StepPool
+from cars_ml.pipeline.report import COMPARISON_COLUMNS, log_comparison, print_report
+from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.training.hparams import (
+    DEFAULT_ALPHA,
+    DEFAULT_TEMPERATURE,
+    HParams,
+    check_distill_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
 
 
 def resolve_workers(cfg: PipelineConfig) -> int:
-    """Processes that run the pipeline's steps (``step_pool``).
+    """Processes that run the pipeline's steps (``pipeline.pool``).
 
     Auto means 2 for the synthetic demo on a machine with two or more cores and 1 otherwise: on
     real data each step is long and compute-bound, and workers sharing one GPU would each
@@ -205,7 +211,7 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
 
     With several workers their lines interleave, so trials print one line each (no bar).
     """
-    from cars_ml.tune import TuneConfig
+    from cars_ml.tuning.run import TuneConfig
 
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     study = study_name(model, key)
@@ -233,7 +239,7 @@ def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, worker
 def _train_config(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, **extra):
     """The final training of ``model`` in this pipeline run (plain or, with ``extra``, a
     student's): the run's data, budget and seed, a child of the pipeline run."""
-    from cars_ml.train_run import TrainConfig
+    from cars_ml.training.run import TrainConfig
 
     _, _, hparams = resolve_budget(cfg)
     return TrainConfig(
@@ -283,8 +289,8 @@ def _distill_steps(
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Run the comparison and promotion; returns the comparison table."""
-    from cars_ml.promotion_run import run_promote
-    from cars_ml.tune_storage import open_storage
+    from cars_ml.promotion.run import run_promote
+    from cars_ml.tuning.storage import open_storage
 
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.

@@ -2,7 +2,7 @@
 process, with its outputs on the unaugmented validation and test images cached on disk.
 
 The train step (a student's final training) and the tune step (a distillation study) both start
-here; the training itself is ``cars_ml.distill``.
+here; the training itself is ``cars_ml.training.distill``.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def load_teacher(version: tracking.RegisteredModel, splits: DatasetSplits) -> Te
     seed or backbone) reads them instead of running the teacher again.
     """
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.distill import (
+    from cars_ml.training.distill import (
         cached_teacher_outputs,
         check_class_names,
         load_teacher_model,
         teacher_outputs_key,
     )
-    from cars_ml.train import predict_probabilities
+    from cars_ml.training.fit import predict_probabilities
 
     with tempfile.TemporaryDirectory() as tmp:
         model, names = load_teacher_model(tracking.download_model(version.uri, tmp))

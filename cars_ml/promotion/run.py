@@ -16,10 +16,11 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from cars_ml import REGISTERED_MODEL_NAME, registry, tracking
-from cars_ml.promote import TRAIN_HINT, Decision, PromotionConfig, decide
-from cars_ml.promotion_lock import promotion_lock
-from cars_ml.registry import Move
+from cars_ml import REGISTERED_MODEL_NAME, tracking
+from cars_ml.promotion import registry
+from cars_ml.promotion.lock import promotion_lock
+from cars_ml.promotion.policy import TRAIN_HINT, Decision, PromotionConfig, decide
+from cars_ml.promotion.registry import Move
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _report(
     decision: Decision, config: PromotionConfig, interrupted: registry.Recovery | None
 ) -> None:
     # Imported here: matplotlib is only needed once there is something to draw.
-    from cars_ml.promotion_report import candidates_figure, format_table
+    from cars_ml.promotion.report import candidates_figure, format_table
 
     table = decision.table
     tracking.log_metrics(

@@ -15,17 +15,20 @@ from pathlib import Path
 import numpy as np
 
 import cars_ml
-from cars_ml import backbones, benchmark, distribute, evaluate, tracking
+from cars_ml import tracking
 from cars_ml.data import DataConfig, load_dataset
-from cars_ml.hparams import (
+from cars_ml.modeling import backbones, distribute
+from cars_ml.perf import benchmark
+from cars_ml.schema import METRIC_SCHEMA
+from cars_ml.training import evaluate
+from cars_ml.training.hparams import (
     DEFAULT_ALPHA,
     DEFAULT_TEMPERATURE,
     HParams,
     check_distill_params,
     epochs_for_budget,
 )
-from cars_ml.schema import METRIC_SCHEMA
-from cars_ml.teacher import load_teacher
+from cars_ml.training.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,8 @@ class TrainConfig:
     run_tags: dict[str, str] = field(default_factory=dict)
     parent_run_id: str = ""  # make the run a child of this run (the pipeline's)
     verbose: int | str = "auto"
-    devices: str = "auto"  # tf.distribute: auto, default or mirrored (see cars_ml.distribute)
-    # Knowledge distillation (``cars_ml.distill``): a registered teacher's URI turns the run
+    devices: str = "auto"  # tf.distribute: auto, default or mirrored (modeling.distribute)
+    # Knowledge distillation (``cars_ml.training.distill``): a registered teacher's URI turns the run
     # into a student's; ``alpha`` weighs the true labels, ``1 - alpha`` the teacher.
     teacher: str = ""
     temperature: float = DEFAULT_TEMPERATURE
@@ -90,7 +93,7 @@ def _with_study_params(cfg: TrainConfig) -> TrainConfig:
     """Replace hyperparameters with a finished study's best ones (``params_from``)."""
     if not cfg.params_from:
         return cfg
-    from cars_ml.tune_storage import best_params
+    from cars_ml.tuning.storage import best_params
 
     best = best_params(cfg.params_from, cfg.storage or None)
     known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
@@ -109,9 +112,9 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     # checks) does not need it.
     import keras
 
-    from cars_ml.distill import Teacher
     from cars_ml.perf.macs import count_macs
-    from cars_ml.train import fit, inference_fn, labels_of
+    from cars_ml.training.distill import Teacher
+    from cars_ml.training.fit import fit, inference_fn, labels_of
 
     cfg = _with_study_params(cfg)
     # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
@@ -251,7 +254,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
 
 def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.train import labels_of, predict_probabilities
+    from cars_ml.training.fit import labels_of, predict_probabilities
 
     batch = cfg.hparams.batch_size
     names = list(splits.class_names)
@@ -278,8 +281,8 @@ def _export(
 ) -> tuple[dict, dict[str, Path]]:
     """Export, measure and log the TFLite files into ``out_dir``; returns (metrics, paths)."""
     from cars_ml.data.pipeline import load_images_array
-    from cars_ml.export import edge_metrics
-    from cars_ml.train import inference_fn, labels_of
+    from cars_ml.export.tflite import edge_metrics
+    from cars_ml.training.fit import inference_fn, labels_of
 
     rng = np.random.default_rng(cfg.seed)
     pool = list(splits.train)

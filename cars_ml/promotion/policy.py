@@ -5,7 +5,7 @@ metrics). Edge budgets rule versions out, each with a human reason; the best ``m
 the rest is the challenger (ties go to the lower ``latency_ms_p95``, then to the current
 champion, then to the newest version). The challenger replaces the champion only if it beats it
 by at least ``min_improvement``; a champion that itself fails a budget now (budgets tightened,
-metrics re-measured) is replaced by any passing challenger. ``cars_ml.registry`` applies the
+metrics re-measured) is replaced by any passing challenger. ``cars_ml.promotion.registry`` applies the
 decision.
 
 The size budget applies to ``model_size_mb`` (the Keras model that the registry serves) by

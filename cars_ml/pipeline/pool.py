@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cars_ml import benchmark
+from cars_ml.perf import benchmark
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class Backbone:
     """One backbone's two steps and how far they have got."""
 
     model: str
-    tune: Any  # cars_ml.tune.TuneConfig
-    train: Any  # cars_ml.train_run.TrainConfig
+    tune: Any  # cars_ml.tuning.run.TuneConfig
+    train: Any  # cars_ml.training.run.TrainConfig
     tuning: int = 0  # workers in its study now
     tuned: bool = False  # a worker came back from the study: every trial has been handed out
     training: bool = False
@@ -94,11 +94,11 @@ def run_job(job: Job) -> dict | None:
 
     try:
         if job.kind == "tune":
-            from cars_ml.tune import run_tune
+            from cars_ml.tuning.run import run_tune
 
             run_tune(job.cfg)
             return None
-        from cars_ml.train_run import run_train
+        from cars_ml.training.run import run_train
 
         return _outcome(run_train(job.cfg))
     finally:

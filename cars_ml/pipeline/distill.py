@@ -1,11 +1,11 @@
 """Which model of a pipeline run teaches, and which backbones learn from it. Pure: rows in,
-a plan out (``cars_ml.pipeline`` runs it)."""
+a plan out (``cars_ml.pipeline.run`` runs it)."""
 
 from __future__ import annotations
 
 import math
 
-from cars_ml.promote import Budgets, metric_value
+from cars_ml.promotion.policy import Budgets, metric_value
 
 
 def student_name(student: str, teacher: str) -> str:

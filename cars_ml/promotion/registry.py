@@ -11,8 +11,8 @@ A move survives interruption (SIGKILL, eviction, a lost connection) at any write
 the registered-model tag ``champion_move_pending`` (from, to, action, who, when, id), written
 before the first write and deleted after the last, and every write in between is idempotent.
 ``finish_pending_move`` completes such a move (or undoes it when its target version was deleted);
-``promotion_run`` calls it under the lock before deciding. Callers hold
-``cars_ml.promotion_lock.promotion_lock`` around finish-read-decide-apply.
+``promotion.run`` calls it under the lock before deciding. Callers hold
+``cars_ml.promotion.lock.promotion_lock`` around finish-read-decide-apply.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cars_ml import CHAMPION_ALIAS, tracking
-from cars_ml.promote import RollbackPlan, decide_rollback
+from cars_ml.promotion.policy import RollbackPlan, decide_rollback
 from cars_ml.schema import EDGE_HEADLINE, METRIC_SCHEMA
 
 log = logging.getLogger(__name__)

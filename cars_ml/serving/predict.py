@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
 from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, tracking
@@ -96,7 +95,7 @@ def _row(name: str, prediction=None, error: str = "") -> dict:
 def _predict_one(model, name: str, value: str, errors: dict[str, str]) -> dict:
     try:
         return _row(name, model.predict(pd.DataFrame({"image": [value]})).iloc[0])
-    except MlflowException as exc:
+    except tracking.MlflowException as exc:
         errors[name] = exc.message.removeprefix("image 0: ")
     # Anything else one file triggers (a decoder bug, a malformed answer) is that file's
     # failure: it is recorded in its row and the other files are still classified.
@@ -130,7 +129,7 @@ def _max_image_bytes(model) -> int:
     try:
         limits = model.unwrap_python_model().limits
     # A model that is not our serving pyfunc has no limits of its own.
-    except (AttributeError, MlflowException):
+    except (AttributeError, tracking.MlflowException):
         limits = Limits()
     return int(limits.max_image_bytes)
 

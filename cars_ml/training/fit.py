@@ -17,20 +17,20 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from cars_ml import backbones
-from cars_ml.batchnorm import (
+from cars_ml.data.pipeline import make_dataset
+from cars_ml.data.types import DatasetSplits, ImageRecord
+from cars_ml.modeling import backbones
+from cars_ml.modeling.batchnorm import (
     BN_MOMENTUM_FROM_SCRATCH,
     MomentumWarmup,
     recalibrate_batchnorm,
     trainable_batchnorm,
 )
-from cars_ml.data.pipeline import make_dataset
-from cars_ml.data.types import DatasetSplits, ImageRecord
-from cars_ml.distill import DistillationLoss, Teacher, training_model
-from cars_ml.evaluate import macro_f1
-from cars_ml.graph_build import use_grappler_for
-from cars_ml.hparams import HParams
-from cars_ml.optimizers import FusedAdam
+from cars_ml.modeling.graph_build import use_grappler_for
+from cars_ml.modeling.optimizers import FusedAdam
+from cars_ml.training.distill import DistillationLoss, Teacher, training_model
+from cars_ml.training.evaluate import macro_f1
+from cars_ml.training.hparams import HParams
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class FitResult:
     history: list[dict[str, float]]
     training_mode: str
     best_val_f1_macro: float
-    grappler: bool = True  # whether TensorFlow optimised the run's graphs (cars_ml.graph_build)
+    grappler: bool = True  # whether TensorFlow optimised the graphs (modeling.graph_build)
 
 
 class ValidationF1(keras.callbacks.Callback):
@@ -257,7 +257,7 @@ def fit(
 
     After end-to-end training the BatchNorm statistics are recalibrated (``recalibrate``);
     tuning trials skip it, as they are scored on their per-epoch validation macro-F1. With a
-    ``teacher`` the student learns from its softened probabilities too (``cars_ml.distill``).
+    ``teacher`` the student learns from its softened probabilities too (``cars_ml.training.distill``).
     """
     keras.utils.set_random_seed(seed)
     total_epochs = hp.epochs + hp.fine_tune_epochs

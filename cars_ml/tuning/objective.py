@@ -14,13 +14,16 @@ import numpy as np
 import optuna
 import tensorflow as tf
 
-from cars_ml import backbones, benchmark, search_space, tracking
-from cars_ml.distill import Teacher
-from cars_ml.evaluate import macro_f1
-from cars_ml.hparams import epochs_for_budget
-from cars_ml.optimizers import FusedAdam
+from cars_ml import tracking
+from cars_ml.modeling import backbones
+from cars_ml.modeling.optimizers import FusedAdam
+from cars_ml.perf import benchmark
 from cars_ml.perf.macs import count_macs
-from cars_ml.train import HParams, class_weights, compile_for_training, fit, inference_fn
+from cars_ml.training.distill import Teacher
+from cars_ml.training.evaluate import macro_f1
+from cars_ml.training.fit import HParams, class_weights, compile_for_training, fit, inference_fn
+from cars_ml.training.hparams import epochs_for_budget
+from cars_ml.tuning import search_space
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class Objective:
         self.size = size
         self.weights_used = weights_used
         self.features = features
-        self.teacher = teacher  # cars_ml.teacher.TeacherInfo of a distillation study, loaded once
+        self.teacher = teacher  # training.teacher.TeacherInfo of a distillation study, loaded once
         self.multi = "latency" in cfg.objective_names
 
     def __call__(self, trial: optuna.Trial):
