@@ -32,10 +32,18 @@ def build_parser():
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--max_epochs", type=positive_int, default=5, help="epochs per trial")
-    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=0,
-                   help="fine-tune epochs per trial (>0 trains end to end, no feature cache)")  # fmt: skip
-    p.add_argument("--trial_fraction", type=fraction, default=1.0,
-                   help="stratified share of the training images each trial trains on")  # fmt: skip
+    p.add_argument(
+        "--fine_tune_epochs",
+        type=non_negative_int,
+        default=0,
+        help="fine-tune epochs per trial (>0 trains end to end, no feature cache)",
+    )
+    p.add_argument(
+        "--trial_fraction",
+        type=fraction,
+        default=1.0,
+        help="stratified share of the training images each trial trains on",
+    )
     p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")
     p.add_argument("--max_classes", type=non_negative_int, default=0)
     p.add_argument("--cached_features", type=str2bool, default=True)

@@ -51,29 +51,53 @@ def _apps():
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("inception_resnet", lambda **k: _apps().InceptionResNetV2(**k), 299, 75,
-                     "tf", 54_336_736),
+        BackboneSpec(
+            "inception_resnet",
+            lambda **k: _apps().InceptionResNetV2(**k),
+            299,
+            75,
+            "tf",
+            54_336_736,
+        ),
         BackboneSpec("inception", lambda **k: _apps().InceptionV3(**k), 299, 75, "tf", 21_802_784),
         BackboneSpec("mobilenet", lambda **k: _apps().MobileNet(**k), 224, 32, "tf", 3_228_864),
         BackboneSpec("resnet", lambda **k: _apps().ResNet50(**k), 224, 32, "caffe", 23_587_712),
-        BackboneSpec("vgg16", lambda **k: _apps().VGG16(**k), 224, 32, "caffe", 14_714_688,
-                     demo_size=32),
-        BackboneSpec("vgg19", lambda **k: _apps().VGG19(**k), 224, 32, "caffe", 20_024_384,
-                     demo_size=32),
+        BackboneSpec(
+            "vgg16", lambda **k: _apps().VGG16(**k), 224, 32, "caffe", 14_714_688, demo_size=32
+        ),
+        BackboneSpec(
+            "vgg19", lambda **k: _apps().VGG19(**k), 224, 32, "caffe", 20_024_384, demo_size=32
+        ),
         BackboneSpec("xception", lambda **k: _apps().Xception(**k), 299, 71, "tf", 20_861_480),
-        BackboneSpec("mobilenet_v2", lambda **k: _apps().MobileNetV2(**k), 224, 32, "tf",
-                     2_257_984),
-        BackboneSpec("mobilenet_v3_small",
-                     lambda **k: _apps().MobileNetV3Small(include_preprocessing=True, **k),
-                     224, 32, "none", 939_120),
-        BackboneSpec("mobilenet_v3_large",
-                     lambda **k: _apps().MobileNetV3Large(include_preprocessing=True, **k),
-                     224, 32, "none", 2_996_352),
-        BackboneSpec("efficientnet_v2_b0",
-                     lambda **k: _apps().EfficientNetV2B0(include_preprocessing=True, **k),
-                     224, 32, "none", 5_919_312),
+        BackboneSpec(
+            "mobilenet_v2", lambda **k: _apps().MobileNetV2(**k), 224, 32, "tf", 2_257_984
+        ),
+        BackboneSpec(
+            "mobilenet_v3_small",
+            lambda **k: _apps().MobileNetV3Small(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+            939_120,
+        ),
+        BackboneSpec(
+            "mobilenet_v3_large",
+            lambda **k: _apps().MobileNetV3Large(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+            2_996_352,
+        ),
+        BackboneSpec(
+            "efficientnet_v2_b0",
+            lambda **k: _apps().EfficientNetV2B0(include_preprocessing=True, **k),
+            224,
+            32,
+            "none",
+            5_919_312,
+        ),
     )
-}  # fmt: skip
+}
 
 WEIGHT_CHOICES = ("auto", "imagenet", "none")
 

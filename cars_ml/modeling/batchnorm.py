@@ -109,8 +109,9 @@ def recalibrate_batchnorm(
     model.optimizer.learning_rate = 0.0
     cap, warmup.cap, warmup.step = warmup.cap, 1.0, 0
     try:
-        model.fit(data, epochs=1, class_weight=class_weight, callbacks=[warmup], verbose=0,
-                  shuffle=False)  # fmt: skip
+        model.fit(
+            data, epochs=1, class_weight=class_weight, callbacks=[warmup], verbose=0, shuffle=False
+        )
     finally:
         model.optimizer.learning_rate = learning_rate
         warmup.cap = cap

@@ -61,8 +61,12 @@ def split_cpu(n: int) -> int:
     except RuntimeError:
         have = len(tf.config.list_logical_devices("CPU"))
         if have != n:
-            log.warning("TensorFlow already started with %d CPU device(s); %s=%d ignored",
-                        have, CPU_DEVICES_ENV, n)  # fmt: skip
+            log.warning(
+                "TensorFlow already started with %d CPU device(s); %s=%d ignored",
+                have,
+                CPU_DEVICES_ENV,
+                n,
+            )
     return len(tf.config.list_logical_devices("CPU"))
 
 

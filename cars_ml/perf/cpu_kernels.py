@@ -62,16 +62,27 @@ def step_seconds(model: str, image_size: int, steps: int, batch_size: int) -> di
     infer(pixels[:batch_size])  # Traced before the clock runs.
     start = time.perf_counter()
     infer(pixels[:batch_size])
-    return {"first_step_s": first, "train_step_s": min(epochs),
-            "infer_batch_s": time.perf_counter() - start}  # fmt: skip
+    return {
+        "first_step_s": first,
+        "train_step_s": min(epochs),
+        "infer_batch_s": time.perf_counter() - start,
+    }
 
 
 def _child(
     model: str, image_size: int, steps: int, batch_size: int, onednn: str, grappler: str
 ) -> dict:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    args = [sys.executable, "-m", __name__, model, str(image_size), str(steps), str(batch_size),
-            grappler]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        __name__,
+        model,
+        str(image_size),
+        str(steps),
+        str(batch_size),
+        grappler,
+    ]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(

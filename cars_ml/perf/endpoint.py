@@ -126,8 +126,12 @@ def load_test(port: int, body: bytes, clients: int, seconds: float) -> dict[str,
     elapsed = time.perf_counter() - began
     done = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.array([])
     if done.size == 0:
-        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "req_per_s": 0.0,
-                "errors": float(sum(errors))}  # fmt: skip
+        return {
+            "p50_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "req_per_s": 0.0,
+            "errors": float(sum(errors)),
+        }
     return {
         "p50_ms": float(np.percentile(done, 50)),
         "p99_ms": float(np.percentile(done, 99)),

@@ -96,8 +96,14 @@ def compare_tuning(
     keras.utils.set_random_seed(seed)
     weights_file = Path(workdir) / "mobilenet_benchmark.weights.h5"
     backbones.build_backbone(spec, image_size, "none")[0].save_weights(weights_file)
-    cfg = TuneConfig(model="mobilenet", weights=str(weights_file), image_size=image_size,
-                     max_epochs=epochs, fine_tune_epochs=0, seed=seed)  # fmt: skip
+    cfg = TuneConfig(
+        model="mobilenet",
+        weights=str(weights_file),
+        image_size=image_size,
+        max_epochs=epochs,
+        fine_tune_epochs=0,
+        seed=seed,
+    )
     backbone, weights_used = backbones.build_backbone(spec, image_size, str(weights_file))
     preprocess = ImagePreprocess(spec.preprocess)
     start = time.perf_counter()

@@ -60,8 +60,11 @@ class _Worker:
 
 
 def _outcome(result) -> dict:
-    return {"run_id": result.run_id, "model_version": result.model_version,
-            "metrics": dict(result.metrics)}  # fmt: skip
+    return {
+        "run_id": result.run_id,
+        "model_version": result.model_version,
+        "metrics": dict(result.metrics),
+    }
 
 
 def next_job(backbones: list[Backbone]) -> Job | None:
@@ -164,8 +167,11 @@ class StepPool:
             self._pids = context.Array("i", self.workers, lock=False)
             for number in range(self.workers):
                 jobs = context.Queue()
-                proc = context.Process(target=_worker, daemon=True,
-                                       args=(number + 1, jobs, self._done, self._lock, self._pids))  # fmt: skip
+                proc = context.Process(
+                    target=_worker,
+                    daemon=True,
+                    args=(number + 1, jobs, self._done, self._lock, self._pids),
+                )
                 proc.start()
                 self._pids[number] = proc.pid
                 self._procs.append(_Worker(number + 1, proc, jobs))
@@ -226,8 +232,9 @@ class StepPool:
         job = next_job(backbones)
         if job is not None:
             worker.job, worker.started = job, time.perf_counter()
-            _announce("training" if job.kind == "train" else "tuning", job.model, worker.number,
-                      started)  # fmt: skip
+            _announce(
+                "training" if job.kind == "train" else "tuning", job.model, worker.number, started
+            )
             worker.jobs.put(job)
 
     def _next_report(self) -> tuple:

@@ -80,8 +80,14 @@ def _format_top5(top_k) -> str:
 
 def _row(name: str, prediction=None, error: str = "") -> dict:
     if prediction is None:
-        return {"file": name, "label": "", "class_id": None, "probability": None, "top5": "",
-                "error": error}  # fmt: skip
+        return {
+            "file": name,
+            "label": "",
+            "class_id": None,
+            "probability": None,
+            "top5": "",
+            "error": error,
+        }
     return {
         "file": name,
         "label": prediction["label"],

@@ -275,22 +275,21 @@ def fit(
     if teacher is not None:
         # The graph that trains: the same student layers, the frozen teacher beside them.
         model = training_model(served, teacher)
-    train_ds = make_dataset(
-        splits.train,
-        image_size,
-        hp.batch_size,
-        training=True,
-        augment_strength=hp.augment_strength,
-        shuffle_seed=seed,
-        cache=fits_in_cache(len(splits.train), image_size),
+
+    def batches(records, training: bool, **options):
+        return make_dataset(
+            records,
+            image_size,
+            hp.batch_size,
+            training=training,
+            cache=fits_in_cache(len(records), image_size),
+            **options,
+        )
+
+    train_ds = batches(
+        splits.train, True, augment_strength=hp.augment_strength, shuffle_seed=seed
     ).map(_one_hot(n))
-    val_ds = make_dataset(
-        splits.val,
-        image_size,
-        hp.batch_size,
-        training=False,
-        cache=fits_in_cache(len(splits.val), image_size),
-    )
+    val_ds = batches(splits.val, False)
     val_labels = labels_of(splits.val)
     f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
     weights = class_weights(labels_of(splits.train), n)
@@ -338,13 +337,7 @@ def fit(
             total_epochs, hp.learning_rate, 0, "end_to_end", warmup, lr, watch_from=watch_from
         )
         if recalibrate:
-            unaugmented = make_dataset(
-                splits.train,
-                image_size,
-                hp.batch_size,
-                training=False,
-                cache=fits_in_cache(len(splits.train), image_size),
-            ).map(_one_hot(n))
+            unaugmented = batches(splits.train, False).map(_one_hot(n))
             recalibrate_batchnorm(model, warmup, unaugmented, weights)
     else:
         mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"

@@ -28,8 +28,13 @@ def cache_key(backbone: str, image_size: int, weights_used: str, fingerprint: st
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def extract(backbone: keras.Model, records: Sequence[ImageRecord], image_size: int, preprocess,
-            batch_size: int = 64) -> np.ndarray:  # fmt: skip
+def extract(
+    backbone: keras.Model,
+    records: Sequence[ImageRecord],
+    image_size: int,
+    preprocess,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Pooled features of ``records`` (no augmentation) through a compiled forward pass."""
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
     forward = tf.function(lambda x: backbone(preprocess(x), training=False), input_signature=[spec])
@@ -57,8 +62,13 @@ def cached_features(
     if path.exists():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}, True
-    log.info("Computing %s features at %d px for %d images (cached at %s)", name, image_size,
-             len(splits.train) + len(splits.val), path)  # fmt: skip
+    log.info(
+        "Computing %s features at %d px for %d images (cached at %s)",
+        name,
+        image_size,
+        len(splits.train) + len(splits.val),
+        path,
+    )
     arrays = {
         "train_x": extract(backbone, splits.train, image_size, preprocess),
         "train_y": np.array([r.label for r in splits.train], dtype=np.int32),

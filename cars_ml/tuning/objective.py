@@ -51,8 +51,12 @@ class Objective:
             trial, dict(self.cfg.pins), head_only=head_only, distill=self.teacher is not None
         )
         trial.set_user_attr("pinned", dict(self.cfg.pins))
-        tags = {"optuna_trial": str(trial.number), "study_name": trial.study.study_name,
-                "backbone": self.cfg.model, "step": "tune_trial"}  # fmt: skip
+        tags = {
+            "optuna_trial": str(trial.number),
+            "study_name": trial.study.study_name,
+            "backbone": self.cfg.model,
+            "step": "tune_trial",
+        }
         pruned = False
         start = time.perf_counter()
         with tracking.start_run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
@@ -101,8 +105,13 @@ class Objective:
         """Train only a head on cached backbone features."""
         f = self.features
         n = self.splits.num_classes
-        head = backbones.build_head(f["train_x"].shape[1], n, params["dropout"],
-                                    params["head_units"], params["weight_decay"])  # fmt: skip
+        head = backbones.build_head(
+            f["train_x"].shape[1],
+            n,
+            params["dropout"],
+            params["head_units"],
+            params["weight_decay"],
+        )
         compile_for_training(
             head,
             FusedAdam(params["learning_rate"]),
@@ -123,8 +132,14 @@ class Objective:
                 scores.append(macro_f1(f["val_y"], probs))
                 hook(epoch, {"val_f1_macro": scores[-1]})
 
-        head.fit(train, epochs=self.cfg.max_epochs, verbose=0, callbacks=[Score()],
-                 class_weight=class_weights(f["train_y"], n), shuffle=False)  # fmt: skip
+        head.fit(
+            train,
+            epochs=self.cfg.max_epochs,
+            verbose=0,
+            callbacks=[Score()],
+            class_weight=class_weights(f["train_y"], n),
+            shuffle=False,
+        )
         model = None
         if self.multi:
             model = backbones.build_classifier(
@@ -174,5 +189,8 @@ def trial_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         else np.nan
     )
     value = "-" if trial.values is None else ", ".join(f"{v:.4f}" for v in trial.values)
-    print(f"[tune] trial {trial.number} {trial.state.name} value={value} ({took:.1f}s) "
-          f"params={trial.params}", flush=True)  # fmt: skip
+    print(
+        f"[tune] trial {trial.number} {trial.state.name} value={value} ({took:.1f}s) "
+        f"params={trial.params}",
+        flush=True,
+    )

@@ -131,9 +131,13 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
     multi = len(cfg.objective_names) > 1
     # Seeded per trial number: parallel workers and resumed studies never repeat a draw.
     sampler = make_sampler(cfg.seed, multi_objective=multi)
-    study_args = dict(study_name=name, storage=storage, sampler=sampler,
-                      pruner=make_pruner(cfg.pruner, cfg.max_epochs),
-                      directions=[OBJECTIVES[o] for o in cfg.objective_names])  # fmt: skip
+    study_args = dict(
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        pruner=make_pruner(cfg.pruner, cfg.max_epochs),
+        directions=[OBJECTIVES[o] for o in cfg.objective_names],
+    )
     try:
         study, created = optuna.create_study(**study_args), True
     except optuna.exceptions.DuplicatedStudyError:  # Resuming, or another worker was first.
@@ -180,8 +184,14 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
             from cars_ml.serving.layers import ImagePreprocess
             from cars_ml.tuning.features import cached_features
 
-            features, hit = cached_features(backbone, ImagePreprocess(spec.preprocess), splits,
-                                            name=cfg.model, image_size=size, weights_used=weights_used)  # fmt: skip
+            features, hit = cached_features(
+                backbone,
+                ImagePreprocess(spec.preprocess),
+                splits,
+                name=cfg.model,
+                image_size=size,
+                weights_used=weights_used,
+            )
             tracking.set_tags({"feature_cache": "hit" if hit else "computed"})
         tracking.log_params(
             {
@@ -200,7 +210,7 @@ def run_tune(cfg: TuneConfig) -> optuna.Study:
                 "trial_mode": "cached_head" if use_cache else "end_to_end",
                 "pins": dict(cfg.pins),
                 **splits.params(),
-            }  # fmt: skip
+            }
         )
         tracking.log_metrics(splits.summary())  # num_train_images shows the trials' share.
         if teacher:
@@ -262,8 +272,13 @@ def _log_study(study: optuna.Study, before: int, multi: bool) -> None:
     """Best params/value, trial table and plots on the parent run."""
     frame = study.trials_dataframe()
     states = frame["state"].value_counts().to_dict() if len(frame) else {}
-    tracking.log_metrics({"trials_total": len(study.trials), "trials_this_run": len(study.trials) - before,
-                          **{f"trials_{k.lower()}": v for k, v in states.items()}})  # fmt: skip
+    tracking.log_metrics(
+        {
+            "trials_total": len(study.trials),
+            "trials_this_run": len(study.trials) - before,
+            **{f"trials_{k.lower()}": v for k, v in states.items()},
+        }
+    )
     tracking.log_table(frame.astype(str), "trials")
     try:
         best = best_trial(study)
@@ -273,11 +288,18 @@ def _log_study(study: optuna.Study, before: int, multi: bool) -> None:
         return
     tracking.log_params({f"best_{k}": v for k, v in best.params.items()})
     tracking.log_metrics({"best_val_f1_macro": best.values[0]})
-    tracking.set_tags({"best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
-                       "best_trial_number": str(best.number)})  # fmt: skip
+    tracking.set_tags(
+        {
+            "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+            "best_trial_number": str(best.number),
+        }
+    )
     _log_plots(study, multi)
-    print(f"[tune] study {study.study_name}: {len(study.trials)} trials, best val_f1_macro="
-          f"{best.values[0]:.4f} (trial {best.number}) params={best.params}", flush=True)  # fmt: skip
+    print(
+        f"[tune] study {study.study_name}: {len(study.trials)} trials, best val_f1_macro="
+        f"{best.values[0]:.4f} (trial {best.number}) params={best.params}",
+        flush=True,
+    )
 
 
 def _log_plots(study: optuna.Study, multi: bool) -> None:
@@ -289,10 +311,12 @@ def _log_plots(study: optuna.Study, multi: bool) -> None:
     target = (lambda t: t.values[0]) if multi else None
     plots = {
         "optimization_history.png": lambda: oplt.plot_optimization_history(
-            study, target=target, target_name="val_f1_macro"),
+            study, target=target, target_name="val_f1_macro"
+        ),
         "param_importances.png": lambda: oplt.plot_param_importances(
-            study, target=target, target_name="val_f1_macro"),
-    }  # fmt: skip
+            study, target=target, target_name="val_f1_macro"
+        ),
+    }
     if multi:
         plots["pareto_front.png"] = lambda: oplt.plot_pareto_front(
             study, target_names=["val_f1_macro", "latency_ms_p50"]

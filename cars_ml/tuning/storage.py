@@ -109,8 +109,13 @@ class ResilientRDBStorage(RDBStorage):
             except optuna.exceptions.StorageInternalError as exc:
                 if attempt == self.RETRIES or not _connection_lost(exc):
                     raise
-                log.warning("Optuna storage connection lost in %s (%s); retry %d of %d",
-                            call.__name__, _first_line(exc), attempt + 1, self.RETRIES)  # fmt: skip
+                log.warning(
+                    "Optuna storage connection lost in %s (%s); retry %d of %d",
+                    call.__name__,
+                    _first_line(exc),
+                    attempt + 1,
+                    self.RETRIES,
+                )
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")  # The loop either returns or raises.
 
@@ -120,16 +125,16 @@ class ResilientRDBStorage(RDBStorage):
     # Optuna's cached storage calls these private methods directly (Optuna 5.0); the public
     # ``get_all_trials`` and ``set_trial_param`` go through them too.
     def _get_trials(self, study_id, states, included_trial_ids, trial_id_greater_than) -> list:
-        return self._retry(super()._get_trials, study_id, states, included_trial_ids,
-                           trial_id_greater_than)  # fmt: skip
+        return self._retry(
+            super()._get_trials, study_id, states, included_trial_ids, trial_id_greater_than
+        )
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self._retry(super()._get_stale_trial_ids, study_id)
 
     def _set_trial_param(self, trial_id, param_name, value, distribution, previous) -> None:
         # A repeated insert of the same param is an IntegrityError that Optuna ignores.
-        self._retry(super()._set_trial_param, trial_id, param_name, value, distribution,
-                    previous)  # fmt: skip
+        self._retry(super()._set_trial_param, trial_id, param_name, value, distribution, previous)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
         self._retry(super().set_trial_intermediate_value, trial_id, step, value)
@@ -155,8 +160,11 @@ class ResilientRDBStorage(RDBStorage):
             self._retry(super().record_heartbeat, trial_id)
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
             # Never let the exception reach Optuna's heartbeat thread, which would die with it.
-            log.warning("Heartbeat of trial id %d not recorded (%s); retrying at the next beat",
-                        trial_id, _first_line(exc))  # fmt: skip
+            log.warning(
+                "Heartbeat of trial id %d not recorded (%s); retrying at the next beat",
+                trial_id,
+                _first_line(exc),
+            )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,8 +42,9 @@ class FakeModel:
             if data.startswith(b"crash"):
                 raise RuntimeError("decoder blew up")
             top = [{"label": '=HYPERLINK("http://x")', "probability": 0.9}]
-            rows.append({"label": "=HYPERLINK(\"http://x\")", "class_id": 1,
-                         "probability": 0.9, "top_k": top})  # fmt: skip
+            rows.append(
+                {"label": '=HYPERLINK("http://x")', "class_id": 1, "probability": 0.9, "top_k": top}
+            )
         return pd.DataFrame(rows)
 
 

@@ -85,8 +85,14 @@ def postgres_database(prefix: str = "cars_ml_scaleout") -> Iterator[str]:
     """A fresh database at 127.0.0.1:5432 (trust auth), dropped afterwards; skip if unreachable."""
     psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres",
-                                connect_timeout=3, autocommit=True)  # fmt: skip
+        admin = psycopg.connect(
+            host=PG_HOST,
+            port=PG_PORT,
+            user=PG_USER,
+            dbname="postgres",
+            connect_timeout=3,
+            autocommit=True,
+        )
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -129,8 +135,11 @@ class S3Server:
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key in the bucket under ``prefix``."""
         paginator = self.client().get_paginator("list_objects_v2")
-        return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
-                for obj in page.get("Contents", [])]  # fmt: skip
+        return [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
 
 
 @contextlib.contextmanager
@@ -176,9 +185,22 @@ def tracking_server(workdir: Path) -> Iterator[TrackingServer]:
     with moto_s3(workdir) as s3, postgres_database() as db:
         port = free_port()
         destination = f"s3://{s3.bucket}/mlflow"
-        command = [sys.executable, "-m", "mlflow", "server",
-                   "--backend-store-uri", pg_url(db), "--artifacts-destination", destination,
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            pg_url(db),
+            "--artifacts-destination",
+            destination,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
         log_path = workdir / "mlflow-server.log"
         with process_group(command, server_env(s3), log_path) as proc:
             uri = f"http://127.0.0.1:{port}"
@@ -243,8 +265,13 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
         postgres_database() as db,
         postgres_database("cars_ml_auth") as users,
     ):
-        local = {"--backend-store-uri": pg_url(db), "--artifacts-destination": f"s3://{s3.bucket}/mlflow",
-                 "--host": "127.0.0.1", "--port": str(free_port()), "--workers": "1"}  # fmt: skip
+        local = {
+            "--backend-store-uri": pg_url(db),
+            "--artifacts-destination": f"s3://{s3.bucket}/mlflow",
+            "--host": "127.0.0.1",
+            "--port": str(free_port()),
+            "--workers": "1",
+        }
         for flag, value in local.items():
             command[command.index(flag) + 1] = value
         config = configparser.ConfigParser()
@@ -253,9 +280,14 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
         ini = workdir / "basic_auth.ini"
         with open(ini, "w") as handle:
             config.write(handle)
-        env = {**server_env(s3), **image_env, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "PGPASSWORD": PGPASSWORD_VALUE,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}  # fmt: skip
+        env = {
+            **server_env(s3),
+            **image_env,
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "PGPASSWORD": PGPASSWORD_VALUE,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+        }
         assert command[0] == "mlflow"
         log_path = workdir / "mlflow-auth-server.log"
         with process_group([sys.executable, "-m", *command], env, log_path) as proc:
@@ -278,9 +310,22 @@ def sqlite_tracking_server(workdir: Path) -> Iterator[SqliteTrackingServer]:
     workdir.mkdir(parents=True, exist_ok=True)
     database_uri = f"sqlite:///{workdir / 'server.db'}"
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database_uri,
-               "--artifacts-destination", str(workdir / "served"), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        database_uri,
+        "--artifacts-destination",
+        str(workdir / "served"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log_path = workdir / "mlflow-server.log"

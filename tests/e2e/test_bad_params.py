@@ -106,14 +106,27 @@ IDS = [f"{c[0]}:{' '.join(c[1]) or ','.join(c[2])}" for c in CASES]
 def _run_case(case, folder: Path) -> tuple:
     entry, args, extra_env, _ = case
     folder.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    }
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **extra_env)  # fmt: skip
+    env.update(
+        MLFLOW_TRACKING_URI=uri,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        **extra_env,
+    )
     started = time.monotonic()
-    proc = run_entry(entry, *(TINY if entry in ("train", "tune", "distill") else []), *args, env=env,
-                     check=False, timeout=300)  # fmt: skip
+    proc = run_entry(
+        entry,
+        *(TINY if entry in ("train", "tune", "distill") else []),
+        *args,
+        env=env,
+        check=False,
+        timeout=300,
+    )
     return proc, time.monotonic() - started, uri
 
 
@@ -123,8 +136,10 @@ def outcomes(tmp_path_factory) -> dict:
     MLflow on one core, so two run side by side in about the time of one."""
     base = tmp_path_factory.mktemp("bad_params")
     with ThreadPoolExecutor(2) as pool:
-        futures = {i: pool.submit(_run_case, case, base / str(n))
-                   for n, (i, case) in enumerate(zip(IDS, CASES, strict=True))}  # fmt: skip
+        futures = {
+            i: pool.submit(_run_case, case, base / str(n))
+            for n, (i, case) in enumerate(zip(IDS, CASES, strict=True))
+        }
         return {i: future.result() for i, future in futures.items()}
 
 
