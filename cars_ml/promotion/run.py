@@ -3,7 +3,7 @@
 The decision is made from a fresh read *after* the lock is taken, so of two promotes started
 together the second sees the first one's champion (and usually keeps it): one champion, one
 history event per real move. Before deciding, a promote finishes a champion move that an earlier
-one left half done (``registry.finish_pending_move``). A rollback that finds an interrupted
+one left half done (``moves.finish_pending_move``). A rollback that finds an interrupted
 rollback counts finishing it as its own rollback, so re-running an interrupted rollback goes back
 one step, not two. A dry run takes no lock and changes nothing in the registry; it reports a
 pending move and decides as if it were finished, as the next real run will; it still logs its
@@ -17,10 +17,10 @@ from dataclasses import replace
 from typing import Any
 
 from cars_ml import REGISTERED_MODEL_NAME, tracking
-from cars_ml.promotion import registry
+from cars_ml.promotion import moves, registry
 from cars_ml.promotion.lock import promotion_lock
+from cars_ml.promotion.moves import Move
 from cars_ml.promotion.policy import TRAIN_HINT, Decision, PromotionConfig, decide
-from cars_ml.promotion.registry import Move
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _params(config: PromotionConfig, model_name: str) -> dict[str, Any]:
 def _rollback_decision(
     decision: Decision, config: PromotionConfig, model_name: str, pending: Move | None
 ) -> Decision:
-    plan = registry.plan_rollback(model_name, pending)
+    plan = moves.plan_rollback(model_name, pending)
     table = decision.table.copy()
     table["is_challenger"] = table["version"] == plan.target
     reason = plan.reason
@@ -83,7 +83,7 @@ def _finished_rollback_decision(decision: Decision, move: Move, dry_run: bool) -
 def decide_now(
     config: PromotionConfig,
     model_name: str = REGISTERED_MODEL_NAME,
-    interrupted: registry.Recovery | None = None,
+    interrupted: moves.Recovery | None = None,
 ) -> Decision:
     """Read the registry and decide (promotion or rollback) without changing anything.
 
@@ -117,7 +117,7 @@ def decide_now(
 def _apply(decision: Decision, model_name: str, done: Move | None, guard) -> None:
     """Apply ``decision`` unless ``done`` (a finished interrupted rollback) already did."""
     if decision.action == "promote":
-        registry.apply_promotion(
+        moves.apply_promotion(
             model_name,
             decision.challenger,
             decision.reason,
@@ -127,7 +127,7 @@ def _apply(decision: Decision, model_name: str, done: Move | None, guard) -> Non
     elif decision.action == "rollback" and done is not None and done.action == "rollback":
         return
     elif decision.action == "rollback":
-        plan = registry.rollback(model_name, guard=guard)
+        plan = moves.rollback(model_name, guard=guard)
         if plan.target != decision.challenger:  # impossible under the lock; fail loudly if not
             raise RuntimeError(f"rollback moved to v{plan.target}, decided v{decision.challenger}")
     elif decision.champion is not None and registry.sync_stage(model_name, decision.champion):
@@ -135,7 +135,7 @@ def _apply(decision: Decision, model_name: str, done: Move | None, guard) -> Non
 
 
 def _report(
-    decision: Decision, config: PromotionConfig, interrupted: registry.Recovery | None
+    decision: Decision, config: PromotionConfig, interrupted: moves.Recovery | None
 ) -> None:
     # Imported here: matplotlib is only needed once there is something to draw.
     from cars_ml.promotion.report import candidates_figure, format_table
@@ -184,13 +184,13 @@ def run_promote(
     with tracking.start_run("promote", tags={"model_name": model_name, "step": "promote"}):
         tracking.log_params(_params(config, model_name))
         if config.dry_run:
-            pending = registry.pending_move(model_name)
-            interrupted = registry.Recovery(pending, "pending") if pending else None
+            pending = moves.pending_move(model_name)
+            interrupted = moves.Recovery(pending, "pending") if pending else None
             decision = decide_now(config, model_name, interrupted)
         else:
             with promotion_lock(model_name, timeout_s=lock_timeout_s) as lock:
                 lock.verify()
-                interrupted = registry.finish_pending_move(model_name, guard=lock.check)
+                interrupted = moves.finish_pending_move(model_name, guard=lock.check)
                 # Decide from what the registry says now that no other promote can move it.
                 decision = decide_now(config, model_name, interrupted)
                 lock.verify()

@@ -43,7 +43,8 @@ TRACKING_USERS = {
     "cars_ml.tuning.objective": "each trial is a nested run",
     "cars_ml.tuning.storage": "closes the runs of dead workers; redacts storage URLs",
     "cars_ml.pipeline.report": "logs the comparison table",
-    "cars_ml.promotion.registry": "the registry's writes (aliases, tags, stages)",
+    "cars_ml.promotion.registry": "reads the registry (a quoted model name's filter)",
+    "cars_ml.promotion.moves": "redacts the move's reason; the promote run's id",
     "cars_ml.serving.predict": "the predict step: loads the champion",
 }
 
