@@ -108,7 +108,7 @@ def build_parser():
 def config(a: argparse.Namespace):
     """The ``PipelineConfig`` of parsed arguments (imports the library)."""
     from cars_ml.data import DataConfig
-    from cars_ml.pipeline.run import PipelineConfig
+    from cars_ml.pipeline.plan import PipelineConfig
     from cars_ml.promotion.policy import PromotionConfig
 
     return PipelineConfig(

@@ -45,7 +45,7 @@ def test_tune_defaults_are_the_config_defaults():
 
 
 def test_main_defaults_are_the_config_defaults():
-    from cars_ml.pipeline.run import PipelineConfig
+    from cars_ml.pipeline.plan import PipelineConfig
 
     module, a = _parsed("main")
     assert module.config(a) == PipelineConfig()

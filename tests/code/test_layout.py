@@ -41,7 +41,7 @@ MLFLOW_HOMES = (
 TRACKING_USERS = {
     "cars_ml.training.teacher": "downloads the registered teacher model",
     "cars_ml.tuning.objective": "each trial is a nested run",
-    "cars_ml.tuning.storage": "closes the runs of dead workers; redacts storage URLs",
+    "cars_ml.tuning.storage": "closes the runs of dead workers; the default storage is beside the store",
     "cars_ml.pipeline.report": "logs the comparison table",
     "cars_ml.promotion.registry": "reads the registry (a quoted model name's filter)",
     "cars_ml.promotion.moves": "redacts the move's reason; the promote run's id",
@@ -108,7 +108,9 @@ def test_mlflow_is_imported_only_where_runs_and_the_registry_are_written(module)
 def test_only_steps_and_the_listed_modules_talk_to_tracking(module):
     if within(module, "cars_ml.tracking") or module.endswith(".run") or module in TRACKING_USERS:
         return
-    assert not [i for i in imports_of(module) if within(i, "cars_ml.tracking")], (
+    talks = [i for i in imports_of(module) if within(i, "cars_ml.tracking")]
+    # Redaction is pure (text in, text out): anything may scrub a secret before showing it.
+    assert not [i for i in talks if i != "cars_ml.tracking.redaction"], (
         f"{module} logs or reads runs: do it in its stage's run.py (or list it in TRACKING_USERS)"
     )
 

@@ -7,7 +7,7 @@ import pytest
 
 from cars_ml.data import DataConfig
 from cars_ml.pipeline.distill import plan_distillation
-from cars_ml.pipeline.run import (
+from cars_ml.pipeline.plan import (
     DEMO_BUDGET,
     DEMO_BUDGET_GMACS,
     DEMO_MAX_PER_CLASS,
