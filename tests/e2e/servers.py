@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# One process-group helper for the library and the tests; re-exported for the e2e tests.
+from cars_ml.perf.processes import free_port, process_group  # noqa: F401
+
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
 # Dummy but recognisable credentials of the *server* side: the secret scan looks for them too,
@@ -30,13 +31,6 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 SERVER_AWS_ACCESS_KEY_ID = "CARSMLSERVERKEYID0001"
 SERVER_AWS_SECRET_ACCESS_KEY = "cars-ml-server-side-secret-4f1c9e"
 START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = START_TIMEOUT_S):
@@ -55,29 +49,6 @@ def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float
 
 def _tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
-@contextlib.contextmanager
-def process_group(command: list[str], env: dict, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run ``command`` in its own session; SIGTERM then SIGKILL the whole group on exit."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        # Workers of the group may outlive the leader; make sure none is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import mlflow
 import optuna
 import pytest
 from e2e_utils import ROOT, run_entry
+from served_model import post
 from servers import (
     SERVER_AWS_ACCESS_KEY_ID,
     SERVER_AWS_SECRET_ACCESS_KEY,
@@ -249,26 +250,10 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
         wait_http(f"http://127.0.0.1:{port}/ping", serving, tmp_path / "serve.log", timeout_s=120)
         photo = sample_photos(shared_data)[0]
         body = {"dataframe_split": {"columns": ["image"], "data": [[b64_file(photo)]]}}
-        status, answer = _post(port, body)
-    assert status == 200, answer
-    (prediction,) = answer["predictions"]
+        reply = post(port, body, timeout=60)
+    assert reply.status == 200, reply.text
+    (prediction,) = reply.json()["predictions"]
     assert prediction["label"] in class_names
-
-
-def _post(port: int, body: dict) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_two_tune_workers_share_a_study_and_train_takes_the_global_best(

@@ -15,12 +15,9 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ from pathlib import Path
 import pytest
 from e2e_utils import ROOT
 from mlflow import MlflowClient
+from servers import free_port, process_group, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -96,24 +94,10 @@ def _require_browser():
     return pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def mlflow_ui(store_uri: str, workdir: Path) -> Iterator[str]:
     """``mlflow server`` on ``store_uri`` (own process group, killed afterwards); yields its URL."""
-    port, log_path = _free_port(), workdir / "mlflow-server.log"
+    port, log_path = free_port(), workdir / "mlflow-server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # One worker and no job runner: 2 processes instead of ~3 GB of them (FACTS.md).
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -131,34 +115,11 @@ def mlflow_ui(store_uri: str, workdir: Path) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-4000:]}")
-            if _answers(url + "/health"):
-                break
-            time.sleep(0.5)
+    # uvicorn's worker outlives a killed leader unless the whole group goes: process_group.
+    with process_group(command, env, log_path, cwd=workdir) as proc:
+        wait_http(url + "/health", proc, log_path, timeout_s=120)
         yield url
-    finally:
-        # uvicorn's worker outlives a killed leader unless the whole group goes.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
 
 
 @contextlib.contextmanager
