@@ -15,7 +15,7 @@ import mlflow.pyfunc
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from servers import free_port, process_group, wait_http
+from servers import free_port, mlflow_server_command, process_group, wait_http
 
 from cars_ml.promotion.lock import promotion_lock
 from cars_ml.promotion.policy import PromotionConfig
@@ -291,22 +291,8 @@ def test_two_promotes_at_once_on_postgres_leave_one_champion(postgres_store, tmp
 def http_store(tmp_path, monkeypatch) -> str:
     """A real `mlflow server` (one worker) on a free loopback port, stopped afterwards."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "served"),
-    ]
+    store, served = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "served")
+    command = mlflow_server_command(port, store, "--artifacts-destination", served)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     uri = f"http://127.0.0.1:{port}"
     with process_group(command, env, tmp_path / "server.log") as server:

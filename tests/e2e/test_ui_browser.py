@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from e2e_utils import ROOT
 from mlflow import MlflowClient
-from servers import free_port, process_group, wait_http
+from servers import free_port, mlflow_server_command, process_group, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -101,20 +101,7 @@ def mlflow_ui(store_uri: str, workdir: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # One worker and no job runner: 2 processes instead of ~3 GB of them (FACTS.md).
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store_uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    command = mlflow_server_command(port, store_uri)
     url = f"http://127.0.0.1:{port}"
     # uvicorn's worker outlives a killed leader unless the whole group goes: process_group.
     with process_group(command, env, log_path, cwd=workdir) as proc:
