@@ -1,6 +1,6 @@
 """Models: log the serving pyfunc, register, resolve, load and download model versions.
 
-The serving model is saved in one place (:func:`_save_serving_model`), for a run's model and for a
+The serving model is saved in one place (:func:`_serving_model`), for a run's model and for a
 scratch registry's alike.
 """
 
