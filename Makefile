@@ -1,8 +1,9 @@
-# The two Quickstart commands (README): `make demo` and `make test`.
+# The two Quickstart commands (README): `make demo` and `make test` (everything CI runs but
+# `slow`); `make test-fast` while editing, `make test-slow` for the long tests.
 PY ?= python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-slow lint format
+.PHONY: install demo test test-fast test-slow lint format
 
 install:
 	$(PY) -m pip install -q -e '.[dev]'
@@ -14,6 +15,12 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
+
+# tests/code and tests/data: pure logic, project files, layout, data; no servers, a few minutes.
+test-fast: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest tests/code tests/data
 
 test-slow: install
 	$(PY) -m pytest -m slow

@@ -88,6 +88,19 @@ def fraction(value: str) -> float:
     return number
 
 
+_OFF = {"none", "off", "inf", ""}
+
+
+def budget(value: str) -> float | None:
+    """A budget >= 0, or none/off to switch the budget off."""
+    if str(value).strip().lower() in _OFF:
+        return None
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or none), got {value}")
+    return number
+
+
 _CREDENTIAL_FIX = (
     "pass the URL without it and put the password in PGPASSWORD (or the driver's password file, "
     "such as ~/.pgpass; MLFLOW_TRACKING_PASSWORD for a tracking server), and rotate this "
@@ -117,7 +130,7 @@ def refuse_credentials(namespace: argparse.Namespace) -> None:
     ``mlflow run`` (``MLFLOW_RUN_ID`` set) that run is deleted, so no visible run holds the
     password, and the command that purges it for good is printed.
     """
-    from cars_ml.redaction import has_credentials, redact
+    from cars_ml.tracking.redaction import has_credentials, redact
 
     for name, value in vars(namespace).items():
         if isinstance(value, str) and has_credentials(value):
@@ -131,7 +144,7 @@ def refuse_credentials(namespace: argparse.Namespace) -> None:
 def _discard_mlflow_run() -> None:
     """Have the run ``mlflow run`` created deleted once it ends; print how to purge it.
 
-    A detached ``cars_ml.discard_run`` process does the deletion: ``mlflow run`` writes the
+    A detached ``cars_ml.tracking.discard`` process does the deletion: ``mlflow run`` writes the
     run's status after this process exits and fails on a run that is already deleted.
     """
     import subprocess
@@ -139,7 +152,7 @@ def _discard_mlflow_run() -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    from cars_ml.redaction import redact
+    from cars_ml.tracking.redaction import redact
 
     uri = redact(os.environ.get("MLFLOW_TRACKING_URI", "") or "./mlruns")
     if uri.startswith(("http://", "https://")):
@@ -154,7 +167,7 @@ def _discard_mlflow_run() -> None:
     # Its own session, so Ctrl-C or a SIGTERM to `mlflow run` does not stop the deletion. The
     # tracking URI travels in the environment, never on a command line that `ps` shows.
     subprocess.Popen(
-        [sys.executable, "-m", "cars_ml.discard_run", run_id],
+        [sys.executable, "-m", "cars_ml.tracking.discard", run_id],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -276,8 +289,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def train_config(a: argparse.Namespace, model: str, **extra):
     """The ``TrainConfig`` of parsed ``add_train_arguments`` values (imports the library)."""
     from cars_ml.data import DataConfig
-    from cars_ml.hparams import HParams
-    from cars_ml.train_run import TrainConfig
+    from cars_ml.training.hparams import HParams
+    from cars_ml.training.run import TrainConfig
 
     hparams = HParams(
         epochs=a.epochs,

@@ -7,7 +7,7 @@ lineage: tags ``distilled_from`` and ``teacher_backbone``, metrics ``teacher_tes
 
 from _common import add_train_arguments, parser, positive_float, run_main, train_config
 
-from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
 
 def build_parser():
@@ -34,18 +34,22 @@ def build_parser():
     return p
 
 
-def main() -> None:
-    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
+def config(a):
+    """The student's ``TrainConfig`` of parsed arguments (imports the library)."""
     if not a.teacher:
         raise ValueError(
             "teacher is required: pass -P teacher=models:/stanford-cars-classifier/<version> "
             "(a registered version; `mlflow run . --env-manager local` registers several)."
         )
-    from cars_ml.train_run import run_train
+    return train_config(a, a.student, teacher=a.teacher, temperature=a.temperature, alpha=a.alpha)
 
-    run_train(
-        train_config(a, a.student, teacher=a.teacher, temperature=a.temperature, alpha=a.alpha)
-    )
+
+def main() -> None:
+    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
+    cfg = config(a)
+    from cars_ml.training.run import run_train
+
+    run_train(cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import argparse
 
 from _common import (
+    budget,
     comma_list,
     fraction,
     image_size,
@@ -13,11 +14,10 @@ from _common import (
     run_main,
     str2bool,
 )
-from promote import budget
 
 from cars_ml import ORIGINAL_BACKBONES
-from cars_ml.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
-from cars_ml.promote import Budgets
+from cars_ml.promotion.policy import Budgets
+from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
 _BUDGETS = Budgets()
 
@@ -105,41 +105,46 @@ def build_parser():
     return p
 
 
+def config(a: argparse.Namespace):
+    """The ``PipelineConfig`` of parsed arguments (imports the library)."""
+    from cars_ml.data import DataConfig
+    from cars_ml.pipeline.plan import PipelineConfig
+    from cars_ml.promotion.policy import PromotionConfig
+
+    return PipelineConfig(
+        models=comma_list(a.models),
+        data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class),
+        n_trials=a.n_trials,
+        max_epochs=a.max_epochs,
+        storage=a.storage,
+        image_size=a.image_size,
+        weights=a.weights,
+        epochs=a.epochs,
+        fine_tune_epochs=a.fine_tune_epochs,
+        promotion=PromotionConfig(
+            budgets=Budgets(
+                max_latency_ms=a.max_latency_ms,
+                max_size_mb=a.max_size_mb,
+                max_int8_f1_drop=a.max_int8_f1_drop,
+            )
+        ),
+        reuse=a.reuse,
+        seed=a.seed,
+        workers=a.workers,
+        trial_fraction=a.trial_fraction,
+        budget_gmacs=a.budget_gmacs,
+        distill=a.distill,
+        distill_students=comma_list(a.distill_students),
+        temperature=a.temperature,
+        alpha=a.alpha,
+    )
+
+
 def main() -> None:
     a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
-    from cars_ml.data import DataConfig
-    from cars_ml.pipeline import PipelineConfig, run_pipeline
-    from cars_ml.promote import PromotionConfig
+    from cars_ml.pipeline.run import run_pipeline
 
-    run_pipeline(
-        PipelineConfig(
-            models=comma_list(a.models),
-            data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class),
-            n_trials=a.n_trials,
-            max_epochs=a.max_epochs,
-            storage=a.storage,
-            image_size=a.image_size,
-            weights=a.weights,
-            epochs=a.epochs,
-            fine_tune_epochs=a.fine_tune_epochs,
-            promotion=PromotionConfig(
-                budgets=Budgets(
-                    max_latency_ms=a.max_latency_ms,
-                    max_size_mb=a.max_size_mb,
-                    max_int8_f1_drop=a.max_int8_f1_drop,
-                )
-            ),
-            reuse=a.reuse,
-            seed=a.seed,
-            workers=a.workers,
-            trial_fraction=a.trial_fraction,
-            budget_gmacs=a.budget_gmacs,
-            distill=a.distill,
-            distill_students=comma_list(a.distill_students),
-            temperature=a.temperature,
-            alpha=a.alpha,
-        )
-    )
+    run_pipeline(config(a))
 
 
 if __name__ == "__main__":

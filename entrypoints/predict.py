@@ -16,15 +16,20 @@ def build_parser():
     return p
 
 
-def main() -> None:
-    from cars_ml.predict import PredictConfig, run_predict
+def config(a):
+    """The ``PredictConfig`` of parsed arguments."""
+    from cars_ml.serving.predict import PredictConfig
 
-    a = build_parser().parse_args()
-    run_predict(
-        PredictConfig(
-            images=a.images, model_uri=a.model_uri, output=a.output, batch_size=a.batch_size
-        )
+    return PredictConfig(
+        images=a.images, model_uri=a.model_uri, output=a.output, batch_size=a.batch_size
     )
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    from cars_ml.serving.predict import run_predict
+
+    run_predict(config(a))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,18 @@ def build_parser():
     return p
 
 
-def main() -> None:
+def config(a):
+    """The ``DataConfig`` of parsed arguments."""
     from cars_ml.data.types import DataConfig
-    from cars_ml.prepare import run_prepare_data
 
-    args = build_parser().parse_args()
-    run_prepare_data(DataConfig(**vars(args)))
+    return DataConfig(**vars(a))
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    from cars_ml.data.run import run_prepare_data
+
+    run_prepare_data(config(a))
 
 
 if __name__ == "__main__":

@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from _common import fraction, parser, run_main, str2bool
+from _common import budget, fraction, parser, run_main, str2bool
 
 from cars_ml import REGISTERED_MODEL_NAME
-from cars_ml.promote import RANKING_METRICS, SIZE_METRICS, Budgets, PromotionConfig
+from cars_ml.promotion.policy import RANKING_METRICS, SIZE_METRICS, Budgets, PromotionConfig
 
 _DEFAULTS = Budgets()
-_OFF = {"none", "off", "inf", ""}
-
-
-def budget(value: str) -> float | None:
-    """A budget >= 0, or none/off to switch the budget off."""
-    if str(value).strip().lower() in _OFF:
-        return None
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (or none), got {value}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,25 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
-    from cars_ml.promotion_run import run_promote
-
-    args = build_parser().parse_args()
+def config(args: argparse.Namespace) -> tuple[PromotionConfig, str]:
+    """The ``PromotionConfig`` and the model name of parsed arguments."""
     budgets = Budgets(
         max_latency_ms=args.max_latency_ms,
         max_size_mb=args.max_size_mb,
         max_int8_f1_drop=args.max_int8_f1_drop,
         size_metric=args.size_metric,
     )
-    config = PromotionConfig(
+    return PromotionConfig(
         metric=args.metric,
         min_improvement=args.min_improvement,
         dry_run=args.dry_run,
         rollback=args.rollback,
         budgets=budgets,
-    )
+    ), args.model_name
+
+
+def main() -> None:
+    from cars_ml.promotion.run import run_promote
+
+    promotion, model_name = config(build_parser().parse_args())
     try:
-        run_promote(config, args.model_name)
+        run_promote(promotion, model_name)
     except TimeoutError as exc:  # another promote holds the lock: one line, not a traceback
         raise SystemExit(f"error: {exc}") from exc
 

@@ -22,21 +22,26 @@ def build_parser():
     return p
 
 
-def main() -> None:
-    from cars_ml.serve import ServeConfig, serve
+def config(a):
+    """The ``ServeConfig`` of parsed arguments."""
+    from cars_ml.serving.run import ServeConfig
 
-    a = build_parser().parse_args()
-    serve(
-        ServeConfig(
-            model_name=a.model_name,
-            alias=a.alias,
-            model_uri=a.model_uri,
-            port=a.port,
-            host=a.host,
-            workers=a.workers,
-            precision=a.precision,
-        )
+    return ServeConfig(
+        model_name=a.model_name,
+        alias=a.alias,
+        model_uri=a.model_uri,
+        port=a.port,
+        host=a.host,
+        workers=a.workers,
+        precision=a.precision,
     )
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    from cars_ml.serving.run import serve
+
+    serve(config(a))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,16 @@ def build_parser():
     return p
 
 
+def config(a):
+    """The ``TrainConfig`` of parsed arguments (imports the library)."""
+    return train_config(a, a.model)
+
+
 def main() -> None:
     a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
-    from cars_ml.train_run import run_train
+    from cars_ml.training.run import run_train
 
-    run_train(train_config(a, a.model))
+    run_train(config(a))
 
 
 if __name__ == "__main__":

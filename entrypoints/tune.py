@@ -32,10 +32,18 @@ def build_parser():
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--max_epochs", type=positive_int, default=5, help="epochs per trial")
-    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=0,
-                   help="fine-tune epochs per trial (>0 trains end to end, no feature cache)")  # fmt: skip
-    p.add_argument("--trial_fraction", type=fraction, default=1.0,
-                   help="stratified share of the training images each trial trains on")  # fmt: skip
+    p.add_argument(
+        "--fine_tune_epochs",
+        type=non_negative_int,
+        default=0,
+        help="fine-tune epochs per trial (>0 trains end to end, no feature cache)",
+    )
+    p.add_argument(
+        "--trial_fraction",
+        type=fraction,
+        default=1.0,
+        help="stratified share of the training images each trial trains on",
+    )
     p.add_argument("--max_per_class", type=non_negative_int, default=0, help="sample cap per class")
     p.add_argument("--max_classes", type=non_negative_int, default=0)
     p.add_argument("--cached_features", type=str2bool, default=True)
@@ -56,36 +64,41 @@ def build_parser():
     return p
 
 
+def config(a):
+    """The ``TuneConfig`` of parsed arguments (imports the library)."""
+    from cars_ml.data import DataConfig
+    from cars_ml.tuning.run import TuneConfig
+    from cars_ml.tuning.search_space import parse_pins
+
+    return TuneConfig(
+        model=a.model,
+        data=DataConfig(
+            data=a.data, seed=a.seed, max_per_class=a.max_per_class, max_classes=a.max_classes
+        ),
+        n_trials=a.n_trials,
+        timeout_s=a.timeout_s,
+        storage=a.storage,
+        study_name=a.study_name,
+        pruner=a.pruner,
+        objectives=a.objectives,
+        image_size=a.image_size,
+        weights=a.weights,
+        seed=a.seed,
+        max_epochs=a.max_epochs,
+        fine_tune_epochs=a.fine_tune_epochs,
+        trial_fraction=a.trial_fraction,
+        cached_features=a.cached_features,
+        pins=tuple(parse_pins(a.pin).items()),
+        teacher=a.teacher,
+        budget_gmacs=a.budget_gmacs,
+    )
+
+
 def main() -> None:
     a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
-    from cars_ml.data import DataConfig
-    from cars_ml.search_space import parse_pins
-    from cars_ml.tune import TuneConfig, run_tune
+    from cars_ml.tuning.run import run_tune
 
-    run_tune(
-        TuneConfig(
-            model=a.model,
-            data=DataConfig(
-                data=a.data, seed=a.seed, max_per_class=a.max_per_class, max_classes=a.max_classes
-            ),  # fmt: skip
-            n_trials=a.n_trials,
-            timeout_s=a.timeout_s,
-            storage=a.storage,
-            study_name=a.study_name,
-            pruner=a.pruner,
-            objectives=a.objectives,
-            image_size=a.image_size,
-            weights=a.weights,
-            seed=a.seed,
-            max_epochs=a.max_epochs,
-            fine_tune_epochs=a.fine_tune_epochs,
-            trial_fraction=a.trial_fraction,
-            cached_features=a.cached_features,
-            pins=tuple(parse_pins(a.pin).items()),
-            teacher=a.teacher,
-            budget_gmacs=a.budget_gmacs,
-        )
-    )
+    run_tune(config(a))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cars_ml import backbones
+from cars_ml.modeling import backbones
 
 SIZE = 32
 CAR_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi R8 Coupe 2012"]

@@ -56,10 +56,18 @@ class BatchAugment(keras.layers.Layer):
         scale_x = flip * zoom
         zeros = tf.zeros_like(zoom)
         transforms = tf.stack(
-            [scale_x, zeros, cx - scale_x * cx + shift_x,
-             zeros, zoom, cy - zoom * cy + shift_y, zeros, zeros],
+            [
+                scale_x,
+                zeros,
+                cx - scale_x * cx + shift_x,
+                zeros,
+                zoom,
+                cy - zoom * cy + shift_y,
+                zeros,
+                zeros,
+            ],
             axis=1,
-        )  # fmt: skip
+        )
         warped = tf.raw_ops.ImageProjectiveTransformV3(
             images=images,
             transforms=transforms,

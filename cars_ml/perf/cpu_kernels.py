@@ -1,5 +1,5 @@
 """CPU kernels: a backbone's training step with TensorFlow's oneDNN kernels off and on, and
-with oneDNN on but without grappler (what runs of few steps do, ``cars_ml.graph_build``).
+with oneDNN on but without grappler (what runs of few steps do, ``cars_ml.modeling.graph_build``).
 
 TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is imported, and turns oneDNN on by
 default only on CPUs with AVX-512 VNNI or AMX; the entry points turn it on everywhere
@@ -33,9 +33,9 @@ def step_seconds(model: str, image_size: int, steps: int, batch_size: int) -> di
     import numpy as np
     import tensorflow as tf
 
-    from cars_ml import backbones
-    from cars_ml.optimizers import FusedAdam
-    from cars_ml.train import compile_for_training, inference_fn
+    from cars_ml.modeling import backbones
+    from cars_ml.modeling.optimizers import FusedAdam
+    from cars_ml.training.fit import compile_for_training, inference_fn
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone(model)
@@ -62,16 +62,27 @@ def step_seconds(model: str, image_size: int, steps: int, batch_size: int) -> di
     infer(pixels[:batch_size])  # Traced before the clock runs.
     start = time.perf_counter()
     infer(pixels[:batch_size])
-    return {"first_step_s": first, "train_step_s": min(epochs),
-            "infer_batch_s": time.perf_counter() - start}  # fmt: skip
+    return {
+        "first_step_s": first,
+        "train_step_s": min(epochs),
+        "infer_batch_s": time.perf_counter() - start,
+    }
 
 
 def _child(
     model: str, image_size: int, steps: int, batch_size: int, onednn: str, grappler: str
 ) -> dict:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    args = [sys.executable, "-m", __name__, model, str(image_size), str(steps), str(batch_size),
-            grappler]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        __name__,
+        model,
+        str(image_size),
+        str(steps),
+        str(batch_size),
+        grappler,
+    ]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -89,7 +100,7 @@ def compare_cpu_kernels(
     the same with oneDNN on and grappler off (``..._onednn_on_grappler_off``), with
     ``no_grappler_first_step_speedup_<model>`` and ``no_grappler_train_step_ratio_<model>``.
     """
-    from cars_ml import backbones
+    from cars_ml.modeling import backbones
 
     metrics: dict[str, float] = {}
     for model in models:
@@ -119,7 +130,7 @@ def compare_cpu_kernels(
 
 if __name__ == "__main__":
     name, size, n_steps, batch = sys.argv[1], *map(int, sys.argv[2:5])
-    from cars_ml.graph_build import set_grappler
+    from cars_ml.modeling.graph_build import set_grappler
 
     set_grappler(sys.argv[5] == "on")
     print(json.dumps(step_seconds(name, size, n_steps, batch)), flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.export import LiteRTRunner, export_tflite
+from cars_ml.export.tflite import LiteRTRunner, export_tflite
 from cars_ml.perf.macs import count_macs
 from cars_ml.perf.timing import interleaved_medians
 
@@ -100,8 +100,10 @@ def compare_edge(
     medians = interleaved_medians(contenders, runs=runs, warmup=warmup)
 
     def peak(precision: str) -> float:
-        rates = [math.prod(shape) / (medians[f"peak{i}_{precision}"] / 1000.0) / 1e9
-                 for i, shape in enumerate(peak_shapes)]  # fmt: skip
+        rates = [
+            math.prod(shape) / (medians[f"peak{i}_{precision}"] / 1000.0) / 1e9
+            for i, shape in enumerate(peak_shapes)
+        ]
         return max(rates)
 
     macs = count_macs(model)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,21 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.serve import ServeConfig, serve_command
+from cars_ml.perf.processes import free_port, process_group
 from cars_ml.serving.model import PRECISION_ENV
+from cars_ml.serving.run import ServeConfig, serve_command
 
 START_TIMEOUT_S = 240.0
 REQUEST_TIMEOUT_S = 60.0
 WARMUP_REQUESTS = 10
 # A run handed over by ``mlflow run`` belongs to the benchmark, never to the server process.
 _RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until_up(proc: subprocess.Popen, port: int, log_path: Path) -> None:
@@ -49,18 +40,6 @@ def _wait_until_up(proc: subprocess.Popen, port: int, log_path: Path) -> None:
     raise RuntimeError(
         f"mlflow models serve was not up after {START_TIMEOUT_S:.0f}s:\n{log_path.read_text()[-3000:]}"
     )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the whole process group: the MLflow CLI and the uvicorn server it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
 
 
 class _Client:
@@ -126,8 +105,12 @@ def load_test(port: int, body: bytes, clients: int, seconds: float) -> dict[str,
     elapsed = time.perf_counter() - began
     done = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.array([])
     if done.size == 0:
-        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "req_per_s": 0.0,
-                "errors": float(sum(errors))}  # fmt: skip
+        return {
+            "p50_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "req_per_s": 0.0,
+            "errors": float(sum(errors)),
+        }
     return {
         "p50_ms": float(np.percentile(done, 50)),
         "p99_ms": float(np.percentile(done, 99)),
@@ -162,12 +145,8 @@ def compare_serving(
     suffix = "" if precision == "float32" else f"_{precision}"
     body = json.dumps({"inputs": {"image": [image_b64]}}).encode()
     log_path = Path(workdir) / f"serve{suffix}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     metrics: dict[str, float] = {}
-    try:
+    with process_group(command, env, log_path) as proc:
         _wait_until_up(proc, port, log_path)
         warm = _Client(port, body)
         if not all([warm.post() for _ in range(WARMUP_REQUESTS)]):
@@ -179,6 +158,4 @@ def compare_serving(
             prefix = ("serve" if n == 1 else f"serve{n}") + suffix
             result = load_test(port, body, n, seconds)
             metrics.update({f"{prefix}_{key}": value for key, value in result.items()})
-    finally:
-        _stop(proc)
     return metrics

@@ -118,10 +118,10 @@ def data_wait(
     import keras
     import tensorflow as tf
 
-    from cars_ml import backbones
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.optimizers import FusedAdam
-    from cars_ml.train import compile_for_training
+    from cars_ml.modeling import backbones
+    from cars_ml.modeling.optimizers import FusedAdam
+    from cars_ml.training.fit import compile_for_training
 
     if max_steps:
         records = list(records)[: max_steps * batch_size]
@@ -132,13 +132,14 @@ def data_wait(
     num_classes = max(r.label for r in records) + 1
     head = backbones.build_head(backbone.output_shape[-1], num_classes, 0.3, 0)
     model = backbones.build_classifier(spec, image_size, backbone, head)
-    compile_for_training(model, FusedAdam(1e-3),
-                         loss=keras.losses.SparseCategoricalCrossentropy())  # fmt: skip
-    fed = make_dataset(records, image_size, batch_size, training=True,
-                       augment_strength=TRAIN_AUGMENT)  # fmt: skip
+    compile_for_training(model, FusedAdam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    fed = make_dataset(
+        records, image_size, batch_size, training=True, augment_strength=TRAIN_AUGMENT
+    )
     # The in-memory feed only slices tensors that are already decoded, cast and batched.
-    sample = make_dataset(records[: 8 * batch_size], image_size, batch_size, training=False,
-                          cache=False)  # fmt: skip
+    sample = make_dataset(
+        records[: 8 * batch_size], image_size, batch_size, training=False, cache=False
+    )
     held = list(sample)
     x = tf.concat([b[0] for b in held], axis=0)
     y = tf.concat([b[1] for b in held], axis=0)
@@ -170,6 +171,9 @@ def compare_pipeline(
     metrics = loader_throughput(
         records, image_size=image_size, batch_size=batch_size, rounds=rounds
     )
-    metrics.update(data_wait(records, image_size=train_image_size, batch_size=batch_size,
-                             max_steps=train_steps))  # fmt: skip
+    metrics.update(
+        data_wait(
+            records, image_size=train_image_size, batch_size=batch_size, max_steps=train_steps
+        )
+    )
     return metrics

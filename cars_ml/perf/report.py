@@ -32,8 +32,12 @@ class Goal:
 
     def text(self) -> str:
         target = f"{self.target:g}"
-        return {">=": f">= {target}x", "<=": f"<= {target}", "<": f"< {target}",
-                "==": f"= {target}"}[self.op]  # fmt: skip
+        return {
+            ">=": f">= {target}x",
+            "<=": f"<= {target}",
+            "<": f"< {target}",
+            "==": f"= {target}",
+        }[self.op]
 
 
 GOALS: dict[str, Goal] = {
@@ -80,15 +84,20 @@ def machine() -> dict[str, str]:
     return {
         "cpu_model": _cpu_model(),
         "cpu_cores": str(os.cpu_count()),
-        "cpu_cores_usable": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "cpu_cores_usable": str(
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        ),
         "load_average_1m_at_start": f"{load[0]:.2f}",
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "python": platform.python_version(),
         # TensorFlow enables oneDNN by itself only with AVX-512 VNNI or AMX (perf/cpu_kernels.py).
         "cpu_avx512_vnni": str("avx512_vnni" in _cpuinfo("flags").split()).lower(),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
-        **{f"version_{n}": _version(n) for n in ("tensorflow-cpu", "keras", "mlflow", "ai-edge-litert", "numpy", "pillow")},
-    }  # fmt: skip
+        **{
+            f"version_{n}": _version(n)
+            for n in ("tensorflow-cpu", "keras", "mlflow", "ai-edge-litert", "numpy", "pillow")
+        },
+    }
 
 
 def _fmt(name: str, value: float) -> str:

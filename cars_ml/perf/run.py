@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cars_ml import tracking
-from cars_ml.backbones import get_backbone
+from cars_ml.modeling.backbones import get_backbone
 from cars_ml.perf import report
 from cars_ml.perf.inputs import (
     car_class_names,
@@ -64,8 +64,14 @@ class BenchmarkConfig:
                 f"image_size={self.image_size} and train_image_size={self.train_image_size} must "
                 f"be >= {MIN_IMAGE_SIZE} px (MobileNet's minimum)."
             )
-        positive = ("runs", "pipeline_images", "rounds", "tuning_epochs", "tuning_cached_trials",
-                    "kernel_steps")  # fmt: skip
+        positive = (
+            "runs",
+            "pipeline_images",
+            "rounds",
+            "tuning_epochs",
+            "tuning_cached_trials",
+            "kernel_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -108,8 +114,8 @@ def _built_model(cfg: BenchmarkConfig, class_names: list[str], workdir: Path) ->
     """A MobileNet with random weights and a 196-class head, registered in a scratch store."""
     import keras
 
-    from cars_ml import backbones
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
+    from cars_ml.modeling import backbones
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone("mobilenet")
@@ -152,21 +158,33 @@ def _sections(cfg: BenchmarkConfig, workdir: Path):
     data_dir = shared_data_dir(cfg.data_dir)
     photo, photo_source = sample_photo(data_dir, workdir)
     images = image_set(data_dir, cfg.pipeline_images)
-    tracking.log_params({"photo": str(photo), "photo_source": photo_source,
-                         "images_source": images.source, "images_used": len(images.records)})  # fmt: skip
+    tracking.log_params(
+        {
+            "photo": str(photo),
+            "photo_source": photo_source,
+            "images_source": images.source,
+            "images_used": len(images.records),
+        }
+    )
     model = None
     if any(s in cfg.sections for s in MODEL_SECTIONS):
         model = _model_under_test(cfg, car_class_names(data_dir), workdir)
-        tracking.log_params({"model_under_test": model.source,
-                             "model_image_size_px": model.classifier.image_size,
-                             "serving_engine": model.classifier.engine})  # fmt: skip
+        tracking.log_params(
+            {
+                "model_under_test": model.source,
+                "model_image_size_px": model.classifier.image_size,
+                "serving_engine": model.classifier.engine,
+            }
+        )
     size = model.classifier.image_size if model else cfg.image_size
     warmup = min(cfg.warmup, cfg.runs)
     if "inference" in cfg.sections:
         from cars_ml.perf.inference import compare_inference
 
-        yield "inference", compare_inference(model.classifier, model.pyfunc, photo,
-                                             runs=cfg.runs, warmup=warmup)  # fmt: skip
+        yield (
+            "inference",
+            compare_inference(model.classifier, model.pyfunc, photo, runs=cfg.runs, warmup=warmup),
+        )
     if "serve" in cfg.sections:
         from cars_ml.perf.endpoint import compare_serving
 
@@ -191,25 +209,52 @@ def _sections(cfg: BenchmarkConfig, workdir: Path):
         from cars_ml.perf.edge import compare_edge
 
         rep = representative_images(photo, images.records, size)
-        yield "edge", compare_edge(model.classifier.model, photo_pixels(photo, size), rep,
-                                   workdir, runs=cfg.runs, warmup=warmup)  # fmt: skip
+        yield (
+            "edge",
+            compare_edge(
+                model.classifier.model,
+                photo_pixels(photo, size),
+                rep,
+                workdir,
+                runs=cfg.runs,
+                warmup=warmup,
+            ),
+        )
     if "pipeline" in cfg.sections:
         from cars_ml.perf.input_pipeline import compare_pipeline
 
-        yield "pipeline", compare_pipeline(
-            images.records, image_size=cfg.image_size, train_image_size=cfg.train_image_size,
-            train_steps=cfg.train_steps, rounds=cfg.rounds)  # fmt: skip
+        yield (
+            "pipeline",
+            compare_pipeline(
+                images.records,
+                image_size=cfg.image_size,
+                train_image_size=cfg.train_image_size,
+                train_steps=cfg.train_steps,
+                rounds=cfg.rounds,
+            ),
+        )
     if "tuning" in cfg.sections:
         from cars_ml.perf.tuning import compare_tuning
 
-        yield "tuning", compare_tuning(
-            images.records, images.class_names, images.root, workdir, image_size=cfg.image_size,
-            epochs=cfg.tuning_epochs, cached_trials=cfg.tuning_cached_trials)  # fmt: skip
+        yield (
+            "tuning",
+            compare_tuning(
+                images.records,
+                images.class_names,
+                images.root,
+                workdir,
+                image_size=cfg.image_size,
+                epochs=cfg.tuning_epochs,
+                cached_trials=cfg.tuning_cached_trials,
+            ),
+        )
     if "cpu_kernels" in cfg.sections:
         from cars_ml.perf.cpu_kernels import compare_cpu_kernels
 
-        yield "cpu_kernels", compare_cpu_kernels(
-            cfg.kernel_models, steps=cfg.kernel_steps, rounds=cfg.rounds)  # fmt: skip
+        yield (
+            "cpu_kernels",
+            compare_cpu_kernels(cfg.kernel_models, steps=cfg.kernel_steps, rounds=cfg.rounds),
+        )
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, float]:
@@ -223,8 +268,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="cars-ml-benchmark-") as tmp:
         workdir = Path(tmp)
         with tracking.start_run(run_name="benchmark", tags={"step": "benchmark"}):
-            config = {k: (",".join(map(str, v)) if isinstance(v, tuple) else v)
-                      for k, v in asdict(cfg).items()}  # fmt: skip
+            config = {
+                k: (",".join(map(str, v)) if isinstance(v, tuple) else v)
+                for k, v in asdict(cfg).items()
+            }
             tracking.log_params({**config, **info})
             began = time.perf_counter()
             for section, result in _sections(cfg, workdir):

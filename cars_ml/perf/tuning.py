@@ -58,7 +58,7 @@ def _quiet_objective(cfg, splits, spec, size: int, weights_used: str, features):
     The hook logs ``val_f1_macro`` to the active MLflow run and reports to Optuna; here the
     active run is the benchmark's, which must only carry benchmark figures.
     """
-    from cars_ml.tune_objective import Objective
+    from cars_ml.tuning.objective import Objective
 
     class QuietObjective(Objective):
         def _hook(self, trial):
@@ -86,18 +86,24 @@ def compare_tuning(
     import keras
     import optuna
 
-    from cars_ml import backbones
-    from cars_ml.features import extract
+    from cars_ml.modeling import backbones
     from cars_ml.serving.layers import ImagePreprocess
-    from cars_ml.tune import TuneConfig
+    from cars_ml.tuning.features import extract
+    from cars_ml.tuning.run import TuneConfig
 
     splits = benchmark_splits(records, class_names, root)
     spec = backbones.get_backbone("mobilenet")
     keras.utils.set_random_seed(seed)
     weights_file = Path(workdir) / "mobilenet_benchmark.weights.h5"
     backbones.build_backbone(spec, image_size, "none")[0].save_weights(weights_file)
-    cfg = TuneConfig(model="mobilenet", weights=str(weights_file), image_size=image_size,
-                     max_epochs=epochs, fine_tune_epochs=0, seed=seed)  # fmt: skip
+    cfg = TuneConfig(
+        model="mobilenet",
+        weights=str(weights_file),
+        image_size=image_size,
+        max_epochs=epochs,
+        fine_tune_epochs=0,
+        seed=seed,
+    )
     backbone, weights_used = backbones.build_backbone(spec, image_size, str(weights_file))
     preprocess = ImagePreprocess(spec.preprocess)
     start = time.perf_counter()

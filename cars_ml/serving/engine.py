@@ -156,7 +156,7 @@ def litert_engine(
     try:
         import tensorflow as tf
 
-        from cars_ml.export import float32_flatbuffer, inference_function
+        from cars_ml.export.tflite import float32_flatbuffer, inference_function
 
         if content is None:
             content = float32_flatbuffer(inference_function(model))

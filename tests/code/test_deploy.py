@@ -91,8 +91,12 @@ def _pod(doc: dict) -> dict:
 
 
 def _containers() -> list[tuple[str, dict]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", c) for d in K8S_DOCS
-            if d["kind"] in ("Deployment", "Job") for c in _pod(d)["containers"]]  # fmt: skip
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", c)
+        for d in K8S_DOCS
+        if d["kind"] in ("Deployment", "Job")
+        for c in _pod(d)["containers"]
+    ]
 
 
 def _project_containers() -> list[tuple[str, dict]]:
@@ -130,8 +134,9 @@ def _compose_command(service: dict) -> list[str]:
 
 def _all_commands() -> list[tuple[str, list[str]]]:
     commands = [(f"compose {n}", _compose_command(s)) for n, s in SERVICES.items()]
-    commands += [(w, [str(a) for a in c.get("command", []) + c.get("args", [])])
-                 for w, c in _containers()]  # fmt: skip
+    commands += [
+        (w, [str(a) for a in c.get("command", []) + c.get("args", [])]) for w, c in _containers()
+    ]
     commands += [(n, _dockerfile_cmd(n)) for n in ("Dockerfile.mlflow", "Dockerfile.serve")]
     return commands
 
@@ -144,8 +149,11 @@ def test_kubernetes_objects_are_complete_and_selectors_match():
     assert set(K8S) >= {"tracking-server.yaml", "tune-job.yaml", "train-job.yaml", "serving.yaml"}
     for doc in K8S_DOCS:
         assert {"apiVersion", "kind", "metadata", "spec"} <= set(doc), doc.get("kind")
-    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in K8S_DOCS
-                  if d["kind"] in ("Deployment", "Job")]  # fmt: skip
+    pod_labels = [
+        d["spec"]["template"]["metadata"]["labels"]
+        for d in K8S_DOCS
+        if d["kind"] in ("Deployment", "Job")
+    ]
     for doc in K8S_DOCS:
         if doc["kind"] == "Deployment":
             selector = doc["spec"]["selector"]["matchLabels"]
@@ -325,9 +333,14 @@ def test_credentials_come_only_from_the_environment():
                 match = re.fullmatch(r"\$\{(\w+):\?[^}]*\}", str(value))
                 assert match, f"compose {service_name}: {name} must be ${{VAR:?...}} from .env"
                 assert match.group(1) in ENV_EXAMPLE
-    for path in [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml"), *DEPLOY.glob("Dockerfile.*"),
-                 DEPLOY / "auth" / "basic_auth.ini", *DEPLOY.glob("postgres/*"),
-                 *DEPLOY.glob("minio/*")]:  # fmt: skip
+    for path in [
+        *DEPLOY.rglob("*.yaml"),
+        *DEPLOY.rglob("*.yml"),
+        *DEPLOY.glob("Dockerfile.*"),
+        DEPLOY / "auth" / "basic_auth.ini",
+        *DEPLOY.glob("postgres/*"),
+        *DEPLOY.glob("minio/*"),
+    ]:
         text = path.read_text()
         assert not URL_WITH_PASSWORD.search(text), path
         assert not [s for s in secrets if s in text], f"{path}: an example credential"
@@ -347,8 +360,16 @@ def test_readme_mentions_only_deploy_files_that_exist():
 
 
 def _quantity(value: object) -> float:
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6,
-             "G": 1e9}  # fmt: skip
+    units = {
+        "m": 1e-3,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+    }
     number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
     return float(number) * units.get(unit, 1)
 
@@ -400,8 +421,11 @@ def test_kubernetes_containers_request_and_limit_cpu_and_memory(doc):
 
 def _images() -> list[tuple[str, str]]:
     images = [(f"compose {n}", s["image"]) for n, s in SERVICES.items()]
-    images += [(f"{d['metadata']['name']}/{c['name']}", c["image"])
-               for d in _workloads() for c in _all_k8s_containers(_pod(d))]  # fmt: skip
+    images += [
+        (f"{d['metadata']['name']}/{c['name']}", c["image"])
+        for d in _workloads()
+        for c in _all_k8s_containers(_pod(d))
+    ]
     for name in ("Dockerfile.mlflow", "Dockerfile.serve"):
         images += [(name, image) for image in re.findall(r"^FROM (\S+)", _dockerfile(name), re.M)]
     return images
@@ -458,8 +482,11 @@ def test_database_roles_are_separate_and_no_client_holds_the_superuser():
     assert urlparse(_flag(_compose_command(SERVICES["tune"]), "--storage")).username == "optuna"
     assert "POSTGRES_USER" not in SERVICES["postgres"]["environment"], "the superuser is postgres"
     for where, container in _containers():
-        keys = [v["secretKeyRef"]["key"] for v in _k8s_env(container).values()
-                if isinstance(v, dict) and "secretKeyRef" in v]  # fmt: skip
+        keys = [
+            v["secretKeyRef"]["key"]
+            for v in _k8s_env(container).values()
+            if isinstance(v, dict) and "secretKeyRef" in v
+        ]
         assert "POSTGRES_PASSWORD" not in keys, where
     users = {n for n, s in SERVICES.items() if "POSTGRES_PASSWORD" in (s.get("environment") or {})}
     assert users == {"postgres"}
@@ -478,8 +505,10 @@ def test_minio_clients_get_a_user_limited_to_the_artifact_bucket():
     assert 'mc admin policy attach local mlflow-artifacts --user "$MINIO_MLFLOW_USER"' in MINIO_INIT
     # The tracking server (the only S3 client; others use its proxy) logs in as that user.
     tracking = _pod(_k8s("Deployment", "mlflow"))["containers"][0]
-    for name, key in (("AWS_ACCESS_KEY_ID", "MINIO_MLFLOW_USER"),
-                      ("AWS_SECRET_ACCESS_KEY", "MINIO_MLFLOW_PASSWORD")):  # fmt: skip
+    for name, key in (
+        ("AWS_ACCESS_KEY_ID", "MINIO_MLFLOW_USER"),
+        ("AWS_SECRET_ACCESS_KEY", "MINIO_MLFLOW_PASSWORD"),
+    ):
         assert _secret_key(tracking, name) == key and _compose_var("mlflow", name) == key
     # Root credentials: MinIO itself and the one-shot init, nothing else.
     for key in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
@@ -553,16 +582,28 @@ def _ingress_sources(name: str) -> dict[int, set[str]]:
     return sources
 
 
-APPS = {"mlflow", "postgres", "minio", "cars-ml-serve", "cars-ml-tune", "cars-ml-train",
-        "cars-ml-minio-init"}  # fmt: skip
+APPS = {
+    "mlflow",
+    "postgres",
+    "minio",
+    "cars-ml-serve",
+    "cars-ml-tune",
+    "cars-ml-train",
+    "cars-ml-minio-init",
+}
 
 
 def test_network_policy_denies_ingress_except_the_paths_needed():
     policies = [d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"]
-    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
-               and not p["spec"].get("ingress") for p in policies), "a default deny for ingress"  # fmt: skip
-    workloads = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
-                 for d in _workloads()}  # fmt: skip
+    assert any(
+        p["spec"]["podSelector"] == {}
+        and p["spec"]["policyTypes"] == ["Ingress"]
+        and not p["spec"].get("ingress")
+        for p in policies
+    ), "a default deny for ingress"
+    workloads = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for d in _workloads()
+    }
     assert workloads <= APPS
     assert _ingress_sources("mlflow") == {5000: {"cars-ml-train", "cars-ml-tune", "cars-ml-serve"}}
     assert _ingress_sources("postgres") == {5432: {"mlflow", "cars-ml-tune", "cars-ml-train"}}

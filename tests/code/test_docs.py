@@ -46,8 +46,18 @@ def test_readme_is_short():
 
 def test_docs_folder_holds_the_guides():
     names = {p.name for p in DOCS}
-    for name in ("data.md", "training.md", "tuning.md", "promotion.md", "serving.md", "edge.md",
-                 "scale-out.md", "performance.md", "reliability.md", "development.md"):  # fmt: skip
+    for name in (
+        "data.md",
+        "training.md",
+        "tuning.md",
+        "promotion.md",
+        "serving.md",
+        "edge.md",
+        "scale-out.md",
+        "performance.md",
+        "reliability.md",
+        "development.md",
+    ):
         assert name in names, f"docs/{name} is missing"
 
 

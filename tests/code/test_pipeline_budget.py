@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cars_ml.data import DataConfig
-from cars_ml.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
-from cars_ml.pipeline import (
+from cars_ml.pipeline.distill import plan_distillation
+from cars_ml.pipeline.plan import (
     DEMO_BUDGET,
     DEMO_BUDGET_GMACS,
     DEMO_MAX_PER_CLASS,
@@ -19,8 +19,8 @@ from cars_ml.pipeline import (
     resolve_data,
     resolve_trial_fraction,
 )
-from cars_ml.pipeline_distill import plan_distillation
-from cars_ml.promote import Budgets
+from cars_ml.promotion.policy import Budgets
+from cars_ml.training.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
 
 REAL = DataConfig(data="/data/stanford_cars")
 

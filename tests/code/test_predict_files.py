@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from cars_ml import predict as predict_mod
 from cars_ml import tracking
-from cars_ml.predict import PredictConfig, run_predict
+from cars_ml.serving import predict as predict_mod
 from cars_ml.serving.decode import Limits
+from cars_ml.serving.predict import PredictConfig, run_predict
 
 LIMIT = 1024  # bytes per image the stand-in model accepts
 
@@ -42,8 +42,9 @@ class FakeModel:
             if data.startswith(b"crash"):
                 raise RuntimeError("decoder blew up")
             top = [{"label": '=HYPERLINK("http://x")', "probability": 0.9}]
-            rows.append({"label": "=HYPERLINK(\"http://x\")", "class_id": 1,
-                         "probability": 0.9, "top_k": top})  # fmt: skip
+            rows.append(
+                {"label": '=HYPERLINK("http://x")', "class_id": 1, "probability": 0.9, "top_k": top}
+            )
         return pd.DataFrame(rows)
 
 

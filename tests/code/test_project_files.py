@@ -25,8 +25,17 @@ def _script(entry: dict) -> str:
 
 
 def test_required_top_level_layout():
-    for name in ("MLproject", "conda.yaml", "README.md", "cars_ml", "entrypoints", "tests", "deploy",
-                 "pyproject.toml", ".ci/run"):  # fmt: skip
+    for name in (
+        "MLproject",
+        "conda.yaml",
+        "README.md",
+        "cars_ml",
+        "entrypoints",
+        "tests",
+        "deploy",
+        "pyproject.toml",
+        ".ci/run",
+    ):
         assert (ROOT / name).exists(), f"{name} is missing"
     assert MLPROJECT["conda_env"] == "conda.yaml"
     for sub in ("code", "data", "model", "e2e"):

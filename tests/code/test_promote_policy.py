@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cars_ml.promote import (
+from cars_ml.promotion.policy import (
     IMPROVEMENT_TOLERANCE,
     Budgets,
     PromotionConfig,

@@ -28,17 +28,28 @@ sys.path.insert(0, str(ROOT / "entrypoints"))
         ("postgresql://u:p@s@s@host:5432/db", "postgresql://u:***@host:5432/db"),
         ("mysql+pymysql://u:p/ss@host/db", "mysql+pymysql://u:***@host/db"),
         # An `@` later in the path or query is not part of the password.
-        ("postgresql://u:pw@host/db?application_name=a@b", "postgresql://u:***@host/db?application_name=a@b"),
+        (
+            "postgresql://u:pw@host/db?application_name=a@b",
+            "postgresql://u:***@host/db?application_name=a@b",
+        ),
         ("postgresql://u@host/db?password=pw", "postgresql://u@host/db?password=***"),
-        ("postgresql://u@host/db?sslmode=require&password=pw&x=1",
-         "postgresql://u@host/db?sslmode=require&password=***&x=1"),
+        (
+            "postgresql://u@host/db?sslmode=require&password=pw&x=1",
+            "postgresql://u@host/db?sslmode=require&password=***&x=1",
+        ),
         ("http://host:5000/x?PASSWORD=pw", "http://host:5000/x?PASSWORD=***"),
-        ("https://s3/b/k?X-Amz-Security-Token=abc&v=1", "https://s3/b/k?X-Amz-Security-Token=***&v=1"),
+        (
+            "https://s3/b/k?X-Amz-Security-Token=abc&v=1",
+            "https://s3/b/k?X-Amz-Security-Token=***&v=1",
+        ),
         ("host=h user=u password=pw dbname=d", "host=h user=u password=*** dbname=d"),
         ("storage='postgresql://u:pw@h/db' is bad", "storage='postgresql://u:***@h/db' is bad"),
-        ("a postgresql://u:pw@h/db and http://v:pw2@h2:5000", "a postgresql://u:***@h/db and http://v:***@h2:5000"),
+        (
+            "a postgresql://u:pw@h/db and http://v:pw2@h2:5000",
+            "a postgresql://u:***@h/db and http://v:***@h2:5000",
+        ),
     ],
-)  # fmt: skip
+)
 def test_redact_url_passwords(text, expected):
     assert redact(text) == expected
     assert has_credentials(text)
@@ -142,7 +153,7 @@ def test_refused_parameter_deletes_the_mlflow_run_holding_it(tracking_uri, monke
 def test_discard_ends_a_run_nobody_ends(tracking_uri):
     import mlflow
 
-    from cars_ml.discard_run import discard
+    from cars_ml.tracking.discard import discard
 
     client = mlflow.MlflowClient()
     run = client.create_run("0")

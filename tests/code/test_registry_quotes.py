@@ -9,7 +9,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from cars_ml import registry, tracking
+from cars_ml import tracking
+from cars_ml.promotion import moves, registry
 
 NAMES = ["cars'model", 'cars"model', "cars'\"model", "it's_100%"]
 
@@ -42,7 +43,7 @@ def test_quoted_model_name_in_every_registry_query(tracking_uri, name):
     table = registry.candidate_table(name)
     assert list(table["version"]) == versions and list(table["test_f1_macro"]) == [0.5, 0.5]
 
-    registry.apply_promotion(name, versions[1], "best", None, run_id=None)
+    moves.apply_promotion(name, versions[1], "best", None, run_id=None)
     assert registry.current_champion(name) == versions[1]
     assert registry.sync_stage(name, versions[1]) is False
     assert registry.sync_stage(name, versions[0]) is True

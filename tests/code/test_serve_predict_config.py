@@ -6,16 +6,30 @@ import sys
 
 import pytest
 
-from cars_ml.predict import PredictConfig, _format_top5, find_images
-from cars_ml.serve import ServeConfig, serve_command
+from cars_ml.serving.predict import PredictConfig, _format_top5, find_images
+from cars_ml.serving.run import ServeConfig, serve_command
 
 
 def test_serve_uri_and_command():
     cfg = ServeConfig(port=6000, workers=2)
     assert cfg.uri == "models:/stanford-cars-classifier@champion"
-    assert serve_command(cfg) == [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                                  cfg.uri, "--env-manager", "local", "-p", "6000",
-                                  "-h", "127.0.0.1", "-w", "2"]  # fmt: skip
+    assert serve_command(cfg) == [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        cfg.uri,
+        "--env-manager",
+        "local",
+        "-p",
+        "6000",
+        "-h",
+        "127.0.0.1",
+        "-w",
+        "2",
+    ]
     assert ServeConfig(model_uri="runs:/abc/model").uri == "runs:/abc/model"
     assert ServeConfig(alias="challenger").uri.endswith("@challenger")
 

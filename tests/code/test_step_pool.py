@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cars_ml import benchmark
-from cars_ml.step_pool import Backbone, next_job
+from cars_ml.perf import benchmark
+from cars_ml.pipeline.pool import Backbone, next_job
 
 
 def _backbones(*names: str, n_trials: int = 2) -> list[Backbone]:
@@ -94,7 +94,7 @@ def test_a_measurement_stops_the_other_workers_and_only_for_its_duration():
 
 
 def test_one_worker_runs_each_study_then_its_train_and_a_student_without_a_study(monkeypatch):
-    from cars_ml import step_pool
+    from cars_ml.pipeline import pool
 
     ran = []
 
@@ -102,11 +102,11 @@ def test_one_worker_runs_each_study_then_its_train_and_a_student_without_a_study
         ran.append((job.kind, job.model))
         return {"model": job.model} if job.kind == "train" else None
 
-    monkeypatch.setattr(step_pool, "run_job", record)
+    monkeypatch.setattr(pool, "run_job", record)
     plain = _backbones("mobilenet")[0]
     student = Backbone("mobilenet-from-xception", None, SimpleNamespace(), tuned=True)
-    with step_pool.StepPool(1) as pool:
-        results = pool.run([plain, student])
+    with pool.StepPool(1) as workers:
+        results = workers.run([plain, student])
     assert ran == [
         ("tune", "mobilenet"),
         ("train", "mobilenet"),

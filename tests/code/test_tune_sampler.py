@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from cars_ml.tune_sampler import PerTrialSeedSampler, make_sampler
+from cars_ml.tuning.sampler import PerTrialSeedSampler, make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -33,10 +33,15 @@ def test_two_workers_with_one_seed_on_one_study_never_repeat(tmp_path, multi):
     # Each "worker" is a separate sampler object with the same seed, as separate processes
     # would be; they take turns on the study, as a resumed study or interleaved workers do.
     workers = [
-        optuna.create_study(study_name="s", storage=storage, directions=directions,
-                            sampler=make_sampler(7, multi_objective=multi), load_if_exists=True)
+        optuna.create_study(
+            study_name="s",
+            storage=storage,
+            directions=directions,
+            sampler=make_sampler(7, multi_objective=multi),
+            load_if_exists=True,
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     for _ in range(3):
         for worker in workers:
             worker.optimize(objective, n_trials=2)
@@ -48,8 +53,12 @@ def test_two_workers_with_one_seed_on_one_study_never_repeat(tmp_path, multi):
 def test_plain_seeded_sampler_repeats_which_is_why_the_wrapper_exists(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for _ in range(2):
-        study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(seed=7))  # fmt: skip
+        study = optuna.create_study(
+            study_name="s",
+            storage=storage,
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=7),
+        )
         study.optimize(_objective, n_trials=2)
     draws = _draws(study)
     assert draws[:2] == draws[2:]

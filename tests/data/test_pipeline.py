@@ -46,8 +46,9 @@ def test_greyscale_jpeg_gives_the_pixels_of_decoding_it_to_rgb_first(tmp_path, s
     as_rgb = tmp_path / "as_rgb.png"
     Image.fromarray(rgb.numpy()).save(as_rgb)
     for box in (None, (3, 2, 30, 25)):
-        got = load_images_array([ImageRecord(str(grey), 0, box), ImageRecord(str(as_rgb), 0, box)],
-                                size)  # fmt: skip
+        got = load_images_array(
+            [ImageRecord(str(grey), 0, box), ImageRecord(str(as_rgb), 0, box)], size
+        )
         assert got.shape == (2, size, size, 3)
         np.testing.assert_array_equal(got[0], got[1])
 

@@ -20,9 +20,14 @@ from e2e_utils import ROOT
 def startup_seconds(entry: str) -> float:
     """Wall time of ``python entrypoints/<entry>.py --help`` (all imports, no work)."""
     started = time.monotonic()
-    subprocess.run([sys.executable, str(ROOT / "entrypoints" / f"{entry}.py"), "--help"],
-                   check=True, capture_output=True, cwd=ROOT,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "entrypoints" / f"{entry}.py"), "--help"],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=300,
+    )
     return time.monotonic() - started
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# One process-group helper for the library and the tests; re-exported for the e2e tests.
+from cars_ml.perf.processes import free_port, process_group  # noqa: F401
+
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
 # Dummy but recognisable credentials of the *server* side: the secret scan looks for them too,
@@ -30,13 +31,6 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 SERVER_AWS_ACCESS_KEY_ID = "CARSMLSERVERKEYID0001"
 SERVER_AWS_SECRET_ACCESS_KEY = "cars-ml-server-side-secret-4f1c9e"
 START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = START_TIMEOUT_S):
@@ -58,35 +52,18 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def process_group(command: list[str], env: dict, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run ``command`` in its own session; SIGTERM then SIGKILL the whole group on exit."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        # Workers of the group may outlive the leader; make sure none is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
 def postgres_database(prefix: str = "cars_ml_scaleout") -> Iterator[str]:
     """A fresh database at 127.0.0.1:5432 (trust auth), dropped afterwards; skip if unreachable."""
     psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres",
-                                connect_timeout=3, autocommit=True)  # fmt: skip
+        admin = psycopg.connect(
+            host=PG_HOST,
+            port=PG_PORT,
+            user=PG_USER,
+            dbname="postgres",
+            connect_timeout=3,
+            autocommit=True,
+        )
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -129,8 +106,11 @@ class S3Server:
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key in the bucket under ``prefix``."""
         paginator = self.client().get_paginator("list_objects_v2")
-        return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
-                for obj in page.get("Contents", [])]  # fmt: skip
+        return [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
 
 
 @contextlib.contextmanager
@@ -169,6 +149,13 @@ def server_env(s3: S3Server) -> dict:
     return env
 
 
+def mlflow_server_command(port: int, backend_store_uri: str, *options: str) -> list[str]:
+    """``mlflow server`` with one worker on loopback ``port`` (``options``: e.g. where artifacts
+    go). One worker: 2 processes instead of ~3 GB of them (FACTS.md)."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri]
+    return [*command, *options, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
 @contextlib.contextmanager
 def tracking_server(workdir: Path) -> Iterator[TrackingServer]:
     """``mlflow server`` on a fresh PostgreSQL database, artifacts proxied to a moto bucket."""
@@ -176,9 +163,7 @@ def tracking_server(workdir: Path) -> Iterator[TrackingServer]:
     with moto_s3(workdir) as s3, postgres_database() as db:
         port = free_port()
         destination = f"s3://{s3.bucket}/mlflow"
-        command = [sys.executable, "-m", "mlflow", "server",
-                   "--backend-store-uri", pg_url(db), "--artifacts-destination", destination,
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+        command = mlflow_server_command(port, pg_url(db), "--artifacts-destination", destination)
         log_path = workdir / "mlflow-server.log"
         with process_group(command, server_env(s3), log_path) as proc:
             uri = f"http://127.0.0.1:{port}"
@@ -243,8 +228,13 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
         postgres_database() as db,
         postgres_database("cars_ml_auth") as users,
     ):
-        local = {"--backend-store-uri": pg_url(db), "--artifacts-destination": f"s3://{s3.bucket}/mlflow",
-                 "--host": "127.0.0.1", "--port": str(free_port()), "--workers": "1"}  # fmt: skip
+        local = {
+            "--backend-store-uri": pg_url(db),
+            "--artifacts-destination": f"s3://{s3.bucket}/mlflow",
+            "--host": "127.0.0.1",
+            "--port": str(free_port()),
+            "--workers": "1",
+        }
         for flag, value in local.items():
             command[command.index(flag) + 1] = value
         config = configparser.ConfigParser()
@@ -253,9 +243,14 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
         ini = workdir / "basic_auth.ini"
         with open(ini, "w") as handle:
             config.write(handle)
-        env = {**server_env(s3), **image_env, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "PGPASSWORD": PGPASSWORD_VALUE,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}  # fmt: skip
+        env = {
+            **server_env(s3),
+            **image_env,
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "PGPASSWORD": PGPASSWORD_VALUE,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+        }
         assert command[0] == "mlflow"
         log_path = workdir / "mlflow-auth-server.log"
         with process_group([sys.executable, "-m", *command], env, log_path) as proc:
@@ -278,9 +273,9 @@ def sqlite_tracking_server(workdir: Path) -> Iterator[SqliteTrackingServer]:
     workdir.mkdir(parents=True, exist_ok=True)
     database_uri = f"sqlite:///{workdir / 'server.db'}"
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database_uri,
-               "--artifacts-destination", str(workdir / "served"), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]  # fmt: skip
+    command = mlflow_server_command(
+        port, database_uri, "--artifacts-destination", str(workdir / "served")
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log_path = workdir / "mlflow-server.log"

@@ -92,8 +92,12 @@ def test_deployed_server_requires_login_and_clients_fail_fast_or_log_scrubbed(
     try:
         tracking.check_tracking_server()
         with tracking.start_run("auth-check") as run:
-            tracking.log_params({"note": f"login {USER_PASSWORD}",
-                                 "storage": f"postgresql://u:{PGPASSWORD_VALUE}@db/optuna"})  # fmt: skip
+            tracking.log_params(
+                {
+                    "note": f"login {USER_PASSWORD}",
+                    "storage": f"postgresql://u:{PGPASSWORD_VALUE}@db/optuna",
+                }
+            )
             tracking.log_dict({"db": PGPASSWORD_VALUE}, "settings.json")
         stored = mlflow.get_run(run.info.run_id)
     finally:

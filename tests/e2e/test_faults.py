@@ -24,13 +24,23 @@ from fast_fail import assert_fails_fast
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from cars_ml.tune_storage import GRACE_ENV, HEARTBEAT_ENV
+from cars_ml.tuning.storage import GRACE_ENV, HEARTBEAT_ENV
 
 pytestmark = pytest.mark.e2e
 
 GRACE_S = 3
-TINY = ["--model", "mobilenet", "--weights", "none", "--image_size", "32",
-        "--max_classes", "3", "--max_per_class", "8"]  # fmt: skip
+TINY = [
+    "--model",
+    "mobilenet",
+    "--weights",
+    "none",
+    "--image_size",
+    "32",
+    "--max_classes",
+    "3",
+    "--max_per_class",
+    "8",
+]
 MODEL_NAME = "stanford-cars-classifier"
 
 
@@ -43,8 +53,12 @@ def _start(script: str, *args: str, env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "entrypoints" / f"{script}.py"), *args],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout_s: float = 400):
@@ -86,8 +100,17 @@ def test_sigkilled_tuning_worker_trial_failed_retried_and_run_closed(
 ):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = "killed"
-    args = [*TINY, "--max_epochs", "3", "--pruner", "none", "--study_name", study,
-            "--storage", storage]  # fmt: skip
+    args = [
+        *TINY,
+        "--max_epochs",
+        "3",
+        "--pruner",
+        "none",
+        "--study_name",
+        study,
+        "--storage",
+        storage,
+    ]
     mlflow.search_experiments()  # Create the tracking database before the worker uses it.
     log = tmp_path / "worker1.log"
     worker = _start("tune", *args, "--n_trials", "3", env=fault_env, log=log)
@@ -96,8 +119,11 @@ def test_sigkilled_tuning_worker_trial_failed_retried_and_run_closed(
         def second_trial_running():
             trials = _trials(storage, study)
             done = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING
-                       and "mlflow_run_id" in t.user_attrs]  # fmt: skip
+            running = [
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+            ]
             return (done, running[0]) if done and running else None
 
         completed, victim = _wait_for("trial 1 running", second_trial_running, worker, log)
@@ -116,8 +142,11 @@ def test_sigkilled_tuning_worker_trial_failed_retried_and_run_closed(
     proc = run_entry("tune", *args, "--n_trials", "1", env=fault_env, timeout=600)
     trials = {t.number: t for t in optuna.load_study(study_name=study, storage=storage).trials}
     assert trials[victim.number].state == TrialState.FAIL
-    retries = [t for t in trials.values()
-               if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]  # fmt: skip
+    retries = [
+        t
+        for t in trials.values()
+        if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number
+    ]
     assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trials.values()]
     assert retries[0].state == TrialState.COMPLETE, proc.stdout[-2000:]
     assert retries[0].params == victim.params  # the same point of the search space, run again
@@ -137,8 +166,19 @@ def test_sigtermed_tuning_worker_ends_trial_failed_and_runs_killed(
 ):
     """SIGTERM (``kill``, Kubernetes) is handled, unlike SIGKILL: no waiting for a heartbeat."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [*TINY, "--max_epochs", "50", "--pruner", "none", "--study_name", "termed",
-            "--storage", storage, "--n_trials", "2"]  # fmt: skip
+    args = [
+        *TINY,
+        "--max_epochs",
+        "50",
+        "--pruner",
+        "none",
+        "--study_name",
+        "termed",
+        "--storage",
+        storage,
+        "--n_trials",
+        "2",
+    ]
     mlflow.search_experiments()
     log = tmp_path / "worker.log"
     worker = _start("tune", *args, env=fault_env, log=log)
@@ -168,8 +208,9 @@ def test_sigtermed_tuning_worker_ends_trial_failed_and_runs_killed(
 
 
 def _train_runs() -> list:
-    return mlflow.search_runs(filter_string="tags.step = 'train'", search_all_experiments=True,
-                              output_format="list")  # fmt: skip
+    return mlflow.search_runs(
+        filter_string="tags.step = 'train'", search_all_experiments=True, output_format="list"
+    )
 
 
 def test_sigtermed_training_registers_nothing_ends_killed_and_rerun_works(
@@ -224,8 +265,11 @@ ENTRY_POINTS = ["prepare_data", "train", "tune", "promote", "main", "predict", "
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_unreachable_tracking_store_fails_fast_naming_it(entry, kind, tmp_path):
     port = _closed_port()
-    uri = (f"http://127.0.0.1:{port}" if kind == "http"
-           else f"postgresql://cars:s3cretpw@127.0.0.1:{port}/mlflow")  # fmt: skip
+    uri = (
+        f"http://127.0.0.1:{port}"
+        if kind == "http"
+        else f"postgresql://cars:s3cretpw@127.0.0.1:{port}/mlflow"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     args = []
@@ -251,8 +295,14 @@ def test_unreachable_tracking_store_fails_fast_naming_it(entry, kind, tmp_path):
 def _terminate_backends(database: str) -> int:
     import psycopg
 
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
-                         autocommit=True, connect_timeout=3) as admin:  # fmt: skip
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=5432,
+        user="postgres",
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=3,
+    ) as admin:
         rows = admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -266,7 +316,7 @@ def _terminate_backends(database: str) -> int:
 def test_postgres_connections_dropped_during_study(
     tracking_uri, fault_env, postgres_url, tmp_path, monkeypatch
 ):
-    from cars_ml.tune_storage import open_storage
+    from cars_ml.tuning.storage import open_storage
 
     # Beats every second, as elsewhere, but a longer grace: on a loaded 2-core machine a
     # reconnecting heartbeat can be a few seconds late, and this test asks whether live trials
@@ -277,8 +327,19 @@ def test_postgres_connections_dropped_during_study(
     monkeypatch.setenv(GRACE_ENV, str(grace_s))
     database = postgres_url.rsplit("/", 1)[1]
     study = "dropped"
-    args = [*TINY, "--max_epochs", "3", "--pruner", "none", "--study_name", study,
-            "--storage", postgres_url, "--n_trials", "3"]  # fmt: skip
+    args = [
+        *TINY,
+        "--max_epochs",
+        "3",
+        "--pruner",
+        "none",
+        "--study_name",
+        study,
+        "--storage",
+        postgres_url,
+        "--n_trials",
+        "3",
+    ]
     mlflow.search_experiments()
     log = tmp_path / "worker.log"
     worker = _start("tune", *args, env=fault_env, log=log)
@@ -294,8 +355,12 @@ def test_postgres_connections_dropped_during_study(
 
     terminated = []
     try:
-        _wait_for("a running trial",
-                  lambda: any(t.state == TrialState.RUNNING for t in observe()), worker, log)  # fmt: skip
+        _wait_for(
+            "a running trial",
+            lambda: any(t.state == TrialState.RUNNING for t in observe()),
+            worker,
+            log,
+        )
         # Drop every connection of the database each second while the worker trains, and keep
         # watching its heartbeats as a second worker would until it exits.
         while worker.poll() is None:
@@ -340,7 +405,7 @@ def test_storage_writes_survive_connections_killed_mid_statement(postgres_url, m
     """Every trial write lands although the database kills the connections all the time."""
     import threading
 
-    from cars_ml.tune_storage import open_storage
+    from cars_ml.tuning.storage import open_storage
 
     monkeypatch.setenv(HEARTBEAT_ENV, "1")
     monkeypatch.setenv(GRACE_ENV, "3")
@@ -388,9 +453,26 @@ def _children_of(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_pipeline_killed_outright_takes_its_tuning_worker_with_it(sub_env, tmp_path):
-    args = ["--models", "mobilenet,vgg16", "--n_trials", "2", "--max_epochs", "1",
-            "--epochs", "1", "--fine_tune_epochs", "0", "--image_size", "32",
-            "--weights", "none", "--max_per_class", "8", "--workers", "2"]  # fmt: skip
+    args = [
+        "--models",
+        "mobilenet,vgg16",
+        "--n_trials",
+        "2",
+        "--max_epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--fine_tune_epochs",
+        "0",
+        "--image_size",
+        "32",
+        "--weights",
+        "none",
+        "--max_per_class",
+        "8",
+        "--workers",
+        "2",
+    ]
     mlflow.search_experiments()
     log = tmp_path / "pipeline.log"
     pipeline = _start("main", *args, env=sub_env, log=log)

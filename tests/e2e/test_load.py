@@ -54,19 +54,24 @@ def _requests(served: Served) -> tuple[list, list]:
     good_values = [colour_png(i, seed=7) for i in range(12)]
     good = []
     for start in range(0, 12, 4):
-        for body in (images_request([good_values[start][0]]),
-                     images_request([v for v, _ in good_values[start : start + 4]])):  # fmt: skip
+        for body in (
+            images_request([good_values[start][0]]),
+            images_request([v for v, _ in good_values[start : start + 4]]),
+        ):
             reply = post(served.port, body)
             assert reply.status == 200, reply.text[:300]
             good.append((json.dumps(body).encode(), label_of(reply)))
     tiny = solid_png((10, 200, 10), 4)
-    bad = [json.dumps(b).encode() for b in (
-        images_request(["%%% not base64 %%%"]),
-        images_request([b64(b"%PDF-1.7 not an image")]),
-        images_request([tiny] * 65),
-        {"dataframe_split": {"columns": ["img"], "data": [[tiny]]}},
-        {"inputs": 5},
-    )] + [b"", b"[1, 2]", b"{not json"]  # fmt: skip
+    bad = [
+        json.dumps(b).encode()
+        for b in (
+            images_request(["%%% not base64 %%%"]),
+            images_request([b64(b"%PDF-1.7 not an image")]),
+            images_request([tiny] * 65),
+            {"dataframe_split": {"columns": ["img"], "data": [[tiny]]}},
+            {"inputs": 5},
+        )
+    ] + [b"", b"[1, 2]", b"{not json"]
     return good, bad
 
 
@@ -104,8 +109,10 @@ def run_load(served: Served, seconds: float) -> dict:
     rss_start = tree_rss_mb(served.pid)
     tally = Tally()
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=_client, args=(served, good, bad, deadline, tally, i))
-               for i in range(CLIENTS)]  # fmt: skip
+    threads = [
+        threading.Thread(target=_client, args=(served, good, bad, deadline, tally, i))
+        for i in range(CLIENTS)
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()

@@ -8,19 +8,47 @@ from e2e_utils import run_entry
 
 pytestmark = pytest.mark.e2e
 
-TINY = ["--models", "mobilenet,vgg16", "--n_trials", "2", "--max_epochs", "1", "--epochs", "1",
-        "--fine_tune_epochs", "0", "--image_size", "32", "--weights", "none", "--max_per_class", "8",
-        "--max_latency_ms", "none", "--max_size_mb", "none", "--max_int8_f1_drop", "none"]  # fmt: skip
+TINY = [
+    "--models",
+    "mobilenet,vgg16",
+    "--n_trials",
+    "2",
+    "--max_epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--fine_tune_epochs",
+    "0",
+    "--image_size",
+    "32",
+    "--weights",
+    "none",
+    "--max_per_class",
+    "8",
+    "--max_latency_ms",
+    "none",
+    "--max_size_mb",
+    "none",
+    "--max_int8_f1_drop",
+    "none",
+]
 
 
 def _pipelines():
-    return mlflow.search_runs(filter_string="tags.step = 'pipeline'", search_all_experiments=True,
-                              order_by=["attributes.start_time ASC"], output_format="list")  # fmt: skip
+    return mlflow.search_runs(
+        filter_string="tags.step = 'pipeline'",
+        search_all_experiments=True,
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
 
 
 def _children(run_id: str):
-    return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-                              search_all_experiments=True, output_format="list")  # fmt: skip
+    return mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        search_all_experiments=True,
+        output_format="list",
+    )
 
 
 def test_pipeline_compares_promotes_and_reuses(sub_env):
@@ -56,9 +84,12 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     studies = {t.data.tags["study_name"] for t in tunes}
     assert len(studies) == 2 and 2 <= len(tunes) <= 4
     for study in studies:
-        numbers = sorted(trial.data.tags["optuna_trial"] for tune in tunes
-                         if tune.data.tags["study_name"] == study
-                         for trial in _children(tune.info.run_id))  # fmt: skip
+        numbers = sorted(
+            trial.data.tags["optuna_trial"]
+            for tune in tunes
+            if tune.data.tags["study_name"] == study
+            for trial in _children(tune.info.run_id)
+        )
         assert numbers == ["0", "1"], (study, numbers)
     # The demo's trials train on a stratified half of the training split (auto on synthetic
     # data); the final training sees all of it.

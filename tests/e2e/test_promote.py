@@ -15,10 +15,11 @@ import mlflow.pyfunc
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, mlflow_server_command, process_group, wait_http
 
-from cars_ml.promote import PromotionConfig
-from cars_ml.promotion_lock import promotion_lock
-from cars_ml.promotion_run import PROMOTION_EXPERIMENT, run_promote
+from cars_ml.promotion.lock import promotion_lock
+from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.promotion.run import PROMOTION_EXPERIMENT, run_promote
 
 pytestmark = pytest.mark.e2e
 
@@ -289,41 +290,21 @@ def test_two_promotes_at_once_on_postgres_leave_one_champion(postgres_store, tmp
 @pytest.fixture()
 def http_store(tmp_path, monkeypatch) -> str:
     """A real `mlflow server` (one worker) on a free loopback port, stopped afterwards."""
-    import signal
-    import socket
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "served")],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    port = free_port()
+    store, served = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "served")
+    command = mlflow_server_command(port, store, "--artifacts-destination", served)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=1):
-                break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, (
-                "mlflow server did not start"
-            )
-            time.sleep(0.3)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    with process_group(command, env, tmp_path / "server.log") as server:
+        wait_http(uri + "/health", server, tmp_path / "server.log", timeout_s=60)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            monkeypatch.delenv(var, raising=False)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow

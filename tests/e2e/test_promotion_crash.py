@@ -25,10 +25,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from servers import sqlite_tracking_server
 
-from cars_ml import registry
-from cars_ml.promote import PromotionConfig
-from cars_ml.promotion_lock import LOCK_SUFFIX
-from cars_ml.promotion_run import decide_now, run_promote
+from cars_ml.promotion import moves, registry
+from cars_ml.promotion.lock import LOCK_SUFFIX
+from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.promotion.run import decide_now, run_promote
 
 pytestmark = pytest.mark.e2e
 
@@ -53,17 +53,17 @@ def seed(model: str, champion_v3: bool) -> None:
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
         client.set_terminated(run_id)
         client.create_model_version(model, source=f"runs:/{run_id}/model", run_id=run_id)
-    registry.apply_promotion(model, "1", "seed", previous=None)
-    registry.apply_promotion(model, "2", "seed", previous="1")
+    moves.apply_promotion(model, "1", "seed", previous=None)
+    moves.apply_promotion(model, "2", "seed", previous="1")
     if champion_v3:
-        registry.apply_promotion(model, "3", "seed", previous="2")
+        moves.apply_promotion(model, "3", "seed", previous="2")
 
 
 def promote_entry(model: str, *args: str, fault: int | None, tracking_uri: str, cwd: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_TRACKING_USERNAME=MOVER)
     if fault is not None:
-        env[registry.FAULT_ENV] = str(fault)
+        env[moves.FAULT_ENV] = str(fault)
     command = [sys.executable, str(ROOT / "entrypoints" / "promote.py"), "--model_name", model]
     return subprocess.run(
         [*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
@@ -78,13 +78,13 @@ def state(model: str) -> dict:
         "champion": str(registered.aliases.get("champion")),
         "production": sorted(v for v, mv in versions.items() if mv.current_stage == "Production"),
         "history": json.loads(registered.tags["champion_history"]),
-        "pending": registered.tags.get(registry.PENDING_TAG),
+        "pending": registered.tags.get(moves.PENDING_TAG),
         "tags": {v: dict(mv.tags) for v, mv in versions.items()},
         "locked": bool(client.search_registered_models(f"name = '{model}{LOCK_SUFFIX}'")),
     }
 
 
-def moves(history: list[dict]) -> list[tuple]:
+def history_moves(history: list[dict]) -> list[tuple]:
     return [(e["action"], e["version"], e["previous"]) for e in history]
 
 
@@ -92,7 +92,7 @@ def assert_promoted_v3(model: str) -> None:
     """The final state of the promote v2 -> v3, whether interrupted or not."""
     now = state(model)
     assert (now["champion"], now["production"]) == ("3", ["3"])
-    assert moves(now["history"]) == [
+    assert history_moves(now["history"]) == [
         ("promote", "1", None),
         ("promote", "2", "1"),
         ("promote", "3", "2"),
@@ -112,7 +112,7 @@ def assert_rolled_back_to_v2(model: str) -> None:
     """The final state of the rollback v3 -> v2: v3 excluded, never champion again."""
     now = state(model)
     assert (now["champion"], now["production"]) == ("2", ["2"])
-    assert moves(now["history"])[2:] == [("promote", "3", "2"), ("rollback", "2", "3")]
+    assert history_moves(now["history"])[2:] == [("promote", "3", "2"), ("rollback", "2", "3")]
     assert len({e["id"] for e in now["history"]}) == 4
     last = now["history"][-1]
     assert last["by"] == f"mlflow:{MOVER}"
@@ -235,7 +235,7 @@ def test_an_interrupted_move_whose_target_was_deleted_is_undone(store_copy, tmp_
     assert (decision.action, decision.new_champion) == ("keep", "2")
     now = state(MODEL)
     assert (now["champion"], now["production"], now["pending"]) == ("2", ["2"], None)
-    assert moves(now["history"]) == [("promote", "1", None), ("promote", "2", "1")]
+    assert history_moves(now["history"]) == [("promote", "1", None), ("promote", "2", "1")]
 
 
 def test_a_sigterm_before_the_history_write_does_not_let_a_rollback_rerun_restore_v3(
@@ -261,7 +261,7 @@ def test_a_sigterm_before_the_history_write_does_not_let_a_rollback_rerun_restor
     assert decision.new_champion == "2"
     now = state(MODEL)
     assert (now["champion"], now["production"]) == ("2", ["2"])
-    assert moves(now["history"])[-1] == ("rollback", "2", "3")
+    assert history_moves(now["history"])[-1] == ("rollback", "2", "3")
 
 
 def test_a_move_records_the_os_user_without_an_mlflow_user(store_copy, monkeypatch):

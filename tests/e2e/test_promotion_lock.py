@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED
 from servers import sqlite_tracking_server
 
-from cars_ml.promotion_lock import LOCK_SUFFIX, LockLostError, lease_ttl_s, promotion_lock
+from cars_ml.promotion.lock import LOCK_SUFFIX, LockLostError, lease_ttl_s, promotion_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "stanford-cars-classifier"
@@ -26,7 +26,7 @@ MODEL = "stanford-cars-classifier"
 HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from cars_ml.promotion_lock import promotion_lock
+from cars_ml.promotion.lock import promotion_lock
 ttl = float(sys.argv[4]) if len(sys.argv) > 4 else None
 with promotion_lock(sys.argv[3], registry_uri=sys.argv[2], ttl_s=ttl) as held:
     print("held", flush=True)

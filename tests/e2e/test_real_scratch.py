@@ -29,7 +29,7 @@ def _small_cnn_f1(root, image_size: int, epochs: int) -> float:
 
     from cars_ml.data import DataConfig, load_dataset
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.evaluate import macro_f1
+    from cars_ml.training.evaluate import macro_f1
 
     splits = load_dataset(DataConfig(data=str(root), max_classes=4, crop_to_bbox=False))
     keras.utils.set_random_seed(42)

@@ -19,6 +19,7 @@ import mlflow
 import optuna
 import pytest
 from e2e_utils import ROOT, run_entry
+from served_model import post
 from servers import (
     SERVER_AWS_ACCESS_KEY_ID,
     SERVER_AWS_SECRET_ACCESS_KEY,
@@ -75,8 +76,11 @@ def _files_with(folder: Path, secrets: dict[str, str]) -> tuple[list[str], int]:
             continue
         count += 1
         data = path.read_bytes()
-        found += [f"{path.relative_to(folder)}: {name}" for name, value in secrets.items()
-                  if value.encode() in data]  # fmt: skip
+        found += [
+            f"{path.relative_to(folder)}: {name}"
+            for name, value in secrets.items()
+            if value.encode() in data
+        ]
     return found, count
 
 
@@ -88,11 +92,18 @@ def scan_for_secrets(client: mlflow.MlflowClient, secrets: dict[str, str], workd
     experiments = client.search_experiments()
     for run in _experiment_runs(client):
         rid = run.info.run_id
-        texts = {**{f"param {k}": f"{k}={v}" for k, v in run.data.params.items()},
-                 **{f"tag {k}": f"{k}={v}" for k, v in run.data.tags.items()},
-                 "metric names": " ".join(run.data.metrics), "run name": run.info.run_name or ""}  # fmt: skip
-        findings += [f"run {rid} {where}: {name}" for where, text in texts.items()
-                     for name, value in secrets.items() if value in text]  # fmt: skip
+        texts = {
+            **{f"param {k}": f"{k}={v}" for k, v in run.data.params.items()},
+            **{f"tag {k}": f"{k}={v}" for k, v in run.data.tags.items()},
+            "metric names": " ".join(run.data.metrics),
+            "run name": run.info.run_name or "",
+        }
+        findings += [
+            f"run {rid} {where}: {name}"
+            for where, text in texts.items()
+            for name, value in secrets.items()
+            if value in text
+        ]
         dst = workdir / "runs" / rid
         dst.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(run_id=rid, dst_path=str(dst))
@@ -104,8 +115,12 @@ def scan_for_secrets(client: mlflow.MlflowClient, secrets: dict[str, str], workd
     )
     for model in models:
         texts = {**model.params, **model.tags}
-        findings += [f"logged model {model.model_id} {k}: {name}" for k, v in texts.items()
-                     for name, value in secrets.items() if value in f"{k}={v}"]  # fmt: skip
+        findings += [
+            f"logged model {model.model_id} {k}: {name}"
+            for k, v in texts.items()
+            for name, value in secrets.items()
+            if value in f"{k}={v}"
+        ]
         dst = workdir / "models" / model.model_id
         dst.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(
@@ -121,8 +136,12 @@ def scan_for_secrets(client: mlflow.MlflowClient, secrets: dict[str, str], workd
                 {f"v{version.version} tag {k}": f"{k}={v}" for k, v in version.tags.items()}
             )
             texts[f"v{version.version} description"] = version.description or ""
-        findings += [f"registry {registered.name} {where}: {name}" for where, text in texts.items()
-                     for name, value in secrets.items() if value in text]  # fmt: skip
+        findings += [
+            f"registry {registered.name} {where}: {name}"
+            for where, text in texts.items()
+            for name, value in secrets.items()
+            if value in text
+        ]
     return findings, files_read, len(models)
 
 
@@ -140,17 +159,39 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     # S3 itself instead of through the server's artifact proxy, it would fail.
     # The database password travels in PGPASSWORD, never in the storage URL: an entry point
     # refuses a URL with a password, since `mlflow run` would log it in plain text.
-    env = client_env(server.uri, AWS_SECRET_ACCESS_KEY=CLIENT_AWS_SECRET, PGPASSWORD=DB_PASSWORD,
-                     CARS_ML_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    env = client_env(
+        server.uri,
+        AWS_SECRET_ACCESS_KEY=CLIENT_AWS_SECRET,
+        PGPASSWORD=DB_PASSWORD,
+        CARS_ML_CACHE=str(tmp_path / "cache"),
+    )
     with postgres_database("cars_ml_optuna") as optuna_db:
         storage = pg_url(optuna_db)
         started = time.monotonic()
         proc = run_entry(
-            "main", "--models", "mobilenet,vgg16", "--n_trials", "1", "--max_epochs", "1",
-            "--epochs", "1", "--fine_tune_epochs", "0", *TINY, "--max_size_mb", "none",
-            "--max_latency_ms", "none", "--max_int8_f1_drop", "none", "--storage", storage,
-            env=env, timeout=420,
-        )  # fmt: skip
+            "main",
+            "--models",
+            "mobilenet,vgg16",
+            "--n_trials",
+            "1",
+            "--max_epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--fine_tune_epochs",
+            "0",
+            *TINY,
+            "--max_size_mb",
+            "none",
+            "--max_latency_ms",
+            "none",
+            "--max_int8_f1_drop",
+            "none",
+            "--storage",
+            storage,
+            env=env,
+            timeout=420,
+        )
         print(f"pipeline against the tracking server: {time.monotonic() - started:.0f} s")
 
     # Model files landed in the bucket, under the server's artifacts destination.
@@ -166,8 +207,12 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     assert champion.version in {"1", "2"}
 
     # The tune runs logged the storage URL (the positive control for the scan below).
-    tune_runs = [r for r in _experiment_runs(client) if r.data.tags.get("step") == "tune"
-                 and r.data.tags.get("study_name", "").startswith("pipeline-")]  # fmt: skip
+    tune_runs = [
+        r
+        for r in _experiment_runs(client)
+        if r.data.tags.get("step") == "tune"
+        and r.data.tags.get("study_name", "").startswith("pipeline-")
+    ]
     assert len(tune_runs) == 2
     for run in tune_runs:
         assert run.data.params["storage"] == storage
@@ -187,33 +232,28 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     labels = json.loads(labels_file.read_text())
     class_names = labels if isinstance(labels, list) else labels.get("class_names", labels)
     port = free_port()
-    serve_cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                 f"models:/{name}@{alias}", "--env-manager", "local", "-p", str(port)]  # fmt: skip
+    serve_cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{name}@{alias}",
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+    ]
     serve_env = client_env(server.uri)
     with process_group(serve_cmd, serve_env, tmp_path / "serve.log") as serving:
         wait_http(f"http://127.0.0.1:{port}/ping", serving, tmp_path / "serve.log", timeout_s=120)
         photo = sample_photos(shared_data)[0]
         body = {"dataframe_split": {"columns": ["image"], "data": [[b64_file(photo)]]}}
-        status, answer = _post(port, body)
-    assert status == 200, answer
-    (prediction,) = answer["predictions"]
+        reply = post(port, body, timeout=60)
+    assert reply.status == 200, reply.text
+    (prediction,) = reply.json()["predictions"]
     assert prediction["label"] in class_names
-
-
-def _post(port: int, body: dict) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_two_tune_workers_share_a_study_and_train_takes_the_global_best(
@@ -224,16 +264,35 @@ def test_two_tune_workers_share_a_study_and_train_takes_the_global_best(
     env = client_env(scaleout_server.uri, CARS_ML_CACHE=str(tmp_path / "cache"))
     with postgres_database("cars_ml_optuna") as optuna_db:
         storage = pg_url(optuna_db)
-        args = ["--model", "mobilenet", *TINY, "--max_classes", "3", "--max_epochs", "1",
-                "--n_trials", "2", "--pruner", "none", "--study_name", study_name,
-                "--storage", storage]  # fmt: skip
+        args = [
+            "--model",
+            "mobilenet",
+            *TINY,
+            "--max_classes",
+            "3",
+            "--max_epochs",
+            "1",
+            "--n_trials",
+            "2",
+            "--pruner",
+            "none",
+            "--study_name",
+            study_name,
+            "--storage",
+            storage,
+        ]
         started = time.monotonic()
         workers = [
-            subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "tune.py"), *args],
-                             cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "entrypoints" / "tune.py"), *args],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             for _ in range(2)
-        ]  # fmt: skip
+        ]
         outputs = [w.communicate(timeout=300)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0], [o[-3000:] for o in outputs]
         print(f"two tune workers: {time.monotonic() - started:.0f} s")
@@ -247,26 +306,54 @@ def test_two_tune_workers_share_a_study_and_train_takes_the_global_best(
 
         # Each worker has its own parent run holding exactly its own two trials.
         runs = _experiment_runs(client)
-        parents = [r for r in runs if r.data.tags.get("step") == "tune"
-                   and r.data.tags.get("study_name") == study_name]  # fmt: skip
+        parents = [
+            r
+            for r in runs
+            if r.data.tags.get("step") == "tune" and r.data.tags.get("study_name") == study_name
+        ]
         assert len(parents) == 2
-        children = {p.info.run_id: {r.info.run_id for r in runs
-                                    if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
-                    for p in parents}  # fmt: skip
+        children = {
+            p.info.run_id: {
+                r.info.run_id
+                for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == p.info.run_id
+            }
+            for p in parents
+        }
         assert [len(c) for c in children.values()] == [2, 2]
         trial_runs = {t.user_attrs["mlflow_run_id"] for t in study.trials}
         assert trial_runs == set().union(*children.values())
         assert all(p.info.status == "FINISHED" for p in parents)
 
         train = run_entry(
-            "train", "--model", "mobilenet", *TINY, "--max_classes", "3", "--epochs", "1",
-            "--fine_tune_epochs", "0", "--register", "false", "--export_tflite", "false",
-            "--params_from", study_name, "--storage", storage, env=env, timeout=300,
-        )  # fmt: skip
+            "train",
+            "--model",
+            "mobilenet",
+            *TINY,
+            "--max_classes",
+            "3",
+            "--epochs",
+            "1",
+            "--fine_tune_epochs",
+            "0",
+            "--register",
+            "false",
+            "--export_tflite",
+            "false",
+            "--params_from",
+            study_name,
+            "--storage",
+            storage,
+            env=env,
+            timeout=300,
+        )
         best = study.best_trial
     assert "Training with the best params" in train.stderr + train.stdout
-    (run,) = [r for r in _experiment_runs(client) if r.data.tags.get("step") == "train"
-              and r.data.params.get("params_from") == study_name]  # fmt: skip
+    (run,) = [
+        r
+        for r in _experiment_runs(client)
+        if r.data.tags.get("step") == "train" and r.data.params.get("params_from") == study_name
+    ]
     assert run.info.status == "FINISHED"
     for key, value in best.params.items():
         if key in run.data.params:

@@ -33,10 +33,22 @@ def _holds_secret(run) -> bool:
 def test_mlflow_run_with_a_password_in_storage_is_refused_and_its_run_deleted(
     sub_env, tmp_path, tracking_uri
 ):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "tune", "-P",
-           f"storage={STORAGE}", "--env-manager", "local"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=sub_env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "tune",
+        "-P",
+        f"storage={STORAGE}",
+        "--env-manager",
+        "local",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=sub_env, capture_output=True, text=True, timeout=600
+    )
     # MLflow turns any failed entry point into its own exit code 1; the entry point's own exit
     # code (2) is checked below, without MLflow in between.
     assert proc.returncode != 0, proc.stderr[-3000:]

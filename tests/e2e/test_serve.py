@@ -210,7 +210,7 @@ def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypa
     from serving_helpers import COLOURS, colour_classifier, colour_images
 
     from cars_ml import tracking
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
 
     monkeypatch.chdir(tmp_path)
     model, names = colour_classifier()

@@ -12,21 +12,59 @@ import pandas as pd
 import pytest
 from e2e_utils import ROOT, run_entry
 
-from cars_ml.train_run import METRIC_SCHEMA
+from cars_ml.training.run import METRIC_SCHEMA
 
 pytestmark = pytest.mark.e2e
 
-EDGE_METRICS = ("tflite_int8_size_mb", "tflite_int8_latency_ms_p50", "tflite_int8_test_f1_macro",
-                "int8_f1_drop")  # fmt: skip
-PARAMS = ("backbone", "image_size", "image_size_px", "weights_used", "num_classes", "dataset",
-          "dataset_fingerprint", "training_mode", "learning_rate", "batch_size", "epochs")  # fmt: skip
+EDGE_METRICS = (
+    "tflite_int8_size_mb",
+    "tflite_int8_latency_ms_p50",
+    "tflite_int8_test_f1_macro",
+    "int8_f1_drop",
+)
+PARAMS = (
+    "backbone",
+    "image_size",
+    "image_size_px",
+    "weights_used",
+    "num_classes",
+    "dataset",
+    "dataset_fingerprint",
+    "training_mode",
+    "learning_rate",
+    "batch_size",
+    "epochs",
+)
 
 
 def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path, shared_data):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-           "-P", "model=mobilenet", "-P", "image_size=48", "-P", "epochs=3", "-P", "fine_tune_epochs=0",
-           "-P", "max_classes=4", "-P", "max_per_class=16", "-P", "weights=none",
-           "--experiment-name", "train-e2e"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "train",
+        "--env-manager",
+        "local",
+        "-P",
+        "model=mobilenet",
+        "-P",
+        "image_size=48",
+        "-P",
+        "epochs=3",
+        "-P",
+        "fine_tune_epochs=0",
+        "-P",
+        "max_classes=4",
+        "-P",
+        "max_per_class=16",
+        "-P",
+        "weights=none",
+        "--experiment-name",
+        "train-e2e",
+    ]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=sub_env, capture_output=True, text=True, timeout=900
     )

@@ -12,19 +12,28 @@ import optuna
 import pytest
 from e2e_utils import ROOT, run_entry
 
-from cars_ml import backbones, search_space
 from cars_ml.data import DataConfig
-from cars_ml.train import HParams
-from cars_ml.tune import TuneConfig, run_tune
-from cars_ml.tune_storage import best_params
+from cars_ml.modeling import backbones
+from cars_ml.training.fit import HParams
+from cars_ml.tuning import search_space
+from cars_ml.tuning.run import TuneConfig, run_tune
+from cars_ml.tuning.storage import best_params
 
 pytestmark = pytest.mark.e2e
 TINY = DataConfig(max_classes=4, max_per_class=12)
 
 
 def _cfg(tmp_path, **kw) -> TuneConfig:
-    base = dict(model="mobilenet", data=TINY, n_trials=3, image_size=32, weights="none",
-                max_epochs=1, pruner="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # fmt: skip
+    base = dict(
+        model="mobilenet",
+        data=TINY,
+        n_trials=3,
+        image_size=32,
+        weights="none",
+        max_epochs=1,
+        pruner="none",
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+    )
     return TuneConfig(**{**base, **kw})
 
 
@@ -37,8 +46,11 @@ def _children(parent_id: str):
 
 
 def _parent_of(study_name: str):
-    runs = mlflow.search_runs(filter_string=f"tags.study_name = '{study_name}' and tags.step = 'tune'",
-                              search_all_experiments=True, output_format="list")  # fmt: skip
+    runs = mlflow.search_runs(
+        filter_string=f"tags.study_name = '{study_name}' and tags.step = 'tune'",
+        search_all_experiments=True,
+        output_format="list",
+    )
     return runs
 
 
@@ -75,12 +87,35 @@ def test_three_trials_nested_under_one_parent_and_params_from(tracking_uri, tmp_
     assert {"optimization_history.png", "trials.csv"} <= artifacts
 
     # train -P params_from=<study> trains with exactly those params.
-    run_entry("train", "--model", "mobilenet", "--weights", "none", "--image_size", "32",
-              "--epochs", "1", "--fine_tune_epochs", "0", "--max_classes", "4", "--max_per_class", "12",
-              "--register", "false", "--export_tflite", "false", "--params_from", "three",
-              "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", env=sub_env)  # fmt: skip
-    train_run = mlflow.search_runs(filter_string="tags.step = 'train'", search_all_experiments=True,
-                                   output_format="list")[0]  # fmt: skip
+    run_entry(
+        "train",
+        "--model",
+        "mobilenet",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--epochs",
+        "1",
+        "--fine_tune_epochs",
+        "0",
+        "--max_classes",
+        "4",
+        "--max_per_class",
+        "12",
+        "--register",
+        "false",
+        "--export_tflite",
+        "false",
+        "--params_from",
+        "three",
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        env=sub_env,
+    )
+    train_run = mlflow.search_runs(
+        filter_string="tags.step = 'train'", search_all_experiments=True, output_format="list"
+    )[0]
     for key, value in best_params("three", f"sqlite:///{tmp_path / 'optuna.db'}").items():
         assert train_run.data.params[key] == str(value), key
 
@@ -102,8 +137,17 @@ def test_resume_adds_trials(tracking_uri, tmp_path):
 
 
 def test_cached_features_and_multi_objective(tracking_uri, tmp_path, pretrained_weights):
-    study = run_tune(_cfg(tmp_path, study_name="mo", objectives="f1,latency", n_trials=3,
-                          weights=pretrained_weights, max_epochs=2, latency_runs=3))  # fmt: skip
+    study = run_tune(
+        _cfg(
+            tmp_path,
+            study_name="mo",
+            objectives="f1,latency",
+            n_trials=3,
+            weights=pretrained_weights,
+            max_epochs=2,
+            latency_runs=3,
+        )
+    )
     assert len(study.directions) == 2
     assert study.best_trials, "the Pareto front is empty"
     (parent,) = _parent_of("mo")
@@ -114,15 +158,42 @@ def test_cached_features_and_multi_objective(tracking_uri, tmp_path, pretrained_
 
 @pytest.mark.postgres
 def test_two_processes_share_one_postgres_study(tracking_uri, sub_env, postgres_url):
-    args = ["--model", "mobilenet", "--weights", "none", "--image_size", "32", "--max_epochs", "1",
-            "--max_classes", "3", "--max_per_class", "10", "--n_trials", "2", "--pruner", "none",
-            "--study_name", "shared", "--storage", postgres_url]  # fmt: skip
+    args = [
+        "--model",
+        "mobilenet",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--max_epochs",
+        "1",
+        "--max_classes",
+        "3",
+        "--max_per_class",
+        "10",
+        "--n_trials",
+        "2",
+        "--pruner",
+        "none",
+        "--study_name",
+        "shared",
+        "--storage",
+        postgres_url,
+    ]
     # Create the tracking database before the workers start, as a shared tracking server would
     # have it: two processes migrating one fresh SQLite file at once is not a supported set-up.
     mlflow.search_experiments()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "tune.py"), *args],
-                              cwd=ROOT, env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "entrypoints" / "tune.py"), *args],
+            cwd=ROOT,
+            env=sub_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     study = optuna.load_study(study_name="shared", storage=postgres_url)

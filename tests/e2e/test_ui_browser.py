@@ -15,12 +15,9 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -29,22 +26,45 @@ from pathlib import Path
 import pytest
 from e2e_utils import ROOT
 from mlflow import MlflowClient
+from servers import free_port, mlflow_server_command, process_group, wait_http
 
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright cannot download its own browser here; these flags keep Debian's Chromium headless,
 # sandbox-free (we run as root in a container) and off the network.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 EXPERIMENT = "cars-ml-demo"
 METRICS = ("test_f1_macro", "latency_ms_p50")
 SAVE_SCREENSHOT = os.environ.get("CARS_ML_SAVE_SCREENSHOT") == "1"
 BACKBONES = ("mobilenet", "vgg16", *(("resnet",) if SAVE_SCREENSHOT else ()))
-PIPELINE_ARGS = ["--models", ",".join(BACKBONES), "--n_trials", "1", "--max_epochs", "1",
-                 "--epochs", "1", "--fine_tune_epochs", "0", "--image_size", "32",
-                 "--weights", "none", "--max_per_class", "8"]  # fmt: skip
+PIPELINE_ARGS = [
+    "--models",
+    ",".join(BACKBONES),
+    "--n_trials",
+    "1",
+    "--max_epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--fine_tune_epochs",
+    "0",
+    "--image_size",
+    "32",
+    "--weights",
+    "none",
+    "--max_per_class",
+    "8",
+]
 TIMEOUT_MS = 60_000  # The UI shares 2 busy cores with other work: be patient, not flaky.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -74,51 +94,19 @@ def _require_browser():
     return pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def mlflow_ui(store_uri: str, workdir: Path) -> Iterator[str]:
     """``mlflow server`` on ``store_uri`` (own process group, killed afterwards); yields its URL."""
-    port, log_path = _free_port(), workdir / "mlflow-server.log"
+    port, log_path = free_port(), workdir / "mlflow-server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # One worker and no job runner: 2 processes instead of ~3 GB of them (FACTS.md).
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    command = mlflow_server_command(port, store_uri)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-4000:]}")
-            if _answers(url + "/health"):
-                break
-            time.sleep(0.5)
+    # uvicorn's worker outlives a killed leader unless the whole group goes: process_group.
+    with process_group(command, env, log_path, cwd=workdir) as proc:
+        wait_http(url + "/health", proc, log_path, timeout_s=120)
         yield url
-    finally:
-        # uvicorn's worker outlives a killed leader unless the whole group goes.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
 
 
 @contextlib.contextmanager
@@ -127,9 +115,12 @@ def chromium_page(sync_api, workdir: Path):
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=workdir)
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            profile,
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
             viewport={"width": 1400, "height": 1450},
-        )  # fmt: skip
+        )
         try:
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
@@ -180,8 +171,10 @@ def read_comparison(page) -> tuple[list[str], dict[str, list[str]]]:
     screen, and every value row must have been seen with its name.
     """
     table = page.locator("table.mlflow-compare-run-table")
-    names = [c.inner_text().strip() for c in table.locator("tr", has_text="Run Name:")
-             .locator("td").all()]  # fmt: skip
+    names = [
+        c.inner_text().strip()
+        for c in table.locator("tr", has_text="Run Name:").locator("td").all()
+    ]
     diff_only = page.get_by_role("switch", name="Metrics - Show diff only")
     if diff_only.get_attribute("aria-checked") == "true":
         diff_only.click()  # Equal metrics (F1 of untrained models often is) must show too.
@@ -197,8 +190,9 @@ def read_comparison(page) -> tuple[list[str], dict[str, list[str]]]:
         cells.update({(t, col): text for t, col, text in value_grid.evaluate(_GRID_CELLS)})
     unnamed = {t for t, _ in cells} - rows.keys()
     assert not unnamed, f"metric rows at {sorted(unnamed)} px never showed their names"
-    metrics = {name: [cells.get((t, col), "") for col in range(len(names))]
-               for t, name in rows.items()}  # fmt: skip
+    metrics = {
+        name: [cells.get((t, col), "") for col in range(len(names))] for t, name in rows.items()
+    }
     return names, metrics
 
 
@@ -234,17 +228,26 @@ def test_mlflow_ui_compares_every_backbone(sub_env, tmp_path):
     env = {**sub_env, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "entrypoints" / "main.py"), *PIPELINE_ARGS],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    stored = {r.info.run_name: r for r in client.search_runs(
-        [experiment.experiment_id], "attributes.run_name LIKE 'train-%'")}  # fmt: skip
+    stored = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [experiment.experiment_id], "attributes.run_name LIKE 'train-%'"
+        )
+    }
     assert set(stored) == {f"train-{b}" for b in BACKBONES}
-    expected = {name: {m: ui_metric(run.data.metrics[m]) for m in METRICS}
-                for name, run in stored.items()}  # fmt: skip
+    expected = {
+        name: {m: ui_metric(run.data.metrics[m]) for m in METRICS} for name, run in stored.items()
+    }
 
     shot = tmp_path / "mlflow_compare.png"
     with (
@@ -271,9 +274,18 @@ def test_mlflow_ui_compares_every_backbone(sub_env, tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "shown"),
-    [(0.0, "0"), (0.01818181818, "0.018"), (9.608928, "9.609"), (16.3362, "16.34"),
-     (14719818.0, "14719818"), (-0.0441, "-0.044"), (272.2008, "272.2"), (0.1, "0.1"),
-     (0.00012346, "1.235e-4"), (1.23456, "1.235")],
-)  # fmt: skip
+    [
+        (0.0, "0"),
+        (0.01818181818, "0.018"),
+        (9.608928, "9.609"),
+        (16.3362, "16.34"),
+        (14719818.0, "14719818"),
+        (-0.0441, "-0.044"),
+        (272.2008, "272.2"),
+        (0.1, "0.1"),
+        (0.00012346, "1.235e-4"),
+        (1.23456, "1.235"),
+    ],
+)
 def test_ui_metric_matches_the_ui_format(value, shown):
     assert ui_metric(value) == shown

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from cars_ml import backbones
-from cars_ml.optimizers import FusedAdam
-from cars_ml.train import compile_for_training
+from cars_ml.modeling import backbones
+from cars_ml.modeling.optimizers import FusedAdam
+from cars_ml.training.fit import compile_for_training
 
 NAMES = sorted(backbones.BACKBONES)
 
@@ -40,10 +40,19 @@ def test_image_size_below_minimum_is_refused_with_the_minimum():
 
 def test_auto_size_is_a_small_demo_size_only_on_synthetic_data():
     auto = backbones.AUTO_SIZE
-    sizes = {name: backbones.resolve_image_size(backbones.get_backbone(name), auto, synthetic=True)
-             for name in backbones.ORIGINAL_BACKBONES}  # fmt: skip
-    assert sizes == {"inception_resnet": 75, "inception": 75, "mobilenet": 64, "resnet": 64,
-                     "vgg16": 32, "vgg19": 32, "xception": 71}  # fmt: skip
+    sizes = {
+        name: backbones.resolve_image_size(backbones.get_backbone(name), auto, synthetic=True)
+        for name in backbones.ORIGINAL_BACKBONES
+    }
+    assert sizes == {
+        "inception_resnet": 75,
+        "inception": 75,
+        "mobilenet": 64,
+        "resnet": 64,
+        "vgg16": 32,
+        "vgg19": 32,
+        "xception": 71,
+    }
     vgg = backbones.get_backbone("vgg16")
     assert backbones.resolve_image_size(vgg, auto) == 224  # real data: native
 

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from cars_ml.distill import (
+from cars_ml.training.distill import (
     DistillationLoss,
     Teacher,
     cached_teacher_outputs,
@@ -15,7 +15,7 @@ from cars_ml.distill import (
     soften,
     training_model,
 )
-from cars_ml.train import WarmupStableDecay, scratch_schedule
+from cars_ml.training.fit import WarmupStableDecay, scratch_schedule
 
 
 def _probs(rows: list[list[float]]) -> np.ndarray:

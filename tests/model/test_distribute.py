@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import tensorflow as tf
 
-from cars_ml import distribute
+from cars_ml.modeling import distribute
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     """
     import json
     from cars_ml.data import DataConfig
-    from cars_ml.train import HParams
-    from cars_ml.train_run import TrainConfig, run_train
+    from cars_ml.training.fit import HParams
+    from cars_ml.training.run import TrainConfig, run_train
 
     out = run_train(TrainConfig(
         model="mobilenet", data=DataConfig(max_classes=3, max_per_class=8), weights="none",
@@ -37,10 +37,20 @@ TRAIN_SCRIPT = textwrap.dedent(
 
 
 def test_two_logical_cpus_train_one_run_mirrored(tracking_uri, tmp_path):
-    env = {**os.environ, distribute.CPU_DEVICES_ENV: "2", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {
+        **os.environ,
+        distribute.CPU_DEVICES_ENV: "2",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     run = mlflow.get_run(json.loads(line[len("RESULT ") :])["run_id"])
@@ -69,12 +79,14 @@ def test_a_bad_cpu_split_is_refused_with_the_fix(monkeypatch, value):
 
 
 def test_unknown_devices_and_multi_worker_are_refused_with_the_alternative():
-    from cars_ml.train_run import TrainConfig
+    from cars_ml.training.run import TrainConfig
 
     with pytest.raises(ValueError, match="not one of auto, default, mirrored"):
         distribute.strategy("tpu")
-    for refuse in (lambda: distribute.strategy("multi_worker"),
-                   lambda: TrainConfig(devices="multi_worker")):  # fmt: skip
+    for refuse in (
+        lambda: distribute.strategy("multi_worker"),
+        lambda: TrainConfig(devices="multi_worker"),
+    ):
         with pytest.raises(ValueError, match="Keras 3.15.1.*devices=mirrored.*tune workers"):
             refuse()
     with pytest.raises(ValueError, match="devices='gpus'"):

@@ -9,7 +9,7 @@ from serving_helpers import SIZE, colour_classifier, colour_images
 from sklearn.metrics import f1_score
 
 from cars_ml import tracking
-from cars_ml.export import (
+from cars_ml.export.tflite import (
     EDGE_METRIC_NAMES,
     LiteRTRunner,
     edge_metrics,
@@ -85,13 +85,13 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     # second time; both must give the same model, on a real backbone's ops too.
     import keras
 
-    from cars_ml import backbones
-    from cars_ml.export import (
+    from cars_ml.export.tflite import (
         float32_flatbuffer,
         inference_function,
         int8_flatbuffer_converted,
         int8_flatbuffer_from_float,
     )
+    from cars_ml.modeling import backbones
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone("mobilenet")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from cars_ml.graph_build import MAX_STEPS_WITHOUT_GRAPPLER, use_grappler_for
+from cars_ml.modeling.graph_build import MAX_STEPS_WITHOUT_GRAPPLER, use_grappler_for
 
 
 def _disabled() -> bool:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cars_ml.optimizers import FusedAdam
+from cars_ml.modeling.optimizers import FusedAdam
 
 
 def _small_model() -> keras.Model:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from cars_ml import backbones
+from cars_ml.modeling import backbones
 from cars_ml.perf.macs import count_macs
 
 

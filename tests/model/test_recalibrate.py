@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cars_ml.batchnorm import MomentumWarmup, recalibrate_batchnorm, warm_momentum
-from cars_ml.optimizers import FusedAdam
+from cars_ml.modeling.batchnorm import MomentumWarmup, recalibrate_batchnorm, warm_momentum
+from cars_ml.modeling.optimizers import FusedAdam
 
 
 class _CountCalls(keras.layers.Layer):
@@ -86,10 +86,10 @@ def test_recalibration_re_estimates_the_statistics_without_moving_a_weight():
     assert recalibrate_batchnorm(model, warmup, _data(x, 32)) == 20
     # The plain mean of the 20 batches' statistics: the stale values are gone entirely.
     batches = x[:640].reshape(20, 32, 4) @ before[0] + before[1]
-    np.testing.assert_allclose(bn.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0),
-                               rtol=1e-4)  # fmt: skip
-    np.testing.assert_allclose(bn.moving_variance.numpy(), batches.var(axis=1).mean(axis=0),
-                               rtol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(bn.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), batches.var(axis=1).mean(axis=0), rtol=1e-3
+    )
     for after, was in zip(model.get_layer("dense").get_weights(), before, strict=True):
         np.testing.assert_array_equal(after, was)
     # It ran the train step fit() had traced, and gave back momentum and learning rate.

@@ -44,7 +44,7 @@ def test_shipped_flatbuffer_is_served_without_converting_and_a_wrong_one_refused
 ):
     import keras
 
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
     from cars_ml.serving.package import write_model_artifacts
 
     model, names = colour_classifier()
@@ -57,7 +57,7 @@ def test_shipped_flatbuffer_is_served_without_converting_and_a_wrong_one_refused
     def no_conversion(*args, **kwargs):
         raise AssertionError("the shipped flatbuffer must be used, not a new conversion")
 
-    monkeypatch.setattr("cars_ml.export.float32_flatbuffer", no_conversion)
+    monkeypatch.setattr("cars_ml.export.tflite.float32_flatbuffer", no_conversion)
     paths = write_model_artifacts(model, names, SIZE, tmp_path / "a", litert_model=exported)
     served = CarsClassifier()
     served.load(paths["model"], paths["labels"], paths["serving_config"], paths["litert_model"])
@@ -71,7 +71,7 @@ def test_shipped_flatbuffer_is_served_without_converting_and_a_wrong_one_refused
 
 
 def test_checked_flatbuffer_is_served_without_loading_keras(tmp_path, monkeypatch):
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
     from cars_ml.serving import model as served_model
     from cars_ml.serving.package import write_model_artifacts
 

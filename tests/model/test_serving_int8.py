@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from serving_helpers import COLOURS, SIZE, colour_classifier, colour_images
 
-from cars_ml.export import export_tflite
+from cars_ml.export.tflite import export_tflite
 from cars_ml.serving.model import PRECISION_ENV, CarsClassifier
 from cars_ml.serving.package import write_model_artifacts
 

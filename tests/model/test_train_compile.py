@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from cars_ml.train import compile_for_training
+from cars_ml.training.fit import compile_for_training
 
 
 def test_optimizer_variables_exist_before_the_first_train_step():

@@ -1,0 +1,229 @@
+"""The ``main`` step: tune -> train (export, benchmark, register) per backbone, then promote.
+
+A parent ``pipeline`` run holds each step as a child run and logs the comparison of all
+backbones. A backbone whose inputs (code, parameters, dataset fingerprint) match a finished
+earlier run is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+import pandas as pd
+
+from cars_ml import tracking
+from cars_ml.data import load_dataset
+from cars_ml.modeling import backbones
+from cars_ml.pipeline.distill import plan_distillation, student_name
+from cars_ml.pipeline.plan import (
+    PipelineConfig,
+    resolve_budget,
+    resolve_budget_gmacs,
+    resolve_data,
+    resolve_trial_fraction,
+    resolve_workers,
+    step_key,
+    study_name,
+)
+from cars_ml.pipeline.pool import Backbone, StepPool
+from cars_ml.pipeline.report import COMPARISON_COLUMNS, log_comparison, print_report
+
+log = logging.getLogger(__name__)
+
+
+def _reusable(cfg: PipelineConfig, key: str):
+    """A finished train run with the same step key, when reuse is on."""
+    return tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
+
+
+def _reused(name: str, previous) -> dict:
+    """The outcome of a finished earlier run with the same inputs, announced on the console."""
+    print(f"[pipeline] {name}: reusing run {previous.info.run_id} (same inputs)", flush=True)
+    return {
+        "run_id": previous.info.run_id,
+        "reused": True,
+        "model_version": previous.data.tags.get("model_version"),
+        "metrics": previous.data.metrics,
+    }
+
+
+def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, workers: int) -> Backbone:
+    """One backbone's study and final training, both children of the pipeline run.
+
+    With several workers their lines interleave, so trials print one line each (no bar).
+    """
+    from cars_ml.tuning.run import TuneConfig
+
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
+    study = study_name(model, key)
+    tune = TuneConfig(
+        model=model,
+        data=cfg.data,
+        n_trials=n_trials,
+        storage=cfg.storage,
+        image_size=cfg.image_size,
+        weights=cfg.weights,
+        seed=cfg.seed,
+        max_epochs=max_epochs,
+        trial_fraction=cfg.trial_fraction,
+        study_name=study,
+        study_total=True,
+        parent_run_id=parent_run_id,
+        progress_bar=workers == 1,
+        # The trials' share of the final training's compute, as max_epochs is of its epochs.
+        budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
+    )
+    train = _train_config(cfg, model, key, parent_run_id, params_from=study)
+    return Backbone(model, tune, train)
+
+
+def _train_config(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, **extra):
+    """The final training of ``model`` in this pipeline run (plain or, with ``extra``, a
+    student's): the run's data, budget and seed, a child of the pipeline run."""
+    from cars_ml.training.run import TrainConfig
+
+    _, _, hparams = resolve_budget(cfg)
+    return TrainConfig(
+        model=model,
+        data=cfg.data,
+        weights=cfg.weights,
+        image_size=cfg.image_size,
+        hparams=hparams,
+        seed=cfg.seed,
+        model_name=cfg.model_name,
+        storage=cfg.storage,
+        verbose=2,
+        run_tags={"pipeline_step_key": key},
+        parent_run_id=parent_run_id,
+        budget_gmacs=resolve_budget_gmacs(cfg),
+        **extra,
+    )
+
+
+def _distill_steps(
+    cfg: PipelineConfig, teacher: dict, students: list[str], fingerprint: str, parent_run_id: str
+) -> list[Backbone]:
+    """One student's training per backbone: its study's best params, the teacher's outputs."""
+    uri = f"models:/{cfg.model_name}/{teacher['model_version']}"
+    steps = []
+    for student in students:
+        key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
+        name = student_name(student, teacher["backbone"])
+        previous = _reusable(cfg, key)
+        train = _train_config(
+            cfg,
+            student,
+            key,
+            parent_run_id,
+            params_from=study_name(student, step_key(cfg, student, fingerprint)),
+            run_name=f"distill-{student}",
+            teacher=uri,
+            temperature=cfg.temperature,
+            alpha=cfg.alpha,
+        )
+        step = Backbone(name, None, train, tuned=True)
+        if previous is not None:
+            step.result = _reused(name, previous)
+        steps.append(step)
+    return steps
+
+
+def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
+    """Run the comparison and promotion; returns the comparison table."""
+    from cars_ml.promotion.run import run_promote
+    from cars_ml.tuning.storage import open_storage
+
+    tracking.check_tracking_server()
+    open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
+    # The auto (0) knobs resolve once here; every step and the step keys see the same values.
+    cfg = replace(cfg, data=resolve_data(cfg), trial_fraction=resolve_trial_fraction(cfg))
+    started = time.perf_counter()
+    splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
+    workers = resolve_workers(cfg)
+    with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
+        tracking.log_params(
+            {
+                "models": ",".join(cfg.models),
+                "n_trials": n_trials,
+                "max_epochs": max_epochs,
+                "epochs": hparams.epochs,
+                "trial_fraction": cfg.trial_fraction,
+                "fine_tune_epochs": hparams.fine_tune_epochs,
+                "weights": cfg.weights,
+                "workers": workers,
+                "budget_gmacs": resolve_budget_gmacs(cfg),
+                "distill": cfg.distill,
+                **splits.params(),
+            }
+        )
+        results, todo = {}, []
+        for model in cfg.models:
+            key = step_key(cfg, model, splits.fingerprint)
+            previous = _reusable(cfg, key)
+            if previous is None:
+                todo.append(_steps(cfg, model, key, parent.info.run_id, workers))
+                continue
+            results[model] = _reused(model, previous)
+        rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
+        with StepPool(workers) as pool:
+            if todo:
+                print(
+                    f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
+                    f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on {workers} worker "
+                    "process(es)",
+                    flush=True,
+                )
+                # Largest first: their steps take longest, and one left for last would run alone.
+                todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
+                for m, r in pool.run(todo).items():
+                    rows[m] = {"backbone": m, **r, "reused": False}
+            if cfg.distill:
+                rows.update(
+                    _distill(cfg, list(rows.values()), splits.fingerprint, parent.info.run_id, pool)
+                )
+        rows = [
+            {
+                "backbone": r["backbone"],
+                "run_id": r["run_id"],
+                "model_version": r["model_version"],
+                "reused": r["reused"],
+                "teacher": r.get("teacher", ""),
+                "teacher_version": r.get("teacher_version", ""),
+                **{c: r["metrics"].get(c) for c in COMPARISON_COLUMNS},
+            }
+            for r in rows.values()
+        ]
+        decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
+        table = pd.DataFrame(rows)
+        table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
+        log_comparison(table)
+        wall = time.perf_counter() - started
+        tracking.log_metrics({"pipeline_wall_s": wall})
+        print_report(table, decision, wall, parent.info.experiment_id)
+    return table
+
+
+def _distill(
+    cfg: PipelineConfig, rows: list[dict], fingerprint: str, parent_run_id: str, pool: StepPool
+) -> dict[str, dict]:
+    """The distillation step: the run's best version teaches the backbones within budgets."""
+    teacher, students, why = plan_distillation(rows, cfg.promotion.budgets, cfg.distill_students)
+    if not students:
+        print(f"[pipeline] no distillation: {why}", flush=True)
+        return {}
+    label = f"{teacher['backbone']} v{teacher['model_version']}"
+    print(
+        f"[pipeline] distilling {label} (test macro-F1 "
+        f"{teacher['metrics']['test_f1_macro']:.3f}) into {', '.join(students)}",
+        flush=True,
+    )
+    steps = _distill_steps(cfg, teacher, students, fingerprint, parent_run_id)
+    todo = [s for s in steps if s.result is None]
+    done = {s.model: {**s.result} for s in steps if s.result is not None}
+    if todo:
+        done.update({m: {**r, "reused": False} for m, r in pool.run(todo).items()})
+    lineage = {"teacher": teacher["backbone"], "teacher_version": teacher["model_version"]}
+    return {m: {"backbone": m, **lineage, **r} for m, r in done.items()}

@@ -1,0 +1,337 @@
+"""The promotion policy: a candidate table in, a decision out. Pure: no MLflow, no I/O.
+
+Each registered version is one row (``version``, ``run_id``, ``backbone`` and the training
+metrics). Edge budgets rule versions out, each with a human reason; the best ``metric`` among
+the rest is the challenger (ties go to the lower ``latency_ms_p95``, then to the current
+champion, then to the newest version). The challenger replaces the champion only if it beats it
+by at least ``min_improvement``; a champion that itself fails a budget now (budgets tightened,
+metrics re-measured) is replaced by any passing challenger. ``cars_ml.promotion.registry`` applies the
+decision.
+
+The size budget applies to ``model_size_mb`` (the Keras model that the registry serves) by
+default: it is the conservative choice, since the int8 file is about four times smaller. Set
+``size_metric="tflite_int8_size_mb"`` when only the int8 file goes to the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+# Higher is better for every metric a promotion may rank by.
+RANKING_METRICS = (
+    "test_f1_macro",
+    "test_f1_weighted",
+    "test_accuracy",
+    "test_top5_accuracy",
+    "tflite_int8_test_f1_macro",
+    "throughput_img_per_s",
+)
+SIZE_METRICS = ("model_size_mb", "tflite_int8_size_mb")
+LATENCY_METRIC = "latency_ms_p95"
+INT8_DROP_METRIC = "int8_f1_drop"
+# Float noise (0.83 - 0.82 = 0.00999...) must not turn "beats by 0.01" into "does not".
+IMPROVEMENT_TOLERANCE = 1e-9
+ACTIONS = ("promote", "keep", "none_eligible", "rollback")
+TRAIN_HINT = (
+    "train and register a model first: `mlflow run . -e train --env-manager local` "
+    "(or `mlflow run . --env-manager local` for the whole pipeline)"
+)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Edge budgets; ``None`` switches one off. Defaults suit a Raspberry Pi-class device.
+
+    ``max_latency_ms`` bounds ``latency_ms_p95``; ``max_size_mb`` bounds ``size_metric``
+    (``model_size_mb`` or ``tflite_int8_size_mb``); ``max_int8_f1_drop`` bounds
+    ``int8_f1_drop`` (float test macro-F1 minus int8).
+    """
+
+    max_latency_ms: float | None = 100.0
+    max_size_mb: float | None = 50.0
+    max_int8_f1_drop: float | None = 0.05
+    size_metric: str = "model_size_mb"
+
+    def __post_init__(self) -> None:
+        for name in ("max_latency_ms", "max_size_mb", "max_int8_f1_drop"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{name} must be a number >= 0 (or None to switch it off), got {value!r}"
+                )
+        if self.size_metric not in SIZE_METRICS:
+            raise ValueError(f"size_metric must be one of {SIZE_METRICS}, got {self.size_metric!r}")
+
+    def checks(self) -> list[tuple[str, str, str, float | None]]:
+        """(check name, metric column, budget name, limit) for each budget."""
+        return [
+            ("latency", LATENCY_METRIC, "max_latency_ms", self.max_latency_ms),
+            ("size", self.size_metric, "max_size_mb", self.max_size_mb),
+            ("int8_f1_drop", INT8_DROP_METRIC, "max_int8_f1_drop", self.max_int8_f1_drop),
+        ]
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """What ``promote`` does: rank by ``metric`` under ``budgets``, or roll back."""
+
+    metric: str = "test_f1_macro"
+    min_improvement: float = 0.0
+    dry_run: bool = False
+    rollback: bool = False
+    budgets: Budgets = field(default_factory=Budgets)
+
+    def __post_init__(self) -> None:
+        if self.metric not in RANKING_METRICS:
+            raise ValueError(
+                f"metric must be one of {RANKING_METRICS} (higher is better), got {self.metric!r}"
+            )
+        if not (math.isfinite(self.min_improvement) and self.min_improvement >= 0):
+            raise ValueError(f"min_improvement must be a number >= 0, got {self.min_improvement!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Decision:
+    """The outcome: ``action`` is promote, keep, none_eligible or rollback.
+
+    ``champion`` is the champion before the decision, ``challenger`` the best eligible version
+    (the rollback target for a rollback). ``table`` is the evaluated candidate table.
+    """
+
+    action: str
+    reason: str
+    challenger: str | None
+    champion: str | None
+    metric: str
+    table: pd.DataFrame
+    improvement: float | None = None
+    dry_run: bool = False
+
+    @property
+    def new_champion(self) -> str | None:
+        """The champion once the decision is applied (unchanged for a dry run)."""
+        moves = self.action in ("promote", "rollback") and not self.dry_run
+        return self.challenger if moves else self.champion
+
+    @property
+    def changes_registry(self) -> bool:
+        return self.action in ("promote", "rollback") and not self.dry_run
+
+
+def metric_value(row: Mapping[str, Any], column: str) -> float | None:
+    """A finite float from a row, or None when missing, empty or not a number."""
+    raw = row.get(column)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: float) -> str:
+    return str(float(round(value, 4)))
+
+
+def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
+    """The candidate table plus ``<check>_pass`` / ``<check>_reason`` columns and ``eligible``.
+
+    Checks: each budget, ``metric`` (the ranking metric must be present) and ``excluded`` (a
+    non-empty ``excluded`` column, e.g. set when a rollback moved away from the version). A
+    missing value fails the check that needs it with the reason ``"<metric> missing"``.
+    """
+    if "version" not in candidates.columns:
+        raise ValueError("the candidate table needs a 'version' column (one row per model version)")
+    table = candidates.copy().reset_index(drop=True)
+    table["version"] = table["version"].astype(str)
+    rows = table.to_dict("records")
+    checks = [*config.budgets.checks(), ("metric", config.metric, "", None)]
+    all_reasons: list[list[str]] = [[] for _ in rows]
+    for check, column, budget, limit in checks:
+        passes, reasons = [], []
+        for i, row in enumerate(rows):
+            value = metric_value(row, column)
+            if check != "metric" and limit is None:
+                ok, reason = True, ""
+            elif value is None:
+                ok, reason = False, f"{column} missing"
+            elif check != "metric" and value > limit:
+                ok, reason = False, f"{column} {_fmt(value)} > {budget} {_fmt(limit)}"
+            else:
+                ok, reason = True, ""
+            passes.append(ok)
+            reasons.append(reason)
+            if reason:
+                all_reasons[i].append(reason)
+        table[f"{check}_pass"] = passes
+        table[f"{check}_reason"] = reasons
+    excluded = [row.get("excluded") for row in rows]
+    excluded = [
+        f"excluded: {x.strip()}" if isinstance(x, str) and x.strip() else "" for x in excluded
+    ]
+    for reasons, reason in zip(all_reasons, excluded, strict=True):
+        if reason:
+            reasons.append(reason)
+    table["excluded_pass"] = [not x for x in excluded]
+    table["excluded_reason"] = excluded
+    table["eligible"] = [not r for r in all_reasons]
+    table["fail_reasons"] = ["; ".join(r) for r in all_reasons]
+    return table
+
+
+def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:
+    latency = metric_value(row, LATENCY_METRIC)
+    return (
+        -(metric_value(row, metric) or 0.0),
+        latency if latency is not None else math.inf,
+        0 if row["version"] == champion else 1,
+        -int(row["version"]) if row["version"].isdigit() else 0,
+    )
+
+
+def _describe(row: Mapping[str, Any], metric: str) -> str:
+    latency = metric_value(row, LATENCY_METRIC)
+    lat = f", {LATENCY_METRIC} {_fmt(latency)}" if latency is not None else ""
+    return f"v{row['version']} ({metric} {_fmt(metric_value(row, metric) or 0.0)}{lat})"
+
+
+def decide(
+    candidates: pd.DataFrame, current_champion_version: str | None, config: PromotionConfig
+) -> Decision:
+    """Choose the challenger and whether it replaces ``current_champion_version``."""
+    if candidates is None or len(candidates) == 0:
+        raise ValueError(f"No registered model versions to choose from: {TRAIN_HINT}.")
+    champion = None if current_champion_version is None else str(current_champion_version)
+    table = evaluate(candidates, config)
+    metric = config.metric
+    rows = table.to_dict("records")
+    eligible = sorted(
+        (r for r in rows if r["eligible"]), key=lambda r: _rank_key(r, metric, champion)
+    )
+    champ_row = next((r for r in rows if r["version"] == champion), None)
+    table["rank"] = pd.array([None] * len(table), dtype="Int64")
+    for rank, row in enumerate(eligible, start=1):
+        table.loc[table["version"] == row["version"], "rank"] = rank
+    challenger = eligible[0] if eligible else None
+    table["is_champion"] = table["version"] == champion
+    table["is_challenger"] = table["version"] == (challenger["version"] if challenger else None)
+
+    improvement = None
+    if challenger is None:
+        stays = f"champion v{champion} stays" if champion else "no champion is set"
+        action = "none_eligible"
+        reason = f"No version of {len(rows)} passes the budgets; {stays}."
+    elif champ_row is None:
+        action = "promote"
+        gone = (
+            f"champion v{champion} is not in the registry"
+            if champion
+            else "there is no champion yet"
+        )
+        reason = f"Promote {_describe(challenger, metric)}: {gone}."
+    elif challenger["version"] == champion:
+        action = "keep"
+        reason = (
+            f"Keep champion {_describe(challenger, metric)}: it is still the best eligible version."
+        )
+    elif not champ_row["eligible"]:
+        action = "promote"
+        reason = (
+            f"Promote {_describe(challenger, metric)}: champion v{champion} fails its budgets "
+            f"({champ_row['fail_reasons']})."
+        )
+    else:
+        improvement = (metric_value(challenger, metric) or 0.0) - (
+            metric_value(champ_row, metric) or 0.0
+        )
+        gain = f"{metric} +{_fmt(improvement)}"
+        if improvement >= config.min_improvement - IMPROVEMENT_TOLERANCE:
+            action = "promote"
+            reason = (
+                f"Promote {_describe(challenger, metric)}: it beats champion v{champion} by "
+                f"{gain} (>= min_improvement {_fmt(config.min_improvement)})."
+            )
+        else:
+            action = "keep"
+            reason = (
+                f"Keep champion v{champion}: challenger {_describe(challenger, metric)} beats it "
+                f"by only {gain} (< min_improvement {_fmt(config.min_improvement)})."
+            )
+    if config.dry_run:
+        reason = f"{reason[:-1]} (dry run: registry unchanged)."
+    return Decision(
+        action=action,
+        reason=reason,
+        challenger=challenger["version"] if challenger else None,
+        champion=champion,
+        metric=metric,
+        table=table,
+        improvement=improvement,
+        dry_run=config.dry_run,
+    )
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """Where a rollback moves the champion: ``target`` replaces ``from_version``."""
+
+    target: str
+    from_version: str | None
+    reason: str
+
+
+def champion_stack(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Replay ``champion_history`` events: a promotion pushes, a rollback pops.
+
+    Each event has ``action`` ("promote" or "rollback"), ``version`` (the new champion) and
+    ``previous`` (the champion it replaced, or None).
+    """
+    stack: list[str] = []
+    for event in history:
+        version = str(event["version"])
+        previous = event.get("previous")
+        if event.get("action") == "rollback":
+            if stack:
+                stack.pop()
+        elif not stack and previous is not None:
+            # History was trimmed or started after a champion existed: seed it.
+            stack.append(str(previous))
+        if not stack or stack[-1] != version:
+            stack.append(version)
+    return stack
+
+
+def decide_rollback(
+    history: Sequence[Mapping[str, Any]], current_champion: str | None = None
+) -> RollbackPlan:
+    """The champion before the current one, from the recorded history.
+
+    If the ``champion`` alias was moved outside ``promote`` (it differs from the last recorded
+    champion), the rollback restores the last recorded champion.
+    """
+    stack = champion_stack(history)
+    current = None if current_champion is None else str(current_champion)
+    if not stack:
+        raise ValueError(
+            "Nothing to roll back to: the registered model has no champion_history (no promotion "
+            "was recorded). Run `mlflow run . -e promote --env-manager local` first."
+        )
+    if current != stack[-1]:
+        return RollbackPlan(
+            stack[-1],
+            current,
+            f"Roll back to v{stack[-1]}, the last champion recorded by promote "
+            f"(the alias points at {'v' + current if current else 'nothing'}).",
+        )
+    if len(stack) < 2:
+        raise ValueError(
+            f"Nothing to roll back to: v{current} is the first champion recorded in "
+            "champion_history. Promote another version first, or move the alias by hand."
+        )
+    return RollbackPlan(
+        stack[-2], current, f"Roll back from v{current} to the previous champion v{stack[-2]}."
+    )

@@ -1,0 +1,123 @@
+"""How a promotion decision is shown: a printable table and a plot of F1 against latency.
+
+Pure presentation: takes a ``Decision`` and returns text or a matplotlib ``Figure`` (built
+without pyplot, so no display backend is touched).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cars_ml.promotion.policy import Budgets, Decision
+
+
+def _role(row: pd.Series, decision: Decision) -> str:
+    roles = []
+    if row["version"] == decision.champion:
+        roles.append("champion")
+    if row["version"] == decision.challenger:
+        roles.append("challenger" if decision.action != "rollback" else "rollback target")
+    return ", ".join(roles)
+
+
+def format_table(decision: Decision, budgets: Budgets) -> str:
+    """A readable candidate table (one line per version) followed by the decision."""
+    table = decision.table
+    columns = ["version", "backbone", decision.metric, "latency_ms_p95", budgets.size_metric]
+    columns += ["int8_f1_drop", "eligible", "fail_reasons"]
+    view = table[[c for c in columns if c in table.columns]].copy()
+    view.insert(1, "role", [_role(row, decision) for _, row in table.iterrows()])
+    with pd.option_context("display.max_colwidth", 80, "display.width", 200):
+        # Reasons read better left-aligned; pandas right-aligns every column.
+        width = max((len(str(x)) for x in view["fail_reasons"]), default=0)
+        text = view.to_string(
+            index=False,
+            na_rep="-",
+            float_format=lambda x: f"{x:.4g}",
+            formatters={"fail_reasons": lambda x: str(x).ljust(width)},
+        )
+    moved = f"champion: {decision.champion or '-'} -> {decision.new_champion or '-'}"
+    if decision.dry_run and decision.action in ("promote", "rollback"):
+        moved = (
+            f"champion: {decision.champion or '-'} -> {decision.challenger}, not applied: dry run"
+        )
+    return f"{text}\n\nDecision: {decision.action.upper()} ({moved})\n{decision.reason}"
+
+
+def _num(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number
+
+
+def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
+    """``metric`` against ``latency_ms_p50`` (a bar reaches to p95), point area by size.
+
+    Eligible versions are green, the others grey; the champion after the decision is ringed
+    in red and the latency budget (which applies to p95) is a dashed line.
+    """
+    table = decision.table
+    fig = Figure(figsize=(8, 5.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    plotted = 0
+    sizes = [_num(v) for v in table.get(budgets.size_metric, pd.Series(dtype=float))]
+    biggest = max((s for s in sizes if not math.isnan(s)), default=1.0) or 1.0
+    for i, (_, row) in enumerate(table.iterrows()):
+        x, y = _num(row.get("latency_ms_p50")), _num(row.get(decision.metric))
+        if math.isnan(x) or math.isnan(y):
+            continue
+        plotted += 1
+        size = sizes[i] if i < len(sizes) and not math.isnan(sizes[i]) else biggest / 4
+        area = 60 + 900 * size / biggest
+        color = "tab:green" if row["eligible"] else "tab:gray"
+        p95 = _num(row.get("latency_ms_p95"))
+        if not math.isnan(p95) and p95 > x:
+            ax.plot([x, p95], [y, y], color=color, linewidth=1.5, alpha=0.6)
+        is_champion = row["version"] == decision.new_champion
+        ax.scatter(
+            [x],
+            [y],
+            s=area,
+            color=color,
+            alpha=0.7,
+            edgecolors="tab:red" if is_champion else "black",
+            linewidths=3 if is_champion else 0.5,
+            zorder=3,
+        )
+        label = f"v{row['version']} {row.get('backbone') or ''}".strip()
+        ax.annotate(
+            label + (" (champion)" if is_champion else ""),
+            (x, y),
+            textcoords="offset points",
+            xytext=(8, 6),
+            fontsize=8,
+        )
+    if budgets.max_latency_ms is not None:
+        ax.axvline(budgets.max_latency_ms, color="tab:red", linestyle="--", linewidth=1)
+        ax.annotate(
+            f"max_latency_ms {budgets.max_latency_ms:g} (p95)",
+            (budgets.max_latency_ms, 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=8,
+            color="tab:red",
+            xytext=(-12, 0),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("latency_ms_p50 (bar to p95)")
+    ax.set_ylabel(decision.metric)
+    skipped = len(table) - plotted
+    note = f"; {skipped} version(s) lack latency or {decision.metric}" if skipped else ""
+    ax.set_title(
+        f"Promotion candidates: {decision.action} -> v{decision.new_champion or '-'}\n"
+        f"green = within budgets, area ~ {budgets.size_metric}{note}",
+        fontsize=10,
+    )
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig

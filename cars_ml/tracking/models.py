@@ -1,0 +1,207 @@
+"""Models: log the serving pyfunc, register, resolve, load and download model versions.
+
+The serving model is saved in one place (:func:`_serving_model`), for a run's model and for a
+scratch registry's alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+import cars_ml
+from cars_ml.tracking.redaction import redact
+from cars_ml.tracking.runs import base_tags, tracking_uri
+
+# --- Serving model: log, register, load (owner: serving) ---------------------------------------
+
+
+@contextlib.contextmanager
+def _serving_model(model, class_names, image_size: int, **artifact_options) -> Iterator[dict]:
+    """The keyword arguments of ``mlflow.pyfunc.log_model``/``save_model`` for the serving model.
+
+    Models-from-code (``cars_ml/serving/model_code.py``) plus its artifacts and a copy of the
+    ``cars_ml`` package as code (without caches, so only source files travel); the files live
+    until the block ends.
+    """
+    from cars_ml.serving import package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = package.write_model_artifacts(
+            model, class_names, image_size, Path(tmp) / "a", **artifact_options
+        )
+        code_dir = Path(tmp) / "code" / "cars_ml"
+        shutil.copytree(
+            Path(cars_ml.__file__).resolve().parent,
+            code_dir,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        yield {
+            "python_model": package.MODEL_CODE_PATH,
+            "artifacts": artifacts,
+            "code_paths": [str(code_dir)],
+            "signature": package.model_signature(),
+            "input_example": package.input_example(),
+            "pip_requirements": package.pip_requirements(),
+        }
+
+
+def log_classifier_model(
+    model,
+    class_names,
+    image_size: int,
+    *,
+    name: str = "model",
+    litert_model=None,
+    saved_model=None,
+    reference=None,
+    litert_int8_model=None,
+):
+    """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
+
+    Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
+    ``labels.json``, ``serving_config.json``, and the exported float32 ``.tflite`` when
+    ``litert_model`` names it, with its check) plus a copy of the ``cars_ml`` package as code, so
+    ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
+    """
+    if mlflow.active_run() is None:
+        raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
+    with _serving_model(
+        model,
+        class_names,
+        image_size,
+        litert_model=litert_model,
+        saved_model=saved_model,
+        reference=reference,
+        litert_int8_model=litert_int8_model,
+    ) as files:
+        return mlflow.pyfunc.log_model(name=name, **files)
+
+
+def register_model(model_uri: str, name: str, tags: Mapping[str, Any] | None = None):
+    """Register ``model_uri`` as a new version of ``name`` and tag it; returns the ModelVersion."""
+    version = mlflow.register_model(model_uri, name)
+    client = mlflow.MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version.version, key, redact(value)[:5000])
+    return client.get_model_version(name, version.version)
+
+
+def load_pyfunc(model_uri: str):
+    """Load a logged or registered pyfunc model (``models:/name@alias``, ``runs:/...``, a path)."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def check_model_uri(model_uri: str) -> None:
+    """Fail fast with a clear message when a ``models:/name@alias`` URI does not resolve."""
+    match = re.fullmatch(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)", model_uri)
+    if not match:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version_by_alias(match["name"], match["alias"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(
+            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message}. Train and "
+            "register a model, run `mlflow run . -e promote` to set the alias, or pass model_uri."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model version resolved from a ``models:/`` URI, and where it was trained."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))")
+
+
+def resolve_model_version(model_uri: str) -> RegisteredModel:
+    """``models:/name/<version>`` or ``models:/name@alias`` -> the version, its tags and its
+    training run's metrics; a URI that resolves to nothing fails with the fix."""
+    match = _MODEL_URI.fullmatch(model_uri.strip())
+    if not match:
+        raise ValueError(
+            f"teacher={model_uri!r} is not a registered model URI; pass "
+            f"models:/{cars_ml.REGISTERED_MODEL_NAME}/<version> or models:/<name>@<alias>."
+        )
+    client = mlflow.MlflowClient()
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            mv = client.get_model_version(match["name"], match["version"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(
+            f"{model_uri} does not resolve at {redact(tracking_uri())}: {exc.message} List the "
+            f"versions in the MLflow UI (Models) or train one with `mlflow run . -e train`."
+        ) from exc
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return RegisteredModel(mv.name, str(mv.version), mv.run_id or "", dict(mv.tags), metrics)
+
+
+def download_model(model_uri: str, dst: str | Path) -> Path:
+    """Download a logged model's files (``MLmodel``, ``artifacts/``) into ``dst``."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+# --- Benchmark: a throwaway registry for serving a freshly built model (owner: perf) ----------
+
+
+def register_in_scratch_store(
+    model,
+    class_names,
+    image_size: int,
+    folder: str | Path,
+    *,
+    name: str = "benchmark-model",
+    litert_model=None,
+    litert_int8_model=None,
+) -> tuple[str, str, str]:
+    """Save ``model`` as the serving pyfunc and register it in a new SQLite store in ``folder``.
+
+    Only an explicit client touches the scratch store: the tracking URI, the active run and the
+    experiment in force are left alone, so it can be called while a benchmark run is open.
+    Returns ``(tracking_uri, model_uri, local_model_path)``: serve ``model_uri`` with
+    ``MLFLOW_TRACKING_URI=tracking_uri``; load ``local_model_path`` in this process.
+    """
+    root = Path(folder).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Artifacts go beside the database, never into ./mlruns of the working directory.
+    experiment_id = client.create_experiment(
+        "scratch", artifact_location=(root / "artifacts").as_uri()
+    )
+    run = client.create_run(experiment_id, run_name="scratch-model", tags=base_tags())
+    local = root / "model"
+    with _serving_model(
+        model,
+        class_names,
+        image_size,
+        litert_model=litert_model,
+        litert_int8_model=litert_int8_model,
+    ) as files:
+        mlflow.pyfunc.save_model(path=str(local), **files)
+    client.log_artifacts(run.info.run_id, str(local), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
+    return uri, f"models:/{name}/{version.version}", str(local)

@@ -1,0 +1,353 @@
+"""Two-phase transfer learning of a backbone + head on a dataset split (no MLflow, no Optuna).
+
+Phase 1 trains a new head on the frozen backbone; phase 2 fine-tunes the top of the backbone
+at a lower learning rate with BatchNorm frozen. With random initial weights a frozen backbone
+is useless, so every layer trains from the first epoch in one phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from cars_ml.data.pipeline import make_dataset
+from cars_ml.data.types import DatasetSplits, ImageRecord
+from cars_ml.modeling import backbones
+from cars_ml.modeling.batchnorm import (
+    BN_MOMENTUM_FROM_SCRATCH,
+    MomentumWarmup,
+    recalibrate_batchnorm,
+    trainable_batchnorm,
+)
+from cars_ml.modeling.graph_build import use_grappler_for
+from cars_ml.modeling.optimizers import FusedAdam
+from cars_ml.training.distill import DistillationLoss, Teacher, training_model
+from cars_ml.training.evaluate import macro_f1
+from cars_ml.training.hparams import HParams
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    """What training produced: the model to serve, its parts, and per-epoch history."""
+
+    model: keras.Model  # pixels in, probabilities out; no optimizer attached
+    backbone: keras.Model
+    head: keras.Model
+    history: list[dict[str, float]]
+    training_mode: str
+    best_val_f1_macro: float
+    grappler: bool = True  # whether TensorFlow optimised the graphs (modeling.graph_build)
+
+
+class ValidationF1(keras.callbacks.Callback):
+    """Adds ``val_f1_macro`` to the epoch logs (for early stopping, pruning and MLflow)."""
+
+    def __init__(
+        self,
+        val_data: tf.data.Dataset,
+        val_labels: np.ndarray,
+        hook: EpochHook | None,
+        smoothing: float = 0.0,
+        inference_model: keras.Model | None = None,
+    ):
+        super().__init__()
+        self.inference_model = inference_model
+        self.val_data = val_data
+        self.val_labels = val_labels
+        self.smoothing = smoothing
+        self.hook = hook
+        self.phase = "head"
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        # One compiled forward pass gives F1, accuracy and loss; Keras' own validation would
+        # trace a second graph of the whole network.
+        probs = predict_probabilities(self.inference_model or self.model, self.val_data)
+        logs["val_f1_macro"] = macro_f1(self.val_labels, probs)
+        logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.val_labels))
+        logs["val_loss"] = cross_entropy(self.val_labels, probs, self.smoothing)
+        row = {
+            "epoch": epoch,
+            "phase": self.phase,
+            "train_loss": float(logs.get("loss", np.nan)),
+            "val_loss": float(logs.get("val_loss", np.nan)),
+            "val_accuracy": float(logs.get("val_accuracy", np.nan)),
+            "val_f1_macro": logs["val_f1_macro"],
+        }
+        self.history.append(row)
+        if self.hook:
+            self.hook(epoch, row)
+
+
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_fn(model: keras.Model):
+    """The model's compiled batch inference (float32 pixels in [0, 255]), traced once per model.
+
+    Tracing a large backbone takes tens of seconds on a CPU, so every caller (per-epoch
+    validation, evaluation, benchmark) shares one function with a batch-agnostic signature.
+    """
+    fn = _INFERENCE.get(model)
+    if fn is None:
+        size = model.input_shape[1]
+        # Named like the input of the exported TFLite files, which start from this graph.
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="image")
+        fn = tf.function(lambda image: model(image, training=False), input_signature=[spec])
+        _INFERENCE[model] = fn
+    return fn
+
+
+def predict_probabilities(model: keras.Model, data: tf.data.Dataset) -> np.ndarray:
+    """Probabilities over a batched dataset through the model's compiled inference."""
+    infer = inference_fn(model)
+    outputs = [infer(batch[0] if isinstance(batch, tuple) else batch).numpy() for batch in data]
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]))
+
+
+def cross_entropy(labels: np.ndarray, probs: np.ndarray, smoothing: float = 0.0) -> float:
+    """Mean categorical cross-entropy with label smoothing, as Keras computes the loss."""
+    n = probs.shape[1]
+    target = np.full(probs.shape, smoothing / n)
+    target[np.arange(len(labels)), labels] += 1.0 - smoothing
+    return float(-(target * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
+
+
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def fits_in_cache(count: int, image_size: int) -> bool:
+    """Cache decoded uint8 images in memory only while they fit a 2 GiB budget; the full
+    Stanford Cars at native sizes would not, and is decoded each epoch instead."""
+    return count * image_size * image_size * 3 <= CACHE_LIMIT_BYTES
+
+
+def labels_of(records: Sequence[ImageRecord]) -> np.ndarray:
+    return np.array([r.label for r in records], dtype=np.int32)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights so rare classes count as much as common ones."""
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    result = dict.fromkeys(range(num_classes), 1.0)
+    result.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return result
+
+
+def _one_hot(num_classes: int):
+    return lambda x, y: (x, tf.one_hot(y, num_classes))
+
+
+def compile_for_training(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, **kwargs
+) -> None:
+    """``model.compile`` plus the optimizer's variables, created now rather than in the trace.
+
+    Without a distribution strategy Keras creates the optimizer's slots while tracing the first
+    train step; a ``tf.function`` that creates variables is traced twice, so every model build
+    paid the slowest step of a CPU run twice (measured: ResNet50 22.6 -> 12.9 s, Inception-
+    ResNet-v2 61.6 -> 38.1 s before the first batch).
+    """
+    model.compile(optimizer=optimizer, **kwargs)
+    optimizer.build(model.trainable_variables)
+
+
+def _compile(
+    model: keras.Model, lr: float, smoothing: float, teacher: Teacher | None = None
+) -> None:
+    if teacher is None:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        # The outputs are student and teacher probabilities side by side; the validation
+        # callback scores the student alone, so no training metric is needed.
+        loss = DistillationLoss(
+            int(model.output_shape[-1]) // 2, teacher.temperature, teacher.alpha, smoothing
+        )
+        metrics = []
+    compile_for_training(model, FusedAdam(lr), loss=loss, metrics=metrics)
+
+
+# Share of a from-scratch run over which the learning rate decays to zero.
+DECAY_FRACTION = 1 / 3
+
+
+class WarmupStableDecay(keras.callbacks.Callback):
+    """Learning rate: linear warm-up over ``warmup_steps``, constant, then a cosine decay to zero
+    over the last ``decay_fraction`` of the steps.
+
+    Training from scratch, a constant rate is too high for the first steps (random BatchNorm
+    statistics, large gradients) and too high again at the end, where it keeps the weights
+    jittering instead of settling. Decaying over the whole run instead halves the average rate,
+    which starves short runs (VGG16 in two demo epochs: test macro-F1 0.02 with a full cosine).
+    The rate is the optimizer's variable, set before each step, so the traced train step is not
+    traced again.
+    """
+
+    def __init__(
+        self,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        decay_fraction: float = DECAY_FRACTION,
+    ):
+        super().__init__()
+        self.base_lr = float(base_lr)
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        decay = max(1, round(self.total_steps * decay_fraction))
+        self.decay_start = max(self.warmup_steps, self.total_steps - decay)
+        self.step = 0
+
+    def rate(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / (self.warmup_steps + 1)
+        if step < self.decay_start:
+            return self.base_lr
+        span = max(1, self.total_steps - self.decay_start)
+        progress = min(1.0, (step - self.decay_start) / span)
+        return self.base_lr * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate.assign(self.rate(self.step))
+        self.step += 1
+
+
+def scratch_schedule(total_epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(warmup_steps, first epoch early stopping watches)`` of a from-scratch run.
+
+    The warm-up is the first epoch (at most a tenth of the run). Early stopping watches from
+    the epoch the decay starts (``WarmupStableDecay``): before it the validation score of a
+    network trained from scratch is noisy and still to gain most from the decay, and stopping
+    there (as patience 3 did after four noisy epochs) keeps an unsettled model.
+    """
+    total = total_epochs * steps_per_epoch
+    return min(steps_per_epoch, total // 10), total_epochs - round(total_epochs * DECAY_FRACTION)
+
+
+def fit(
+    splits: DatasetSplits,
+    spec: backbones.BackboneSpec,
+    image_size: int,
+    backbone: keras.Model,
+    weights_used: str,
+    hp: HParams,
+    *,
+    seed: int = 42,
+    epoch_hook: EpochHook | None = None,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int | str = "auto",
+    recalibrate: bool = True,
+    teacher: Teacher | None = None,
+) -> FitResult:
+    """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
+
+    After end-to-end training the BatchNorm statistics are recalibrated (``recalibrate``);
+    tuning trials skip it, as they are scored on their per-epoch validation macro-F1. With a
+    ``teacher`` the student learns from its softened probabilities too (``cars_ml.training.distill``).
+    """
+    keras.utils.set_random_seed(seed)
+    total_epochs = hp.epochs + hp.fine_tune_epochs
+    # Before the run's first compiled call: TensorFlow reads the setting at every call.
+    grappler = use_grappler_for(-(-len(splits.train) // hp.batch_size) * total_epochs)
+    n = splits.num_classes
+    head = backbones.build_head(
+        backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
+    )
+    model = backbones.build_classifier(spec, image_size, backbone, head)
+    # The model to serve: the same layers without the optimizer that compile() attaches (a third
+    # of the saved bytes). Validation, evaluation, benchmark and export all run its one traced
+    # inference function.
+    served = keras.Model(model.inputs, model.outputs, name=model.name)
+    if teacher is not None:
+        # The graph that trains: the same student layers, the frozen teacher beside them.
+        model = training_model(served, teacher)
+
+    def batches(records, training: bool, **options):
+        return make_dataset(
+            records,
+            image_size,
+            hp.batch_size,
+            training=training,
+            cache=fits_in_cache(len(records), image_size),
+            **options,
+        )
+
+    train_ds = batches(
+        splits.train, True, augment_strength=hp.augment_strength, shuffle_seed=seed
+    ).map(_one_hot(n))
+    val_ds = batches(splits.val, False)
+    val_labels = labels_of(splits.val)
+    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
+    weights = class_weights(labels_of(splits.train), n)
+
+    def run_phase(
+        epochs: int,
+        lr: float,
+        initial_epoch: int,
+        phase: str,
+        *more: keras.callbacks.Callback,
+        watch_from: int = 0,
+    ) -> None:
+        f1_cb.phase = phase
+        _compile(model, lr, hp.label_smoothing, teacher)
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_f1_macro",
+            mode="max",
+            patience=hp.patience,
+            restore_best_weights=True,
+            start_from_epoch=watch_from,
+        )
+        model.fit(
+            train_ds,
+            epochs=initial_epoch + epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=[f1_cb, stop, *more, *extra_callbacks],
+            verbose=verbose,
+            shuffle=False,  # make_dataset shuffles; Keras warns that it cannot.
+        )
+
+    if weights_used == "random":
+        # Random features are useless frozen: train every layer, BatchNorm included, in one phase.
+        mode = "end_to_end"
+        backbone.trainable = True
+        # From scratch, BatchNorm's moving statistics must catch up within a short run: at the
+        # default momentum (0.99) they stay near their initial values and inference collapses
+        # to one constant prediction. A lower momentum, warmed up from the first step, lets
+        # even a one-epoch tuning trial be scored on its own statistics.
+        warmup = MomentumWarmup(trainable_batchnorm(backbone), BN_MOMENTUM_FROM_SCRATCH)
+        steps = -(-len(splits.train) // hp.batch_size)
+        warmup_steps, watch_from = scratch_schedule(total_epochs, steps)
+        lr = WarmupStableDecay(hp.learning_rate, total_epochs * steps, warmup_steps)
+        run_phase(
+            total_epochs, hp.learning_rate, 0, "end_to_end", warmup, lr, watch_from=watch_from
+        )
+        if recalibrate:
+            unaugmented = batches(splits.train, False).map(_one_hot(n))
+            recalibrate_batchnorm(model, warmup, unaugmented, weights)
+    else:
+        mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
+        backbone.trainable = False
+        run_phase(hp.epochs, hp.learning_rate, 0, "head")
+        if hp.fine_tune_epochs > 0:
+            unfrozen = backbones.set_fine_tune_layers(backbone, hp.unfreeze_fraction)
+            log.info("Fine-tuning %d backbone layers (BatchNorm frozen)", unfrozen)
+            run_phase(
+                hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune"
+            )
+    best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
+    return FitResult(served, backbone, head, f1_cb.history, mode, best, grappler)

@@ -1,0 +1,326 @@
+"""The ``train`` step: data -> fit -> evaluate -> benchmark -> export -> log -> register.
+
+Everything a user compares in the MLflow UI is logged here under the same names for every
+backbone (the metric schema in ``METRIC_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+import cars_ml
+from cars_ml import tracking
+from cars_ml.data import DataConfig, load_dataset
+from cars_ml.modeling import backbones, distribute
+from cars_ml.perf import benchmark
+from cars_ml.schema import METRIC_SCHEMA
+from cars_ml.training import evaluate
+from cars_ml.training.hparams import (
+    DEFAULT_ALPHA,
+    DEFAULT_TEMPERATURE,
+    HParams,
+    check_distill_params,
+    epochs_for_budget,
+)
+from cars_ml.training.teacher import load_teacher
+
+log = logging.getLogger(__name__)
+
+HEADLINE_TAGS = ("test_f1_macro", "test_accuracy", "latency_ms_p95", "model_size_mb")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the ``train`` entry point controls."""
+
+    model: str = "mobilenet"
+    data: DataConfig = field(default_factory=DataConfig)
+    weights: str = "auto"
+    image_size: int = backbones.AUTO_SIZE
+    hparams: HParams = field(default_factory=HParams)
+    seed: int = 42
+    register: bool = True
+    model_name: str = cars_ml.REGISTERED_MODEL_NAME
+    export_tflite: bool = True
+    benchmark_runs: int = 50
+    params_from: str = ""
+    storage: str = ""
+    run_name: str = ""
+    run_tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str = ""  # make the run a child of this run (the pipeline's)
+    verbose: int | str = "auto"
+    devices: str = "auto"  # tf.distribute: auto, default or mirrored (modeling.distribute)
+    # Knowledge distillation (``cars_ml.training.distill``): a registered teacher's URI turns the run
+    # into a student's; ``alpha`` weighs the true labels, ``1 - alpha`` the teacher.
+    teacher: str = ""
+    temperature: float = DEFAULT_TEMPERATURE
+    alpha: float = DEFAULT_ALPHA
+    # Training compute per image in GMACs (0 = off): epochs by cost, see hparams.epochs_for_budget.
+    budget_gmacs: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_distill_params(self.temperature, self.alpha)
+        if not (self.budget_gmacs >= 0):
+            raise ValueError(f"budget_gmacs must be >= 0 (0 = off), got {self.budget_gmacs}.")
+        if self.devices == "multi_worker":
+            raise ValueError(distribute.MULTI_WORKER_BLOCKED)
+        if self.devices not in distribute.MODES:
+            raise ValueError(
+                f"devices={self.devices!r} is not one of {', '.join(distribute.MODES)}."
+            )
+        spec = backbones.get_backbone(self.model)
+        backbones.resolve_image_size(spec, self.image_size)
+        backbones.validate_weights(self.weights)
+        if self.benchmark_runs < 1:
+            raise ValueError(f"benchmark_runs must be >= 1, got {self.benchmark_runs}")
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str
+    model_version: str | None
+
+
+def _with_study_params(cfg: TrainConfig) -> TrainConfig:
+    """Replace hyperparameters with a finished study's best ones (``params_from``)."""
+    if not cfg.params_from:
+        return cfg
+    from cars_ml.tuning.storage import best_params
+
+    best = best_params(cfg.params_from, cfg.storage or None)
+    known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
+    log.info("Training with the best params of study %r: %s", cfg.params_from, known)
+    # A distillation study also searched how the student learns from its teacher.
+    taught = {k: best[k] for k in ("temperature", "alpha") if cfg.teacher and k in best}
+    return replace(cfg, hparams=replace(cfg.hparams, **known), **taught)
+
+
+def run_train(cfg: TrainConfig) -> TrainOutcome:
+    """Run the whole train step inside one MLflow run and return its outcome."""
+    tracking.check_tracking_server()
+    # A teacher URI that does not resolve fails before TensorFlow starts or any data is read.
+    teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
+    # TensorFlow loads here, not at import: configuring a step (the pipeline process, argument
+    # checks) does not need it.
+    import keras
+
+    from cars_ml.perf.macs import count_macs
+    from cars_ml.training.distill import Teacher
+    from cars_ml.training.fit import fit, inference_fn, labels_of
+
+    cfg = _with_study_params(cfg)
+    # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
+    strat = distribute.strategy(cfg.devices)
+    spec = backbones.get_backbone(cfg.model)
+    size = backbones.resolve_image_size(
+        spec, cfg.image_size, synthetic=cfg.data.data == "synthetic"
+    )
+    keras.utils.set_random_seed(cfg.seed)
+    # Build the backbone first: weights=imagenet must fail before any data is read or trained.
+    # Variables created in the strategy's scope are mirrored on every replica.
+    with strat.scope():
+        backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
+    forward_gmacs = count_macs(backbone) / 1e9
+    if cfg.budget_gmacs:
+        epochs = epochs_for_budget(cfg.budget_gmacs, forward_gmacs, cfg.hparams.epochs)
+        cfg = replace(cfg, hparams=replace(cfg.hparams, epochs=epochs))
+    splits = load_dataset(cfg.data)
+    teacher = load_teacher(teacher_version, splits) if teacher_version else None
+    tags = {
+        "backbone": cfg.model,
+        "step": "distill" if teacher else "train",
+        "params_from": cfg.params_from or "-",
+        **cfg.run_tags,
+    }
+    if teacher:
+        tags.update(teacher.lineage_tags())
+    with tracking.start_run(
+        run_name=cfg.run_name or f"train-{cfg.model}",
+        tags=tags,
+        parent_run_id=cfg.parent_run_id or None,
+    ) as run:
+        tracking.log_params(
+            {
+                "backbone": cfg.model,
+                "image_size": "auto" if cfg.image_size == backbones.AUTO_SIZE else cfg.image_size,
+                "image_size_px": size,
+                "weights": cfg.weights,
+                "weights_used": weights_used,
+                "seed": cfg.seed,
+                "params_from": cfg.params_from or "-",
+                **splits.params(),
+                **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
+                **cfg.hparams.as_params(),
+                **distribute.describe(strat),
+                "budget_gmacs": cfg.budget_gmacs,
+                **({"temperature": cfg.temperature, "alpha": cfg.alpha} if teacher else {}),
+            }
+        )
+        tracking.log_metrics({**splits.summary(), "forward_gmacs": forward_gmacs})
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            tracking.log_metrics(
+                {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch
+            )
+
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[f"time_{name}_s"] = now - clock
+            clock = now
+
+        with strat.scope():  # The head, the optimizer and compile() must be mirrored too.
+            result = fit(
+                splits,
+                spec,
+                size,
+                backbone,
+                weights_used,
+                cfg.hparams,
+                seed=cfg.seed,
+                epoch_hook=on_epoch,
+                verbose=cfg.verbose,
+                teacher=Teacher(teacher.model, cfg.temperature, cfg.alpha) if teacher else None,
+            )
+        tracking.log_params(
+            {
+                "training_mode": result.training_mode,
+                "tf_grappler": "on" if result.grappler else "off",
+            }
+        )
+        lap("fit")
+        metrics = _evaluate_and_log(cfg, splits, result, size)
+        if teacher:
+            teacher_f1 = evaluate.macro_f1(labels_of(splits.test), teacher.outputs["test"])
+            metrics["teacher_test_f1_macro"] = teacher_f1
+            metrics["distill_gap"] = teacher_f1 - metrics["test_f1_macro"]
+        lap("evaluate")
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "model.keras"
+            result.model.save(saved)  # Saved once: measured here, logged below.
+            metrics["model_size_mb"] = benchmark.file_size_mb(saved)
+            metrics["num_params"] = float(result.model.count_params())
+            infer = inference_fn(result.model)
+            metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
+            lap("benchmark")
+            litert_model = litert_int8 = None
+            if cfg.export_tflite:
+                edge, paths = _export(
+                    cfg, splits, result.model, size, metrics["test_f1_macro"], Path(tmp)
+                )
+                metrics.update(edge)
+                litert_model, litert_int8 = paths["float32"], paths["int8"]
+                lap("export")
+            tracking.log_metrics(metrics)
+            # The served model carries the float32 flatbuffer just exported and the
+            # probabilities TensorFlow gives on its probe images, so neither this logging
+            # (MLflow loads the model to check the input example) nor a server start converts
+            # the model again or even loads it into Keras.
+            info = tracking.log_classifier_model(
+                result.model,
+                list(splits.class_names),
+                size,
+                litert_model=litert_model,
+                litert_int8_model=litert_int8,
+                saved_model=saved,
+                reference=infer,
+            )
+        lap("log_model")
+        tracking.log_metrics(timings)
+        version = None
+        if cfg.register:
+            tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
+            if teacher:
+                tags.update(teacher.lineage_tags())
+            mv = tracking.register_model(
+                info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}
+            )
+            version = str(mv.version)
+            tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
+        _print_summary(cfg, metrics, version)
+        return TrainOutcome(run.info.run_id, metrics, info.model_uri, version)
+
+
+def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
+    from cars_ml.data.pipeline import make_dataset
+    from cars_ml.training.fit import labels_of, predict_probabilities
+
+    batch = cfg.hparams.batch_size
+    names = list(splits.class_names)
+    val_probs = predict_probabilities(
+        result.model, make_dataset(splits.val, size, batch, training=False)
+    )
+    test_probs = predict_probabilities(
+        result.model, make_dataset(splits.test, size, batch, training=False)
+    )
+    test_labels = labels_of(splits.test)
+    metrics = {"val_f1_macro": evaluate.macro_f1(labels_of(splits.val), val_probs)}
+    metrics.update(evaluate.classification_metrics(test_labels, test_probs, "test"))
+    preds = test_probs.argmax(axis=1)
+    tracking.log_figure(
+        evaluate.confusion_matrix_figure(test_labels, preds, names), "confusion_matrix.png"
+    )
+    tracking.log_figure(evaluate.training_curves_figure(result.history), "training_curves.png")
+    tracking.log_table(evaluate.per_class_report(test_labels, preds, names), "per_class_report")
+    return metrics
+
+
+def _export(
+    cfg: TrainConfig, splits, model, size: int, float_f1: float, out_dir: Path
+) -> tuple[dict, dict[str, Path]]:
+    """Export, measure and log the TFLite files into ``out_dir``; returns (metrics, paths)."""
+    from cars_ml.data.pipeline import load_images_array
+    from cars_ml.export.tflite import edge_metrics
+    from cars_ml.training.fit import inference_fn, labels_of
+
+    rng = np.random.default_rng(cfg.seed)
+    pool = list(splits.train)
+    picks = rng.choice(len(pool), size=min(100, len(pool)), replace=False)
+    rep = load_images_array([pool[i] for i in picks], size)
+    test_images = load_images_array(list(splits.test), size)
+    infer = inference_fn(model)
+    keras_preds = np.concatenate(
+        [
+            infer(test_images[i : i + 64].astype(np.float32)).numpy().argmax(axis=1)
+            for i in range(0, len(test_images), 64)
+        ]
+    )
+    metrics, paths = edge_metrics(
+        model,
+        rep,
+        test_images,
+        labels_of(splits.test),
+        float_f1,
+        out_dir,
+        keras_test_preds=keras_preds,
+        infer=infer,
+    )
+    for path in paths.values():
+        tracking.log_artifact(path, "tflite")
+    return metrics, paths
+
+
+def _print_summary(cfg: TrainConfig, metrics: dict[str, float], version: str | None) -> None:
+    extra = (
+        "tflite_int8_size_mb",
+        "int8_f1_drop",
+        "int8_agreement",
+        "teacher_test_f1_macro",
+        "distill_gap",
+    )
+    keys = [k for k in (*METRIC_SCHEMA, *extra) if k in metrics]
+    lines = [f"  {k:<24} {metrics[k]:.4f}" for k in keys]
+    where = f"registered as {cfg.model_name} v{version}" if version else "not registered"
+    taught = f", distilled from {cfg.teacher}" if cfg.teacher else ""
+    print(f"\n[train] {cfg.model}{taught}: {where}\n" + "\n".join(lines), flush=True)
