@@ -158,7 +158,7 @@ def _register(client: MlflowClient, experiment_id: str, files: list[Path], seed:
 def _tflite_pair(workdir: Path, seed: int) -> list[Path]:
     from serving_helpers import colour_classifier
 
-    from cars_ml.export import export_tflite
+    from cars_ml.export.tflite import export_tflite
 
     model, _ = colour_classifier(seed=seed)
     paths = export_tflite(model, workdir / f"seed{seed}", colour_images(40, seed)[0])
