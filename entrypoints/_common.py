@@ -101,6 +101,21 @@ def budget(value: str) -> float | None:
     return number
 
 
+def device_name(value: str) -> str | None:
+    """An edge agent's device name, or empty for none."""
+    from cars_ml.promotion.policy import DEVICE_NAME
+
+    text = str(value).strip()
+    if not text:
+        return None
+    if not DEVICE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device name: lower case letters, digits, '-' and '_' (at most "
+            "40), as given to cars-ml-edge --device"
+        )
+    return text
+
+
 _CREDENTIAL_FIX = (
     "pass the URL without it and put the password in PGPASSWORD (or the driver's password file, "
     "such as ~/.pgpass; MLFLOW_TRACKING_PASSWORD for a tracking server), and rotate this "

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import argparse
 
-from _common import budget, fraction, parser, run_main, str2bool
+from _common import budget, device_name, fraction, parser, run_main, str2bool
 
 from cars_ml import REGISTERED_MODEL_NAME
-from cars_ml.promotion.policy import RANKING_METRICS, SIZE_METRICS, Budgets, PromotionConfig
+from cars_ml.promotion.policy import (
+    DEVICE_PRECISIONS,
+    RANKING_METRICS,
+    SIZE_METRICS,
+    Budgets,
+    PromotionConfig,
+)
 
 _DEFAULTS = Budgets()
 
@@ -27,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--size_metric", default=_DEFAULTS.size_metric, choices=SIZE_METRICS)
     p.add_argument("--max_int8_f1_drop", type=budget, default=_DEFAULTS.max_int8_f1_drop)
+    p.add_argument(
+        "--device", type=device_name, default=_DEFAULTS.device, help="an edge agent's device"
+    )
+    p.add_argument(
+        "--max_device_latency_ms",
+        type=budget,
+        default=_DEFAULTS.max_device_latency_ms,
+        help="on the p95 measured on --device",
+    )
+    p.add_argument(
+        "--device_precision", default=_DEFAULTS.device_precision, choices=DEVICE_PRECISIONS
+    )
+    p.add_argument("--allow_estimates", type=str2bool, default=_DEFAULTS.allow_estimates)
     p.add_argument("--min_improvement", type=fraction, default=0.0)
     p.add_argument("--dry_run", type=str2bool, default=False)
     p.add_argument("--rollback", type=str2bool, default=False)
@@ -40,6 +59,10 @@ def config(args: argparse.Namespace) -> tuple[PromotionConfig, str]:
         max_size_mb=args.max_size_mb,
         max_int8_f1_drop=args.max_int8_f1_drop,
         size_metric=args.size_metric,
+        device=args.device,
+        max_device_latency_ms=args.max_device_latency_ms,
+        device_precision=args.device_precision,
+        allow_estimates=args.allow_estimates,
     )
     return PromotionConfig(
         metric=args.metric,

@@ -8,6 +8,7 @@ much of the remaining time is overhead and memory traffic rather than arithmetic
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,9 +19,13 @@ from cars_ml.perf.macs import count_macs
 from cars_ml.perf.timing import interleaved_medians
 
 THREADS = 1
+# The edge agent's calibration probes (deploy/edge): the same files on the host and the device
+# make their peaks comparable for latency estimates (``perf/estimate.py``).
+AGENT_PROBES = Path(__file__).resolve().parents[2] / "deploy" / "edge" / "cars_ml_edge" / "probes"
 # (batch, inputs, units): the example of issue 7, and a shape whose float weights (4 MB) stay
 # in this core's caches and so reached the highest rate here; the peak is the better of the two.
 PEAK_SHAPES = ((64, 1024, 4096), (256, 1024, 1024))
+DEFAULT_PROBE_SHAPE = {"batch": 256, "inputs": 256, "units": 256}
 
 
 def dense_tflite(batch: int, inputs: int, units: int, *, int8: bool, seed: int = 0) -> bytes:
@@ -49,7 +54,7 @@ def dense_tflite(batch: int, inputs: int, units: int, *, int8: bool, seed: int =
     return converter.convert()
 
 
-class _Invoker:
+class Invoker:
     """A LiteRT interpreter on one flatbuffer with its input set once; ``()`` runs it."""
 
     def __init__(self, content: bytes, num_threads: int):
@@ -67,6 +72,28 @@ class _Invoker:
 
     def __call__(self) -> None:
         self.interpreter.invoke()
+
+
+def probe(precision: str) -> tuple[bytes, int]:
+    """The agent's probe flatbuffer of ``precision`` and its multiply-adds per invoke; rebuilt
+    from its recorded shape when the files are not beside the package (an installed wheel)."""
+    shape_file = AGENT_PROBES / "shape.json"
+    shape = json.loads(shape_file.read_text()) if shape_file.is_file() else DEFAULT_PROBE_SHAPE
+    dims = (int(shape["batch"]), int(shape["inputs"]), int(shape["units"]))
+    path = AGENT_PROBES / f"dense_{precision}.tflite"
+    content = path.read_bytes() if path.is_file() else None
+    return content or dense_tflite(*dims, int8=precision == "int8"), math.prod(dims)
+
+
+def host_peak_gmacs(threads: int = THREADS, runs: int = 100, warmup: int = 5) -> dict[str, float]:
+    """This host's ``host_peak_<P>_gmacs`` on the edge agent's probes at ``threads`` threads."""
+    probes = {precision: probe(precision) for precision in ("float32", "int8")}
+    contenders = {p: Invoker(content, threads) for p, (content, _) in probes.items()}
+    medians = interleaved_medians(contenders, runs=runs, warmup=warmup)
+    return {
+        f"host_peak_{p}_gmacs": macs / (medians[p] / 1000.0) / 1e9
+        for p, (_, macs) in probes.items()
+    }
 
 
 def compare_edge(
@@ -95,8 +122,8 @@ def compare_edge(
         "int8": lambda: int8_runner.predict(one),
     }
     for i, shape in enumerate(peak_shapes):
-        contenders[f"peak{i}_float32"] = _Invoker(dense_tflite(*shape, int8=False), THREADS)
-        contenders[f"peak{i}_int8"] = _Invoker(dense_tflite(*shape, int8=True), THREADS)
+        contenders[f"peak{i}_float32"] = Invoker(dense_tflite(*shape, int8=False), THREADS)
+        contenders[f"peak{i}_int8"] = Invoker(dense_tflite(*shape, int8=True), THREADS)
     medians = interleaved_medians(contenders, runs=runs, warmup=warmup)
 
     def peak(precision: str) -> float:
@@ -107,6 +134,7 @@ def compare_edge(
         return max(rates)
 
     macs = count_macs(model)
+    estimates = compare_estimates(paths, medians, runs=runs)
     peak_f, peak_q = peak("float32"), peak("int8")
     floor_f_ms = macs / (peak_f * 1e9) * 1000.0
     floor_q_ms = macs / (peak_q * 1e9) * 1000.0
@@ -121,4 +149,54 @@ def compare_edge(
         "int8_floor_ms": floor_q_ms,
         "float_latency_over_floor": medians["float32"] / floor_f_ms,
         "int8_latency_over_floor": medians["int8"] / floor_q_ms,
+        **estimates,
     }
+
+
+# Simulated devices: this host pinned to some of its cores, measured as the edge agent would.
+SIMULATED_DEVICES = {"sim-1core": ("0", 1), "sim-2core": ("0,1", 2)}
+
+
+def compare_estimates(
+    paths: dict[str, Path], host_ms: dict[str, float], runs: int = 50
+) -> dict[str, float]:
+    """Latency estimates from device profiles (``perf/estimate.py``) against measurements on
+    simulated devices (this host under ``taskset``), for both files.
+
+    ``host_ms`` holds the one-thread medians of both files measured here; the estimate scales
+    them by this host's one-thread probe peak over the device's peak at its thread count, as a
+    train run does for a calibrated device. Devices this host cannot simulate (too few cores,
+    no ``taskset``) are left out.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from cars_ml.perf.estimate import estimate_latencies
+
+    if shutil.which("taskset") is None:
+        return {}
+    host = {f"tflite_{p}_latency_ms_p50": host_ms[p] for p in ("float32", "int8")}
+    host.update(host_peak_gmacs(THREADS))
+    out: dict[str, float] = {}
+    for device, (cores, threads) in SIMULATED_DEVICES.items():
+        if threads > (os.cpu_count() or 1):
+            continue
+        command = ["taskset", "-c", cores, sys.executable, "-m", "cars_ml.perf.device_sim"]
+        command += ["--threads", str(threads), "--runs", str(runs)]
+        result = subprocess.run(
+            [*command, str(paths["float32"]), str(paths["int8"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        profile = {p: measured[f"host_peak_{p}_gmacs"] for p in ("float32", "int8")}
+        for name, value in estimate_latencies(host, {device: profile}).items():
+            precision = name.split("_")[-3]
+            out[name] = value
+            out[f"measured_{device}_{precision}_latency_ms"] = measured[f"{precision}_ms"]
+            out[f"est_over_measured_{device}_{precision}"] = value / measured[f"{precision}_ms"]
+    return out

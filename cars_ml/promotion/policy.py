@@ -8,6 +8,11 @@ by at least ``min_improvement``; a champion that itself fails a budget now (budg
 metrics re-measured) is replaced by any passing challenger. ``cars_ml.promotion.registry`` applies the
 decision.
 
+With ``device`` set, the latency budget applies to what the edge agent measured on that device
+(``device_<name>_<precision>_latency_ms_p95``) instead of this host's Keras latency: a version not
+measured there fails it ("not measured on <name>: run the edge agent there"), unless
+``allow_estimates`` lets the estimate from the device's profile stand in, which the reason says.
+
 The size budget applies to ``model_size_mb`` (the Keras model that the registry serves) by
 default: it is the conservative choice, since the int8 file is about four times smaller. Set
 ``size_metric="tflite_int8_size_mb"`` when only the int8 file goes to the device.
@@ -16,6 +21,7 @@ default: it is the conservative choice, since the int8 file is about four times 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +40,8 @@ RANKING_METRICS = (
 SIZE_METRICS = ("model_size_mb", "tflite_int8_size_mb")
 LATENCY_METRIC = "latency_ms_p95"
 INT8_DROP_METRIC = "int8_f1_drop"
+DEVICE_PRECISIONS = ("int8", "float32")
+DEVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 # Float noise (0.83 - 0.82 = 0.00999...) must not turn "beats by 0.01" into "does not".
 IMPROVEMENT_TOLERANCE = 1e-9
 ACTIONS = ("promote", "keep", "none_eligible", "rollback")
@@ -49,16 +57,23 @@ class Budgets:
 
     ``max_latency_ms`` bounds ``latency_ms_p95``; ``max_size_mb`` bounds ``size_metric``
     (``model_size_mb`` or ``tflite_int8_size_mb``); ``max_int8_f1_drop`` bounds
-    ``int8_f1_drop`` (float test macro-F1 minus int8).
+    ``int8_f1_drop`` (float test macro-F1 minus int8). With ``device`` (an edge agent's device
+    name), ``max_device_latency_ms`` bounds the p95 measured there for ``device_precision``
+    in place of ``max_latency_ms``; ``allow_estimates`` accepts the profile's estimate for a
+    version not measured there.
     """
 
     max_latency_ms: float | None = 100.0
     max_size_mb: float | None = 50.0
     max_int8_f1_drop: float | None = 0.05
     size_metric: str = "model_size_mb"
+    device: str | None = None
+    max_device_latency_ms: float | None = 100.0
+    device_precision: str = "int8"
+    allow_estimates: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_latency_ms", "max_size_mb", "max_int8_f1_drop"):
+        for name in ("max_latency_ms", "max_size_mb", "max_int8_f1_drop", "max_device_latency_ms"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(
@@ -66,11 +81,37 @@ class Budgets:
                 )
         if self.size_metric not in SIZE_METRICS:
             raise ValueError(f"size_metric must be one of {SIZE_METRICS}, got {self.size_metric!r}")
+        if self.device is not None and not DEVICE_NAME.match(self.device):
+            raise ValueError(
+                f"device must be an edge agent's device name (lower case letters, digits, '-' "
+                f"and '_', at most 40), got {self.device!r}"
+            )
+        if self.device_precision not in DEVICE_PRECISIONS:
+            raise ValueError(
+                f"device_precision must be one of {DEVICE_PRECISIONS}, got {self.device_precision!r}"
+            )
+
+    @property
+    def device_column(self) -> str:
+        """The measured p95 the device budget reads (the edge agent's metric)."""
+        return f"device_{self.device}_{self.device_precision}_latency_ms_p95"
+
+    @property
+    def estimate_column(self) -> str:
+        return f"est_{self.device}_{self.device_precision}_latency_ms"
 
     def checks(self) -> list[tuple[str, str, str, float | None]]:
         """(check name, metric column, budget name, limit) for each budget."""
+        latency = ("latency", LATENCY_METRIC, "max_latency_ms", self.max_latency_ms)
+        if self.device:
+            latency = (
+                "device_latency",
+                self.device_column,
+                "max_device_latency_ms",
+                self.max_device_latency_ms,
+            )
         return [
-            ("latency", LATENCY_METRIC, "max_latency_ms", self.max_latency_ms),
+            latency,
             ("size", self.size_metric, "max_size_mb", self.max_size_mb),
             ("int8_f1_drop", INT8_DROP_METRIC, "max_int8_f1_drop", self.max_int8_f1_drop),
         ]
@@ -149,18 +190,34 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     table = candidates.copy().reset_index(drop=True)
     table["version"] = table["version"].astype(str)
     rows = table.to_dict("records")
-    checks = [*config.budgets.checks(), ("metric", config.metric, "", None)]
+    budgets = config.budgets
+    if budgets.device:
+        latencies = [device_latency(row, budgets) for row in rows]
+        table["device"] = f"{budgets.device} ({budgets.device_precision})"
+        table["device_latency_ms"] = [value for value, _ in latencies]
+        table["device_latency_source"] = [source for _, source in latencies]
+        rows = table.to_dict("records")
+    checks = [*budgets.checks(), ("metric", config.metric, "", None)]
     all_reasons: list[list[str]] = [[] for _ in rows]
     for check, column, budget, limit in checks:
         passes, reasons = [], []
         for i, row in enumerate(rows):
             value = metric_value(row, column)
+            if check == "device_latency":
+                value = metric_value(row, "device_latency_ms")
             if check != "metric" and limit is None:
                 ok, reason = True, ""
+            elif value is None and check == "device_latency":
+                ok, reason = False, _not_measured(budgets)
             elif value is None:
                 ok, reason = False, f"{column} missing"
             elif check != "metric" and value > limit:
                 ok, reason = False, f"{column} {_fmt(value)} > {budget} {_fmt(limit)}"
+                if check == "device_latency" and row["device_latency_source"] == "estimate":
+                    reason = (
+                        f"{budgets.estimate_column} {_fmt(value)} > {budget} {_fmt(limit)} "
+                        f"(estimate: not measured on {budgets.device})"
+                    )
             else:
                 ok, reason = True, ""
             passes.append(ok)
@@ -183,8 +240,28 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     return table
 
 
+def device_latency(row: Mapping[str, Any], budgets: Budgets) -> tuple[float | None, str]:
+    """The device p95 a version is judged by and where it came from: ``measured`` by the
+    edge agent, ``estimate`` from the device's profile (only with ``allow_estimates``), or
+    ``""`` when there is neither."""
+    measured = metric_value(row, budgets.device_column)
+    if measured is not None:
+        return measured, "measured"
+    estimate = metric_value(row, budgets.estimate_column) if budgets.allow_estimates else None
+    return (estimate, "estimate") if estimate is not None else (None, "")
+
+
+def _not_measured(budgets: Budgets) -> str:
+    reason = f"not measured on {budgets.device}: run the edge agent there"
+    if budgets.allow_estimates:
+        reason += f" (no estimate either: calibrate it with cars-ml-edge --device {budgets.device})"
+    return reason
+
+
 def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:
-    latency = metric_value(row, LATENCY_METRIC)
+    # Ties go to the faster version: on the device when a device decides, else on this host.
+    latency = metric_value(row, "device_latency_ms")
+    latency = metric_value(row, LATENCY_METRIC) if latency is None else latency
     return (
         -(metric_value(row, metric) or 0.0),
         latency if latency is not None else math.inf,
@@ -196,6 +273,10 @@ def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tupl
 def _describe(row: Mapping[str, Any], metric: str) -> str:
     latency = metric_value(row, LATENCY_METRIC)
     lat = f", {LATENCY_METRIC} {_fmt(latency)}" if latency is not None else ""
+    device = metric_value(row, "device_latency_ms")
+    if device is not None:
+        source = "estimated" if row.get("device_latency_source") == "estimate" else "measured"
+        lat = f", p95 on {row['device']} {_fmt(device)} ms {source}"
     return f"v{row['version']} ({metric} {_fmt(metric_value(row, metric) or 0.0)}{lat})"
 
 

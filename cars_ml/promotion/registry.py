@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Everything a train run logs except the validation score, plus the edge headline figures.
 METRICS = (*METRIC_SCHEMA[1:], *EDGE_HEADLINE)
+DEVICE_METRIC_PREFIXES = ("device_", "est_", "host_peak_")
 HISTORY_TAG = "champion_history"
 # Set on the version a rollback moved away from, so that the next promote does not bring it
 # straight back; deleting the tag makes the version eligible again.
@@ -95,9 +96,13 @@ def candidate_table(model_name: str) -> pd.DataFrame:
         }
         for name in METRICS:
             row[name] = metrics[name] if name in metrics else _float(mv.tags.get(name))
+        # What the edge agent measured on devices, the estimates for profiled devices and the
+        # host peaks that estimates for devices profiled later are made from.
+        row.update({k: v for k, v in metrics.items() if k.startswith(DEVICE_METRIC_PREFIXES)})
         rows.append(row)
     columns = ["version", "run_id", "backbone", "stage", "excluded", *METRICS]
-    return pd.DataFrame(rows, columns=columns)
+    extra = sorted({k for row in rows for k in row} - set(columns))
+    return pd.DataFrame(rows, columns=[*columns, *extra])
 
 
 def current_champion(model_name: str) -> str | None:

@@ -26,7 +26,10 @@ def _role(row: pd.Series, decision: Decision) -> str:
 def format_table(decision: Decision, budgets: Budgets) -> str:
     """A readable candidate table (one line per version) followed by the decision."""
     table = decision.table
-    columns = ["version", "backbone", decision.metric, "latency_ms_p95", budgets.size_metric]
+    latency = (
+        ["device_latency_ms", "device_latency_source"] if budgets.device else ["latency_ms_p95"]
+    )
+    columns = ["version", "backbone", decision.metric, *latency, budgets.size_metric]
     columns += ["int8_f1_drop", "eligible", "fail_reasons"]
     view = table[[c for c in columns if c in table.columns]].copy()
     view.insert(1, "role", [_role(row, decision) for _, row in table.iterrows()])
@@ -55,11 +58,22 @@ def _num(value) -> float:
     return number
 
 
-def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
-    """``metric`` against ``latency_ms_p50`` (a bar reaches to p95), point area by size.
+def _latencies(row: pd.Series, budgets: Budgets) -> tuple[float, float]:
+    """(p50, p95) on the axis: this host's, or the device's when a device decides (an
+    estimate has no spread: both are the estimate)."""
+    if not budgets.device:
+        return _num(row.get("latency_ms_p50")), _num(row.get("latency_ms_p95"))
+    p95 = _num(row.get("device_latency_ms"))
+    p50 = _num(row.get(budgets.device_column.replace("_p95", "_p50")))
+    return (p50 if not math.isnan(p50) else p95), p95
 
-    Eligible versions are green, the others grey; the champion after the decision is ringed
-    in red and the latency budget (which applies to p95) is a dashed line.
+
+def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
+    """``metric`` against latency p50 (a bar reaches to p95), point area by size.
+
+    The latency is this host's, or with a device the one measured there (a hollow point is an
+    estimate). Eligible versions are green, the others grey; the champion after the decision is
+    ringed in red and the latency budget (which applies to p95) is a dashed line.
     """
     table = decision.table
     fig = Figure(figsize=(8, 5.5), dpi=100)
@@ -68,22 +82,22 @@ def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
     sizes = [_num(v) for v in table.get(budgets.size_metric, pd.Series(dtype=float))]
     biggest = max((s for s in sizes if not math.isnan(s)), default=1.0) or 1.0
     for i, (_, row) in enumerate(table.iterrows()):
-        x, y = _num(row.get("latency_ms_p50")), _num(row.get(decision.metric))
+        (x, p95), y = _latencies(row, budgets), _num(row.get(decision.metric))
         if math.isnan(x) or math.isnan(y):
             continue
         plotted += 1
         size = sizes[i] if i < len(sizes) and not math.isnan(sizes[i]) else biggest / 4
         area = 60 + 900 * size / biggest
         color = "tab:green" if row["eligible"] else "tab:gray"
-        p95 = _num(row.get("latency_ms_p95"))
         if not math.isnan(p95) and p95 > x:
             ax.plot([x, p95], [y, y], color=color, linewidth=1.5, alpha=0.6)
         is_champion = row["version"] == decision.new_champion
+        estimate = row.get("device_latency_source") == "estimate"
         ax.scatter(
             [x],
             [y],
             s=area,
-            color=color,
+            color="white" if estimate else color,
             alpha=0.7,
             edgecolors="tab:red" if is_champion else "black",
             linewidths=3 if is_champion else 0.5,
@@ -97,11 +111,14 @@ def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
             xytext=(8, 6),
             fontsize=8,
         )
-    if budgets.max_latency_ms is not None:
-        ax.axvline(budgets.max_latency_ms, color="tab:red", linestyle="--", linewidth=1)
+    limit, limit_name = budgets.max_latency_ms, "max_latency_ms"
+    if budgets.device:
+        limit, limit_name = budgets.max_device_latency_ms, "max_device_latency_ms"
+    if limit is not None:
+        ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1)
         ax.annotate(
-            f"max_latency_ms {budgets.max_latency_ms:g} (p95)",
-            (budgets.max_latency_ms, 0.02),
+            f"{limit_name} {limit:g} (p95)",
+            (limit, 0.02),
             xycoords=("data", "axes fraction"),
             rotation=90,
             fontsize=8,
@@ -109,7 +126,8 @@ def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
             xytext=(-12, 0),
             textcoords="offset points",
         )
-    ax.set_xlabel("latency_ms_p50 (bar to p95)")
+    where = f"on {budgets.device} ({budgets.device_precision}; hollow = estimate)"
+    ax.set_xlabel(f"latency ms p50 {where if budgets.device else 'on this host'} (bar to p95)")
     ax.set_ylabel(decision.metric)
     skipped = len(table) - plotted
     note = f"; {skipped} version(s) lack latency or {decision.metric}" if skipped else ""

@@ -16,6 +16,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+import pandas as pd
+
 from cars_ml import REGISTERED_MODEL_NAME, tracking
 from cars_ml.promotion import moves, registry
 from cars_ml.promotion.lock import promotion_lock
@@ -39,6 +41,10 @@ def _params(config: PromotionConfig, model_name: str) -> dict[str, Any]:
         "policy.max_size_mb": budgets.max_size_mb,
         "policy.size_metric": budgets.size_metric,
         "policy.max_int8_f1_drop": budgets.max_int8_f1_drop,
+        "policy.device": budgets.device or "",
+        "policy.max_device_latency_ms": budgets.max_device_latency_ms,
+        "policy.device_precision": budgets.device_precision,
+        "policy.allow_estimates": budgets.allow_estimates,
         "policy.dry_run": config.dry_run,
         "policy.rollback": config.rollback,
     }
@@ -96,6 +102,8 @@ def decide_now(
             f"Registered model {model_name!r} has no versions in the registry at "
             f"{tracking.redact(tracking.tracking_uri())}: {TRAIN_HINT}."
         )
+    if config.budgets.device and config.budgets.allow_estimates:
+        table = _with_estimates(table, config.budgets.device)
     champion = registry.current_champion(model_name)
     move = interrupted.move if interrupted and interrupted.outcome != "undone" else None
     pending = move if config.dry_run else None
@@ -112,6 +120,24 @@ def decide_now(
     if interrupted is not None:
         decision = replace(decision, reason=f"{interrupted.describe()} {decision.reason}")
     return decision
+
+
+def _with_estimates(table, device: str):
+    """Fill in ``est_<device>_*`` for versions trained before the device was calibrated, from
+    their host latencies and host peaks and the device's profile (``perf/estimate.py``)."""
+    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+
+    profile = tracking.device_profiles().get(device)
+    if not profile:
+        return table
+    table = table.copy()
+    for index, row in table.iterrows():
+        for name, value in estimate_latencies(
+            row.to_dict(), {device: profile_peaks(profile)}
+        ).items():
+            if name not in table.columns or not pd.notna(table.at[index, name]):
+                table.loc[index, name] = value
+    return table
 
 
 def _apply(decision: Decision, model_name: str, done: Move | None, guard) -> None:

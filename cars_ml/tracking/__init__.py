@@ -9,6 +9,7 @@ for callers that catch it without importing MLflow themselves.
 
 from mlflow.exceptions import MlflowException
 
+from cars_ml.tracking.devices import device_profiles
 from cars_ml.tracking.models import (
     RegisteredModel,
     check_model_uri,
@@ -49,6 +50,7 @@ __all__ = [
     "check_model_uri",
     "check_tracking_server",
     "close_stale_runs",
+    "device_profiles",
     "download_model",
     "filter_equals",
     "find_finished_run",

@@ -308,7 +308,19 @@ def _export(
     )
     for path in paths.values():
         tracking.log_artifact(path, "tflite")
-    return metrics, paths
+    return {**metrics, **_device_estimates(metrics)}, paths
+
+
+def _device_estimates(edge: dict[str, float]) -> dict[str, float]:
+    """This host's probe peaks and, for every calibrated device, the estimated latency of both
+    files there (``perf/estimate.py``); the peaks let promotion estimate for devices
+    calibrated later."""
+    from cars_ml.perf.edge import host_peak_gmacs
+    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+
+    peaks = host_peak_gmacs()
+    profiles = {name: profile_peaks(m) for name, m in tracking.device_profiles().items()}
+    return {**peaks, **estimate_latencies({**edge, **peaks}, profiles)}
 
 
 def _print_summary(cfg: TrainConfig, metrics: dict[str, float], version: str | None) -> None:

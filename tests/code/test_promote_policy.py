@@ -345,3 +345,57 @@ def test_an_eligible_champion_is_replaced_only_by_min_improvement(
         assert decision.improvement == pytest.approx(best - champ_f1)
     elif best - champ_f1 >= min_improvement and decision.challenger != champion:
         pytest.fail(f"kept v{champion} although the challenger beats it by {best - champ_f1}")
+
+
+PI = "device_pi5_int8_latency_ms_p95"
+
+
+def _device_config(**budgets) -> PromotionConfig:
+    return PromotionConfig(budgets=Budgets(device="pi5", max_device_latency_ms=40.0, **budgets))
+
+
+def test_a_device_budget_reads_the_device_measurement_not_this_host():
+    # v1 is fast here but slow on the Pi; v2 the other way round.
+    candidates = table(
+        row(1, f1=0.9, p95=5.0, **{PI: 80.0}), row(2, f1=0.8, p95=500.0, **{PI: 30.0})
+    )
+    decision = decide(candidates, None, _device_config())
+    assert decision.challenger == "2"
+    assert only(decision, 1)["fail_reasons"] == f"{PI} 80.0 > max_device_latency_ms 40.0"
+    assert "p95 on pi5 (int8) 30.0 ms measured" in decision.reason
+
+
+def test_a_version_not_measured_on_the_device_is_ruled_out_unless_estimates_are_allowed():
+    candidates = table(
+        row(1, f1=0.8, **{PI: 30.0}),
+        row(2, f1=0.95, **{"est_pi5_int8_latency_ms": 20.0}),
+        row(3, f1=0.99, **{"est_pi5_int8_latency_ms": 90.0}),
+    )
+    strict = decide(candidates, None, _device_config())
+    assert strict.challenger == "1"
+    assert only(strict, 2)["fail_reasons"] == "not measured on pi5: run the edge agent there"
+    loose = decide(candidates, None, _device_config(allow_estimates=True))
+    assert loose.challenger == "2"
+    assert only(loose, 2)["device_latency_source"] == "estimate"
+    assert "estimated" in loose.reason
+    assert "(estimate: not measured on pi5)" in only(loose, 3)["fail_reasons"]
+
+
+def test_device_float32_and_bad_device_settings():
+    candidates = table(row(1, **{"device_pi5_float32_latency_ms_p95": 35.0}))
+    decision = decide(candidates, None, _device_config(device_precision="float32"))
+    assert decision.challenger == "1"
+    with pytest.raises(ValueError, match="device name"):
+        Budgets(device="Pi 5")
+    with pytest.raises(ValueError, match="device_precision"):
+        Budgets(device="pi5", device_precision="fp16")
+
+
+def test_estimates_scale_host_latency_by_the_two_peaks():
+    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+
+    run = {"tflite_int8_latency_ms_p50": 4.0, "host_peak_int8_gmacs": 200.0}
+    peaks = profile_peaks({"peak_int8_gmacs_t1": 50.0, "peak_int8_gmacs": 150.0})
+    assert peaks == {"int8": 50.0}
+    assert estimate_latencies(run, {"pi5": peaks}) == {"est_pi5_int8_latency_ms": 16.0}
+    assert estimate_latencies({"tflite_int8_latency_ms_p50": 4.0}, {"pi5": peaks}) == {}

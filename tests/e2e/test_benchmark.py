@@ -47,6 +47,10 @@ EXPECTED = {
         "peak_int8_gmacs",
         "float_latency_over_floor",
         "int8_latency_over_floor",
+        "est_sim-1core_int8_latency_ms",
+        "measured_sim-1core_int8_latency_ms",
+        "est_over_measured_sim-1core_int8",
+        "est_over_measured_sim-1core_float32",
     ],
     "pipeline": [
         "pipeline_img_per_s",

@@ -364,3 +364,52 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
         assert "stopped by SIGTERM" in err and "Traceback" not in err
         history = client.get_metric_history(run_id, f"{P}_int8_latency_ms_p95")
         assert len(history) == 1
+
+
+def test_promote_on_a_device_decides_by_what_the_agent_measured_there(edge_venv, tmp_path):
+    """Three versions, the best of them never measured on ``sim-1core``: ``promote -P
+    device=sim-1core`` rules it out with the reason and promotes the best measured one; with
+    ``allow_estimates`` the profile's estimate stands in for the missing measurement."""
+    from e2e_utils import run_entry
+
+    with sqlite_tracking_server(tmp_path / "server") as server:
+        client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        experiment_id = client.create_experiment("edge-promote")
+        client.create_registered_model(MODEL)
+        pair = _tflite_pair(tmp_path, 0)
+        versions = [_register(client, experiment_id, pair, seed) for seed in (0, 1, 2)]
+        for number, f1 in zip(versions, (0.80, 0.85, 0.95), strict=True):
+            run_id = client.get_model_version(MODEL, number).run_id
+            training = {
+                "test_f1_macro": f1,
+                "latency_ms_p95": 5.0,
+                "model_size_mb": 1.0,
+                "int8_f1_drop": 0.0,
+                # What a train run logs for estimates: the host's int8 latency and peak.
+                "tflite_int8_latency_ms_p50": 0.01,
+                "host_peak_int8_gmacs": 100.0,
+            }
+            for key, value in training.items():
+                client.log_metric(run_id, key, value)
+        measured = _agent(
+            edge_venv,
+            *("--tracking-uri", server.uri, "--device", DEVICE, "--once", "--runs", "20"),
+            *("--versions", f"{versions[0]},{versions[1]}"),
+        )
+        assert measured.returncode == 0, measured.stdout + measured.stderr
+
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+        device = ("--device", DEVICE, "--max_device_latency_ms", "50")
+        promoted = run_entry("promote", *device, env=env)
+        out = promoted.stdout + promoted.stderr
+        champion = client.get_model_version_by_alias(MODEL, "champion").version
+        assert champion == versions[1], out
+        assert f"not measured on {DEVICE}: run the edge agent there" in out
+        reason = client.get_model_version(MODEL, champion).tags["promotion_reason"]
+        assert f"p95 on {DEVICE} (int8)" in reason and "measured" in reason
+
+        estimated = run_entry("promote", *device, "--allow_estimates", "true", env=env)
+        champion = client.get_model_version_by_alias(MODEL, "champion").version
+        assert champion == versions[2], estimated.stdout + estimated.stderr
+        reason = client.get_model_version(MODEL, champion).tags["promotion_reason"]
+        assert "estimated" in reason, reason
