@@ -25,6 +25,27 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def car_photos(tmp_path_factory) -> list[Path]:
+    """Photos for end-to-end serving: three 224 px JPEG car drawings made here (so a clone
+    without ``../shared`` runs every path) followed by the three real Stanford Cars photos
+    when ``../shared/data`` has them."""
+    import numpy as np
+    from PIL import Image
+
+    from cars_ml.data.synthetic import draw_car
+
+    folder = tmp_path_factory.mktemp("car_photos")
+    rng = np.random.default_rng(0)
+    photos = []
+    for label in range(3):
+        pixels, _ = draw_car(label, 224, 224, rng)
+        photos.append(folder / f"drawn_{label}.jpg")
+        Image.fromarray(pixels).save(photos[-1], quality=90)
+    real = sorted((SHARED_DATA / "samples").glob("*.jpg"))
+    return photos + real
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking + registry store for one test, set for this process and children."""

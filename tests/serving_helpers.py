@@ -73,13 +73,6 @@ def b64_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def sample_photos(shared_data: Path) -> list[Path]:
-    """The three real Stanford Cars photos."""
-    photos = sorted((shared_data / "samples").glob("*.jpg"))
-    assert len(photos) == 3, f"expected 3 sample photos in {shared_data / 'samples'}"
-    return photos
-
-
 def register_champion(model, class_names, size: int = SIZE, name: str = "stanford-cars-classifier"):
     """Log ``model`` as the serving pyfunc, register it and point the ``champion`` alias at it.
 

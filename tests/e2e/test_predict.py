@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from serving_helpers import CAR_NAMES, register_champion, sample_photos, tiny_mobilenet
+from serving_helpers import CAR_NAMES, register_champion, tiny_mobilenet
 
 pytestmark = pytest.mark.e2e
 
@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
-def folder(tracking_uri, tmp_path, shared_data, monkeypatch):
-    """Three real photos (one in a subfolder with an upper-case suffix) and one corrupt file."""
+def folder(tracking_uri, tmp_path, car_photos, monkeypatch):
+    """Three photos (one in a subfolder with an upper-case suffix) and one corrupt file."""
     monkeypatch.chdir(tmp_path)
     register_champion(tiny_mobilenet(), CAR_NAMES)
     images = tmp_path / "my photos"
     (images / "sub dir").mkdir(parents=True)
-    photos = sample_photos(shared_data)
-    shutil.copy(photos[0], images / photos[0].name)
+    photos = car_photos[-3:]  # the real ones when ../shared has them
+    shutil.copy(photos[0], images / "first.jpg")
     shutil.copy(photos[1], images / "sub dir" / "second.JPG")
     shutil.copy(photos[2], images / "third.jpeg")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
@@ -53,7 +53,7 @@ def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, tracking_u
     frame = pd.read_csv(output, keep_default_na=False)
     assert list(frame.columns) == ["file", "label", "class_id", "probability", "top5", "error"]
     assert sorted(frame["file"]) == sorted(
-        ["03198.jpg", "sub dir/second.JPG", "third.jpeg", "broken.png"]
+        ["first.jpg", "sub dir/second.JPG", "third.jpeg", "broken.png"]
     )
     good = frame[frame["error"] == ""]
     assert len(good) == 3

@@ -31,7 +31,7 @@ from servers import (
     tracking_server,
     wait_http,
 )
-from serving_helpers import b64_file, sample_photos
+from serving_helpers import b64_file
 
 import cars_ml
 
@@ -146,7 +146,7 @@ def scan_for_secrets(client: mlflow.MlflowClient, secrets: dict[str, str], workd
 
 
 def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no_secret(
-    scaleout_server, client, shared_data, tmp_path
+    scaleout_server, client, car_photos, tmp_path
 ):
     server = scaleout_server
     secrets = {
@@ -248,7 +248,7 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     serve_env = client_env(server.uri)
     with process_group(serve_cmd, serve_env, tmp_path / "serve.log") as serving:
         wait_http(f"http://127.0.0.1:{port}/ping", serving, tmp_path / "serve.log", timeout_s=120)
-        photo = sample_photos(shared_data)[0]
+        photo = car_photos[0]
         body = {"dataframe_split": {"columns": ["image"], "data": [[b64_file(photo)]]}}
         reply = post(port, body, timeout=60)
     assert reply.status == 200, reply.text

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serving_helpers import CAR_NAMES, b64_file, register_champion, sample_photos, tiny_mobilenet
+from serving_helpers import CAR_NAMES, b64_file, register_champion, tiny_mobilenet
 
 pytestmark = pytest.mark.e2e
 
@@ -108,9 +108,9 @@ def server(tracking_uri, tmp_path, monkeypatch):
             proc.wait(timeout=15)
 
 
-def test_serves_real_photos_and_refuses_bad_input_with_400(server, shared_data):
+def test_serves_real_photos_and_refuses_bad_input_with_400(server, car_photos):
     port, proc = server
-    photos = [b64_file(p) for p in sample_photos(shared_data)]
+    photos = [b64_file(p) for p in car_photos]
     good_requests = [
         {"dataframe_split": {"columns": ["image"], "data": [[p] for p in photos]}},
         {"inputs": {"image": photos}},
@@ -119,7 +119,7 @@ def test_serves_real_photos_and_refuses_bad_input_with_400(server, shared_data):
         status, answer = post(port, body)
         assert status == 200, answer
         predictions = answer["predictions"]
-        assert len(predictions) == 3
+        assert len(predictions) == len(photos)
         for prediction in predictions:
             assert prediction["label"] in CAR_NAMES
             assert CAR_NAMES[prediction["class_id"]] == prediction["label"]

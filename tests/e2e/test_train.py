@@ -37,7 +37,7 @@ PARAMS = (
 )
 
 
-def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path, shared_data):
+def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path, car_photos):
     cmd = [
         sys.executable,
         "-m",
@@ -99,7 +99,7 @@ def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path
     )
 
     model = mlflow.pyfunc.load_model(f"models:/stanford-cars-classifier/{version.version}")
-    photos = sorted((shared_data / "samples").glob("*.jpg"))
+    photos = car_photos
     frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in photos]})
     out = model.predict(frame)
     assert len(out) == len(photos)

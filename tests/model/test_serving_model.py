@@ -18,7 +18,6 @@ from serving_helpers import (
     SIZE,
     b64_file,
     colour_classifier,
-    sample_photos,
     tiny_mobilenet,
 )
 
@@ -38,14 +37,14 @@ def logged(tracking_uri, tmp_path, monkeypatch):
     return info.model_uri, model
 
 
-def test_logged_model_predicts_real_photos(logged, shared_data):
+def test_logged_model_predicts_real_photos(logged, car_photos):
     model_uri, keras_model = logged
-    photos = [b64_file(p) for p in sample_photos(shared_data)]
+    photos = [b64_file(p) for p in car_photos]
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     out = pyfunc.predict(pd.DataFrame({"image": photos}))
 
     assert list(out.columns) == ["label", "class_id", "probability", "top_k"]
-    assert len(out) == 3
+    assert len(out) == len(photos)
     assert out["class_id"].dtype == np.int64 and out["probability"].dtype == np.float64
     pixels = prepare_batch(photos, SIZE, pyfunc.unwrap_python_model().limits)
     expected = keras_model.predict(pixels.astype("float32"), verbose=0)
@@ -80,9 +79,9 @@ def test_logged_model_carries_what_serving_needs(logged):
     assert signature.outputs.input_names() == ["label", "class_id", "probability", "top_k"]
 
 
-def test_other_input_shapes_and_bad_input(logged, shared_data):
+def test_other_input_shapes_and_bad_input(logged, car_photos):
     model_uri, _ = logged
-    photo = b64_file(sample_photos(shared_data)[0])
+    photo = b64_file(car_photos[0])
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     by_dict = pyfunc.predict({"image": [photo, photo]})
     by_list = pyfunc.predict([photo])
