@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import served_model
 from PIL import Image
+from servers import free_port, process_group, wait_http
 from serving_helpers import CAR_NAMES, b64_file, register_champion, tiny_mobilenet
 
 pytestmark = pytest.mark.e2e
@@ -26,37 +25,13 @@ START_TIMEOUT_S = 120
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def post(port: int, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=data,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    reply = served_model.post(port, body)
+    return reply.status, reply.json()
 
 
 def wait_until_up(proc: subprocess.Popen, port: int, log_path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"server not up after {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+    wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path, timeout_s=START_TIMEOUT_S)
 
 
 def png_b64(image: Image.Image) -> str:
@@ -85,27 +60,11 @@ def server(tracking_uri, tmp_path, monkeypatch):
         "-p",
         str(port),
     ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command,
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # The whole group is stopped afterwards: the MLflow CLI and the uvicorn server it started.
+    with process_group(command, env, log_path) as proc:
         wait_until_up(proc, port, log_path)
         yield port, proc
-    finally:
-        # Kill the whole group: the MLflow CLI and the uvicorn server it started.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def test_serves_real_photos_and_refuses_bad_input_with_400(server, car_photos):
@@ -160,16 +119,11 @@ def test_serves_real_photos_and_refuses_bad_input_with_400(server, car_photos):
     assert proc.poll() is None, "the server must keep running"
 
 
-def _start_serve_entry(args: list[str], env: dict, log_path) -> subprocess.Popen:
-    """The `serve` entry point in its own process group, its output in ``log_path``."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "entrypoints" / "serve.py"), *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def _serve_entry(args: list[str], env: dict, log_path):
+    """The `serve` entry point in its own process group (stopped after), output in ``log_path``."""
+    return process_group(
+        [sys.executable, str(ROOT / "entrypoints" / "serve.py"), *args], env, log_path
+    )
 
 
 def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, monkeypatch):
@@ -183,8 +137,7 @@ def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, m
     register_champion(tiny_mobilenet(), CAR_NAMES)
     port = free_port()
     log_path = tmp_path / "serve-entry.log"
-    proc = _start_serve_entry(["--port", str(port)], env, log_path)
-    try:
+    with _serve_entry(["--port", str(port)], env, log_path) as proc:
         wait_until_up(proc, port, log_path)
         # Signal only the entry-point process: it became the MLflow CLI, which must take the
         # uvicorn server down with it.
@@ -199,9 +152,6 @@ def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, m
             time.sleep(0.5)
         else:
             pytest.fail("the server still answers after SIGTERM to the serve entry point")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypatch):
@@ -229,8 +179,7 @@ def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypa
     port = free_port()
     log_path = tmp_path / "serve-int8.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    proc = _start_serve_entry(["--port", str(port), "--precision", "int8"], env, log_path)
-    try:
+    with _serve_entry(["--port", str(port), "--precision", "int8"], env, log_path) as proc:
         wait_until_up(proc, port, log_path)
         images, labels = colour_images(6, seed=9)
         status, answer = post(
@@ -243,7 +192,3 @@ def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypa
             step = prediction["probability"] * 256
             assert abs(step - round(step)) < 1e-3, prediction
         assert "(int8)" in log_path.read_text()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
