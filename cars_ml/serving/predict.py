@@ -11,6 +11,7 @@ formula are neutralised (see :func:`spreadsheet_safe`).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,20 @@ def _max_image_bytes(model) -> int:
     return int(limits.max_image_bytes)
 
 
+def _max_image_bytes_of(model_dir: Path) -> int:
+    """A downloaded model's per-image byte limit, read from its ``serving_config.json``.
+
+    Reading the file, not loading the model, spares the Spark driver the model's load (it
+    imports TensorFlow: tens of seconds); the executors load it.
+    """
+    path = Path(model_dir) / "artifacts" / "serving_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return int(Limits().max_image_bytes)
+    return int(Limits(**config.get("limits", {})).max_image_bytes)
+
+
 def _read_image(path: Path, max_bytes: int) -> str:
     """``path`` as base64, refusing a file over ``max_bytes`` before reading it.
 
@@ -268,7 +283,7 @@ def _run_spark(cfg: PredictConfig) -> PredictResult:
         )
         with tempfile.TemporaryDirectory(prefix="cars-ml-spark-model-") as tmp:
             model_dir = tracking.download_model(cfg.model_uri, Path(tmp) / "model")
-            max_bytes = _max_image_bytes(tracking.load_pyfunc(str(model_dir)))
+            max_bytes = _max_image_bytes_of(model_dir)
             summary = spark_predict.score_files(
                 spark_predict.SparkJob(
                     images=cfg.images,
