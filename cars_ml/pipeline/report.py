@@ -82,15 +82,25 @@ def comparison_figure(table: pd.DataFrame):
     return fig
 
 
-def print_report(table: pd.DataFrame, decision, wall: float, experiment_id: str) -> None:
+def print_report(
+    table: pd.DataFrame, decision, wall: float, experiment_id: str, run_id: str
+) -> None:
     cols = ["backbone", "model_version", *COMPARISON_COLUMNS, "teacher", "reused", "champion"]
     print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\n[pipeline] champion: version {decision.new_champion} ({decision.reason})")
     print(f"[pipeline] finished in {wall:.0f} s")
     uri = tracking.tracking_uri()
+    links = tracking.ui_links(experiment_id, run_id, cars_ml.REGISTERED_MODEL_NAME)
+    start = (
+        ""
+        if uri.startswith(("http://", "https://"))
+        else (f"  mlflow ui --backend-store-uri {tracking.redact(uri)}  # then open:\n")
+    )
     print(
-        "\nOpen the MLflow UI:\n"
-        f"  mlflow ui --backend-store-uri {tracking.redact(uri)}  # then http://127.0.0.1:5000/#/experiments/{experiment_id}\n"
+        f"\nOpen the MLflow UI:\n{start}"
+        f"  this pipeline run:        {tracking.redact(links['run'])}\n"
+        f"  its runs, to compare:     {tracking.redact(links['children'])}\n"
+        f"  the registered model:     {tracking.redact(links['model'])}\n"
         "Serve the champion:\n"
         f"  MLFLOW_TRACKING_URI={tracking.redact(uri)} mlflow models serve "
         f"-m models:/{cars_ml.REGISTERED_MODEL_NAME}@{cars_ml.CHAMPION_ALIAS} --env-manager local -p 5001",

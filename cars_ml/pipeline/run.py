@@ -202,7 +202,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         log_comparison(table)
         wall = time.perf_counter() - started
         tracking.log_metrics({"pipeline_wall_s": wall})
-        print_report(table, decision, wall, parent.info.experiment_id)
+        print_report(table, decision, wall, parent.info.experiment_id, parent.info.run_id)
     return table
 
 

@@ -193,3 +193,74 @@ def version_exists(model_name: str, version: str) -> bool:
             return False
         raise
     return True
+
+
+# --- Descriptions: what the registry page shows (Markdown) -----------------------------------
+
+_DESCRIBED = (
+    ("test_f1_macro", "test macro-F1", "{:.4f}"),
+    ("test_accuracy", "test accuracy", "{:.4f}"),
+    ("int8_f1_drop", "int8 macro-F1 drop", "{:.4f}"),
+    ("latency_ms_p95", "latency p95 (ms)", "{:.1f}"),
+    ("model_size_mb", "size (MB)", "{:.1f}"),
+)
+
+
+def serve_command(model_name: str) -> str:
+    return f"mlflow models serve -m models:/{model_name}@{CHAMPION_ALIAS} --env-manager local"
+
+
+def version_description(row: dict[str, Any], tags: dict[str, str], champion: bool) -> str:
+    """A version's Markdown: backbone, headline metrics, budgets passed or failed, teacher."""
+    title = f"**{row.get('backbone') or tags.get('backbone') or 'unknown backbone'}**"
+    if tags.get("teacher_backbone"):
+        title += (
+            f", distilled from **{tags['teacher_backbone']}** ({tags.get('distilled_from', '')})"
+        )
+    lines = [title + (" — the current **champion**" if champion else ""), ""]
+    lines += ["| metric | value |", "|---|---|"]
+    for key, label, fmt in _DESCRIBED:
+        value = _float(row.get(key, tags.get(key)))
+        lines.append(f"| {label} | {'n/a' if math.isnan(value) else fmt.format(value)} |")
+    if "eligible" in row:
+        verdict = (
+            "passes every promotion budget"
+            if row["eligible"]
+            else f"fails the promotion budgets: {row.get('fail_reasons') or 'see the promote run'}"
+        )
+        lines += ["", f"Budgets (last promote run): {verdict}."]
+    return "\n".join(lines)
+
+
+def model_description(model_name: str, champion: str | None, champion_backbone: str) -> str:
+    """The registered model's Markdown: what it is, its champion, how to serve it."""
+    who = f"version {champion} ({champion_backbone})" if champion else "none yet"
+    return "\n".join(
+        [
+            "Stanford Cars classifier (196 car models): one version per trained backbone or "
+            "distilled student, each with its float32 and int8 TFLite files. The `champion` "
+            "alias is the best version within the edge budgets (latency, size, int8 drop).",
+            "",
+            f"**Champion:** {who}.",
+            "",
+            "Serve it (base64 images in, label / class id / probability / top-k out):",
+            "",
+            f"```\n{serve_command(model_name)}\n```",
+        ]
+    )
+
+
+def describe_versions(model_name: str, table: pd.DataFrame, champion: str | None) -> None:
+    """Write the Markdown descriptions of ``model_name`` and of every version in ``table``."""
+    client = mlflow_client()
+    rows = {str(r["version"]): r for r in table.to_dict("records")}
+    backbone = ""
+    for mv in list_versions(model_name):
+        row = rows.get(str(mv.version), {})
+        text = version_description(row, dict(mv.tags), str(mv.version) == str(champion))
+        client.update_model_version(model_name, mv.version, description=text)
+        if str(mv.version) == str(champion):
+            backbone = row.get("backbone") or mv.tags.get("backbone", "")
+    client.update_registered_model(
+        model_name, description=model_description(model_name, champion, backbone)
+    )

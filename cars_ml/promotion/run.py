@@ -160,6 +160,14 @@ def _apply(decision: Decision, model_name: str, done: Move | None, guard) -> Non
         log.info("champion v%s was not alone in Production: stage re-synced", decision.champion)
 
 
+def _describe(model_name: str, decision: Decision) -> None:
+    """Refresh the registry's Markdown descriptions; the move is done, so a failure only warns."""
+    try:
+        registry.describe_versions(model_name, decision.table, decision.new_champion)
+    except tracking.MlflowException as exc:
+        log.warning("registry descriptions of %s not updated: %s", model_name, exc.message)
+
+
 def _report(
     decision: Decision, config: PromotionConfig, interrupted: moves.Recovery | None
 ) -> None:
@@ -224,6 +232,7 @@ def run_promote(
                     interrupted.move if interrupted and interrupted.outcome == "finished" else None
                 )
                 _apply(decision, model_name, done, guard=lock.check)
+                _describe(model_name, decision)
         log.info("promote %s: %s", model_name, decision.reason)
         _report(decision, config, interrupted)
     return decision

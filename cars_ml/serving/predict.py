@@ -11,6 +11,7 @@ formula are neutralised (see :func:`spreadsheet_safe`).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from cars_ml.serving.decode import Limits
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ENGINES = ("local", "spark")
 CSV_COLUMNS = ("file", "label", "class_id", "probability", "top5", "error")
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets
 # (OWASP "CSV injection"); tab and carriage return are included because some of them strip
@@ -44,19 +46,36 @@ class PredictConfig:
 
     images: str
     model_uri: str = f"models:/{REGISTERED_MODEL_NAME}@{CHAMPION_ALIAS}"
-    output: str = "predictions.csv"
+    # Empty: predictions.csv (engine=local) or the Parquet folder predictions.parquet (spark).
+    output: str = ""
     batch_size: int = 32
+    # local: this process reads the folder; spark: Spark's binaryFile source reads a folder, a
+    # glob or any Hadoop path, and executors score it (cars_ml.serving.spark_predict).
+    engine: str = "local"
+    spark_master: str = "local[*]"
 
     def __post_init__(self) -> None:
         if not self.images:
             raise ValueError("images is required: pass -P images=<folder of images>.")
-        if not Path(self.images).is_dir():
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r} must be one of {', '.join(ENGINES)}.")
+        if self.engine == "spark":
+            if not self.spark_master:
+                raise ValueError("spark_master is required with engine=spark (e.g. local[*]).")
+        elif not Path(self.images).is_dir():
             raise ValueError(f"images={self.images!r} is not a folder; pass a folder of images.")
         if not 1 <= self.batch_size <= Limits().max_images_per_request:
             raise ValueError(
                 f"batch_size={self.batch_size} must be between 1 and the serving limit of "
                 f"{Limits().max_images_per_request} images per request."
             )
+
+    @property
+    def output_path(self) -> str:
+        """Where the predictions go: ``output``, or the engine's default name."""
+        return self.output or (
+            "predictions.parquet" if self.engine == "spark" else "predictions.csv"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,20 @@ def _max_image_bytes(model) -> int:
     return int(limits.max_image_bytes)
 
 
+def _max_image_bytes_of(model_dir: Path) -> int:
+    """A downloaded model's per-image byte limit, read from its ``serving_config.json``.
+
+    Reading the file, not loading the model, spares the Spark driver the model's load (it
+    imports TensorFlow: tens of seconds); the executors load it.
+    """
+    path = Path(model_dir) / "artifacts" / "serving_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return int(Limits().max_image_bytes)
+    return int(Limits(**config.get("limits", {})).max_image_bytes)
+
+
 def _read_image(path: Path, max_bytes: int) -> str:
     """``path`` as base64, refusing a file over ``max_bytes`` before reading it.
 
@@ -165,8 +198,13 @@ class _TooLarge(Exception):
 
 
 def run_predict(cfg: PredictConfig) -> PredictResult:
-    """Predict every image under ``cfg.images``; write and log the CSV; name unreadable files."""
+    """Predict every image under ``cfg.images``; write and log the CSV; name unreadable files.
+
+    With ``engine="spark"`` Spark reads and scores the files instead (:func:`_run_spark`).
+    """
     tracking.check_tracking_server()
+    if cfg.engine == "spark":
+        return _run_spark(cfg)
     files = find_images(cfg.images)
     if not files:
         raise ValueError(
@@ -174,7 +212,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         )
     tracking.check_model_uri(cfg.model_uri)
     root = Path(cfg.images)
-    output = Path(cfg.output)
+    output = Path(cfg.output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tracking.start_run("predict", tags={"step": "predict"}):
         tracking.log_params(
@@ -219,3 +257,60 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
             print(f"  {name}: {message}")
     print(f"[predict] {len(files) - len(errors)} of {len(files)} images classified -> {output}")
     return PredictResult(output, len(files), tuple(errors))
+
+
+def _run_spark(cfg: PredictConfig) -> PredictResult:
+    """The ``engine=spark`` step: Spark reads ``cfg.images`` and scores it with the same pyfunc.
+
+    The model is downloaded once here and shipped to the executors with the job
+    (``SparkContext.addFile``), so they need neither the tracking server nor its credentials.
+    """
+    import tempfile
+
+    from cars_ml.serving import spark_predict
+
+    tracking.check_model_uri(cfg.model_uri)
+    output = cfg.output_path
+    with tracking.start_run("predict", tags={"step": "predict", "engine": "spark"}):
+        tracking.log_params(
+            {
+                "model_uri": cfg.model_uri,
+                "images": cfg.images,
+                "batch_size": cfg.batch_size,
+                "engine": cfg.engine,
+                "spark_master": cfg.spark_master,
+            }
+        )
+        with tempfile.TemporaryDirectory(prefix="cars-ml-spark-model-") as tmp:
+            model_dir = tracking.download_model(cfg.model_uri, Path(tmp) / "model")
+            max_bytes = _max_image_bytes_of(model_dir)
+            summary = spark_predict.score_files(
+                spark_predict.SparkJob(
+                    images=cfg.images,
+                    model_dir=str(model_dir),
+                    output=output,
+                    master=cfg.spark_master,
+                    batch_size=cfg.batch_size,
+                    max_image_bytes=max_bytes,
+                    suffixes=IMAGE_SUFFIXES,
+                )
+            )
+        tracking.log_metrics({"num_images": summary.num_images, "num_errors": summary.num_errors})
+        tracking.set_tags({"output": output})
+        if not summary.num_images:
+            raise ValueError(
+                f"no images at {cfg.images!r} (looked for {', '.join(IMAGE_SUFFIXES)}, any case)."
+            )
+    if summary.num_errors:
+        print(f"\n[predict] {summary.num_errors} file(s) could not be classified:")
+        for name, message in summary.first_errors:
+            print(f"  {name}: {message}")
+        if summary.num_errors > len(summary.first_errors):
+            print(f"  ... and {summary.num_errors - len(summary.first_errors)} more (see `error`)")
+    print(
+        f"[predict] {summary.num_images - summary.num_errors} of {summary.num_images} images "
+        f"classified on Spark ({cfg.spark_master}) -> {output} (Parquet)"
+    )
+    return PredictResult(
+        Path(output), summary.num_images, tuple(n for n, _ in summary.first_errors)
+    )

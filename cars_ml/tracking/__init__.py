@@ -39,6 +39,8 @@ from cars_ml.tracking.runs import (
     set_tags,
     start_run,
     tracking_uri,
+    ui_base,
+    ui_links,
     use_experiment,
 )
 
@@ -72,5 +74,7 @@ __all__ = [
     "set_tags",
     "start_run",
     "tracking_uri",
+    "ui_base",
+    "ui_links",
     "use_experiment",
 ]

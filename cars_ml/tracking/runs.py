@@ -67,6 +67,43 @@ def use_experiment(name: str | None) -> None:
         mlflow.set_experiment(name)
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview ("Traces") unless this tag says the
+# experiment trains models; then it opens on the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training, unless it already says what kind it is."""
+    client = mlflow.MlflowClient()
+    try:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    # The tag only changes where the UI opens: a store that refuses it still runs.
+    except mlflow.exceptions.MlflowException as exc:
+        log.warning("experiment %s not tagged as training: %s", experiment_id, exc.message)
+
+
+def ui_base() -> str:
+    """The MLflow UI's address: the tracking server itself, else where ``mlflow ui`` listens."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def ui_links(experiment_id: str, run_id: str, model_name: str) -> dict[str, str]:
+    """Direct UI links: the run, the list of its child runs (to compare), the registered model."""
+    from urllib.parse import quote
+
+    base = ui_base()
+    children = quote(f"tags.mlflow.parentRunId = '{run_id}'", safe="")
+    return {
+        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+        "children": f"{base}/#/experiments/{experiment_id}/runs?searchFilter={children}",
+        "model": f"{base}/#/models/{quote(model_name, safe='')}",
+    }
+
+
 @contextlib.contextmanager
 def start_run(
     run_name: str | None = None,
@@ -97,6 +134,8 @@ def start_run(
     )
     if resume_env and run_name:
         mlflow.set_tag("mlflow.runName", run_name)
+    if not nested:
+        mark_training_experiment(run.info.experiment_id)
     try:
         yield run
     except KeyboardInterrupt:

@@ -135,6 +135,18 @@ def test_promote_moves_alias_and_stage_with_audit_trail_then_rolls_back(train_ex
     assert "beats champion v1 by test_f1_macro +0.1" in tags["promotion_reason"]
     assert tags["promoted_at"].startswith(time.strftime("%Y"))
     assert MlflowClient().get_model_version(MODEL, v1).tags["replaced_by_version"] == v3
+    # The registry page explains itself: the model, its champion, how to serve it; each version
+    # its backbone, headline metrics and the budgets it passed or failed.
+    model_text = MlflowClient().get_registered_model(MODEL).description
+    assert "**Champion:** version 3 (mobilenet_v2)" in model_text
+    assert f"mlflow models serve -m models:/{MODEL}@champion --env-manager local" in model_text
+    described = {v: MlflowClient().get_model_version(MODEL, v).description for v in (v2, v3)}
+    assert described[v3].startswith("**mobilenet_v2** — the current **champion**")
+    assert "| test macro-F1 | 0.8000 |" in described[v3]
+    assert "| latency p95 (ms) | 30.0 |" in described[v3]
+    assert "passes every promotion budget" in described[v3]
+    assert described[v2].startswith("**xception**\n")
+    assert "fails the promotion budgets: " in described[v2] and "latency" in described[v2]
     assert [(e["action"], e["version"], e["previous"]) for e in history()] == [
         ("promote", v1, None),
         ("promote", v3, v1),

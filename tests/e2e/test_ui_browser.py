@@ -1,8 +1,10 @@
 """The MLflow UI, in a real headless Chromium, shows every backbone's run with its metrics.
 
 The `main` pipeline runs on a tiny synthetic budget, `mlflow server` serves its store, and
-Playwright drives Debian's Chromium the way a user would: open the experiment, filter to the
-train runs, expand the parent `pipeline` run, tick every backbone and press Compare. The run
+Playwright drives Debian's Chromium the way a user would: open the experiment (it must land on
+the training runs), follow the link the pipeline printed to its runs (every backbone listed),
+then filter to the train runs, expand the parent `pipeline` run, tick every backbone and press
+Compare. The run
 names and metric cells read there must match what MLflow stored, formatted as the UI formats them.
 With CARS_ML_SAVE_SCREENSHOT=1 the comparison screenshot also goes to docs/mlflow_compare.png
 (shown in README); that run adds `resnet` so the picture shows a three-way trade-off.
@@ -154,6 +156,27 @@ def open_comparison(page, url: str, experiment_id: str, run_names: list[str]) ->
     _close_assistant(page)
 
 
+def printed_link(stdout: str, label: str, url: str) -> str:
+    """The link the pipeline printed after ``label``, pointed at the test's server."""
+    match = re.search(rf"^\s*{re.escape(label)}\s+(\S+)$", stdout, re.MULTILINE)
+    assert match, f"no {label!r} link in the pipeline's output:\n{stdout[-2000:]}"
+    assert match[1].startswith("http://127.0.0.1:5000/#/"), match[1]
+    return url + match[1].removeprefix("http://127.0.0.1:5000")
+
+
+def check_first_look(page, url: str, experiment_id: str, stdout: str, backbones) -> None:
+    """The experiment opens on its training runs (not the GenAI overview), and the printed link
+    to the pipeline's runs lists every backbone's train run."""
+    page.goto(f"{url}/#/experiments/{experiment_id}")
+    page.wait_for_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
+    page.goto(printed_link(stdout, "its runs, to compare:", url))
+    name_cells = page.locator('[role=gridcell][col-id="attributes.`Run Name`"]')
+    for backbone in backbones:
+        name_cells.filter(has=page.get_by_text(f"train-{backbone}", exact=True)).wait_for()
+    _close_assistant(page)
+    assert not name_cells.filter(has=page.get_by_text("pipeline", exact=True)).count()
+
+
 def _metric_grids(page):
     """The comparison page's metric grids: (metric names, values)."""
     section = page.locator(".du-bois-light-collapse-item").filter(
@@ -238,6 +261,7 @@ def test_mlflow_ui_compares_every_backbone(sub_env, tmp_path):
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     stored = {
         r.info.run_name: r
         for r in client.search_runs(
@@ -254,6 +278,7 @@ def test_mlflow_ui_compares_every_backbone(sub_env, tmp_path):
         mlflow_ui(sub_env["MLFLOW_TRACKING_URI"], tmp_path) as url,
         chromium_page(sync_api, tmp_path) as page,
     ):
+        check_first_look(page, url, experiment.experiment_id, proc.stdout, BACKBONES)
         open_comparison(page, url, experiment.experiment_id, sorted(stored))
         # Screenshot first: the metric grids are still scrolled to the top and aligned.
         plot_text = screenshot_comparison(page, shot, BACKBONES)
