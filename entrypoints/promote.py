@@ -15,6 +15,11 @@ from cars_ml.promotion.policy import RANKING_METRICS, SIZE_METRICS, Budgets, Pro
 _DEFAULTS = Budgets()
 
 
+def slice_limit(value: str) -> float | None:
+    """The slice guard: a number >= 0, or none/off/-1 to switch it off."""
+    return None if str(value).strip() == "-1" else budget(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model_name", default=REGISTERED_MODEL_NAME)
@@ -28,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size_metric", default=_DEFAULTS.size_metric, choices=SIZE_METRICS)
     p.add_argument("--max_int8_f1_drop", type=budget, default=_DEFAULTS.max_int8_f1_drop)
     p.add_argument("--min_improvement", type=fraction, default=0.0)
+    p.add_argument(
+        "--max_slice_regression",
+        type=slice_limit,
+        default=None,
+        help="largest macro-F1 loss on any make/body-type slice vs the champion (none/-1 = off)",
+    )
     p.add_argument("--dry_run", type=str2bool, default=False)
     p.add_argument("--rollback", type=str2bool, default=False)
     return p
@@ -44,6 +55,7 @@ def config(args: argparse.Namespace) -> tuple[PromotionConfig, str]:
     return PromotionConfig(
         metric=args.metric,
         min_improvement=args.min_improvement,
+        max_slice_regression=args.max_slice_regression,
         dry_run=args.dry_run,
         rollback=args.rollback,
         budgets=budgets,

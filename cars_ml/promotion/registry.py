@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Everything a train run logs except the validation score, plus the edge headline figures.
 METRICS = (*METRIC_SCHEMA[1:], *EDGE_HEADLINE)
+SLICE_PREFIXES = ("slice_", "test_f1_macro_make", "test_f1_macro_body_type")
 HISTORY_TAG = "champion_history"
 # Set on the version a rollback moved away from, so that the next promote does not bring it
 # straight back; deleting the tag makes the version eligible again.
@@ -95,9 +96,12 @@ def candidate_table(model_name: str) -> pd.DataFrame:
         }
         for name in METRICS:
             row[name] = metrics[name] if name in metrics else _float(mv.tags.get(name))
+        # The fine-grained slices (the promote slice guard reads them; NaN where a run has none).
+        row.update({k: v for k, v in metrics.items() if k.startswith(SLICE_PREFIXES)})
         rows.append(row)
     columns = ["version", "run_id", "backbone", "stage", "excluded", *METRICS]
-    return pd.DataFrame(rows, columns=columns)
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    return pd.DataFrame(rows, columns=[*columns, *extra])
 
 
 def current_champion(model_name: str) -> str | None:

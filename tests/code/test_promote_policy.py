@@ -345,3 +345,50 @@ def test_an_eligible_champion_is_replaced_only_by_min_improvement(
         assert decision.improvement == pytest.approx(best - champ_f1)
     elif best - champ_f1 >= min_improvement and decision.challenger != champion:
         pytest.fail(f"kept v{champion} although the challenger beats it by {best - champ_f1}")
+
+
+AUDI, BMW = "slice_make_audi_f1_macro", "slice_body_type_sedan_f1_macro"
+
+
+def test_slice_guard_keeps_a_champion_a_better_challenger_loses_a_slice_to():
+    candidates = table(
+        row(1, f1=0.80, **{AUDI: 0.81, BMW: 0.70}),
+        row(2, f1=0.85, **{AUDI: 0.62, BMW: 0.90}),
+    )
+    config = PromotionConfig(max_slice_regression=0.05)
+    decision = decide(candidates, "1", config)
+    assert decision.action == "keep" and decision.new_champion == "1"
+    assert "slice make=audi f1 0.62 < champion v1 0.81 - 0.05" in decision.reason
+    assert not only(decision, 2)["eligible"] and only(decision, 1)["slice_pass"]
+    # Off by default, and a loss within the limit passes.
+    assert decide(candidates, "1", PromotionConfig()).action == "promote"
+    assert decide(candidates, "1", PromotionConfig(max_slice_regression=0.2)).action == "promote"
+
+
+def test_slice_guard_falls_to_the_next_challenger_that_holds_every_slice():
+    candidates = table(
+        row(1, f1=0.80, **{AUDI: 0.81, BMW: 0.70}),
+        row(2, f1=0.90, **{AUDI: 0.50, BMW: 0.95}),
+        row(3, f1=0.84, **{AUDI: 0.80, BMW: 0.72}),
+    )
+    decision = decide(candidates, "1", PromotionConfig(max_slice_regression=0.05))
+    assert decision.action == "promote" and decision.challenger == "3"
+    assert "slice guard ruled out v2 (slice make=audi" in decision.reason
+    assert (
+        "body_type=sedan"
+        in only(
+            decide(
+                table(row(1, **{BMW: 0.9}), row(2, f1=0.9, **{BMW: 0.1})),
+                "1",
+                PromotionConfig(max_slice_regression=0.0),
+            ),
+            2,
+        )["fail_reasons"]
+    )
+
+
+def test_slice_guard_needs_a_champion_and_a_valid_limit():
+    candidates = table(row(2, f1=0.85, **{AUDI: 0.1}))
+    assert decide(candidates, None, PromotionConfig(max_slice_regression=0.0)).action == "promote"
+    with pytest.raises(ValueError, match="max_slice_regression"):
+        PromotionConfig(max_slice_regression=-0.1)
