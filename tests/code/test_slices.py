@@ -4,6 +4,7 @@ confused pairs and the slice-regression check promotion uses."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cars_ml.training import slices
@@ -71,3 +72,27 @@ def test_slice_regressions_name_the_slices_lost_by_more_than_the_limit():
         ("slice_make_audi_f1_macro", pytest.approx(0.2))
     ]
     assert slices.slice_regressions(challenger, champion, 0.25) == []
+
+
+def test_the_pipeline_slice_table_has_a_row_per_backbone_with_its_worst_slice():
+    from cars_ml.pipeline.report import slice_table
+
+    rows = [
+        {
+            "backbone": "mobilenet",
+            "model_version": "1",
+            "metrics": {
+                "test_f1_macro_make": 0.8,
+                "test_f1_macro_body_type": 0.9,
+                "slice_make_audi_f1_macro": 0.4,
+                "slice_body_type_van_f1_macro": 0.6,
+                "slice_make_audi_accuracy": 0.1,
+            },
+        },
+        {"backbone": "xception", "model_version": "2", "metrics": {"test_f1_macro": 0.5}},
+    ]
+    table = slice_table(rows)
+    assert list(table["backbone"]) == ["mobilenet", "xception"]
+    assert table.iloc[0]["worst_slice"] == "make_audi"
+    assert table.iloc[0]["worst_slice_f1_macro"] == 0.4
+    assert table.iloc[1]["worst_slice"] == "" and pd.isna(table.iloc[1]["test_f1_macro_make"])
