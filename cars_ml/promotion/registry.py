@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 
 # Everything a train run logs except the validation score, plus the edge headline figures.
 METRICS = (*METRIC_SCHEMA[1:], *EDGE_HEADLINE)
-SLICE_PREFIXES = ("slice_", "test_f1_macro_make", "test_f1_macro_body_type")
+SLICE_COARSE = ("test_f1_macro_make", "test_f1_macro_body_type")
 HISTORY_TAG = "champion_history"
 # Set on the version a rollback moved away from, so that the next promote does not bring it
 # straight back; deleting the tag makes the version eligible again.
 EXCLUDED_TAG = "promotion_excluded"
 PRODUCTION, ARCHIVED = "Production", "Archived"
+
+
+def _is_slice_metric(name: str) -> bool:
+    """The slice F1s the guard compares and the coarse-task F1s (not the slice accuracies)."""
+    return name in SLICE_COARSE or (name.startswith("slice_") and name.endswith("_f1_macro"))
 
 
 def mlflow_client() -> MlflowClient:
@@ -97,7 +102,7 @@ def candidate_table(model_name: str) -> pd.DataFrame:
         for name in METRICS:
             row[name] = metrics[name] if name in metrics else _float(mv.tags.get(name))
         # The fine-grained slices (the promote slice guard reads them; NaN where a run has none).
-        row.update({k: v for k, v in metrics.items() if k.startswith(SLICE_PREFIXES)})
+        row.update({k: v for k, v in metrics.items() if _is_slice_metric(k)})
         rows.append(row)
     columns = ["version", "run_id", "backbone", "stage", "excluded", *METRICS]
     extra = sorted({k for r in rows for k in r} - set(columns))
