@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 # Makes of more than one word in Stanford Cars; every other make is the first word.
 MULTI_WORD_MAKES = ("AM General", "Aston Martin", "Land Rover")
@@ -100,6 +99,8 @@ def slice_metrics(
     ``slice_<grouping>_<group>_f1_macro`` / ``_accuracy`` (the fine task on that slice's
     images). The table has one row per slice, worst F1 first.
     """
+    from sklearn.metrics import f1_score  # Here: promotion imports this module, not sklearn.
+
     labels, preds = np.asarray(labels), np.asarray(preds)
     metrics: dict[str, float] = {}
     rows = []
