@@ -299,6 +299,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="training compute per image in GMACs: epochs by cost (0 = off: epochs as given)",
     )
+    p.add_argument(
+        "--slices",
+        default="",
+        help="CSV mapping class to group for slice metrics (empty: make/body type from names)",
+    )
 
 
 def train_config(a: argparse.Namespace, model: str, **extra):
@@ -343,5 +348,6 @@ def train_config(a: argparse.Namespace, model: str, **extra):
         storage=a.storage,
         devices=a.devices,
         budget_gmacs=a.budget_gmacs,
+        slices=a.slices,
         **extra,
     )

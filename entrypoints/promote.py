@@ -21,6 +21,11 @@ from cars_ml.promotion.policy import (
 _DEFAULTS = Budgets()
 
 
+def slice_limit(value: str) -> float | None:
+    """The slice guard: a number >= 0, or none/off/-1 to switch it off."""
+    return None if str(value).strip() == "-1" else budget(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model_name", default=REGISTERED_MODEL_NAME)
@@ -47,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow_estimates", type=str2bool, default=_DEFAULTS.allow_estimates)
     p.add_argument("--min_improvement", type=fraction, default=0.0)
+    p.add_argument(
+        "--max_slice_regression",
+        type=slice_limit,
+        default=None,
+        help="largest macro-F1 loss on any make/body-type slice vs the champion (none/-1 = off)",
+    )
     p.add_argument("--dry_run", type=str2bool, default=False)
     p.add_argument("--rollback", type=str2bool, default=False)
     return p
@@ -67,6 +78,7 @@ def config(args: argparse.Namespace) -> tuple[PromotionConfig, str]:
     return PromotionConfig(
         metric=args.metric,
         min_improvement=args.min_improvement,
+        max_slice_regression=args.max_slice_regression,
         dry_run=args.dry_run,
         rollback=args.rollback,
         budgets=budgets,

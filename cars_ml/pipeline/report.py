@@ -21,8 +21,40 @@ COMPARISON_COLUMNS = (
 )
 
 
-def log_comparison(table: pd.DataFrame) -> None:
+SLICE_COLUMNS = ("test_f1_macro_make", "test_f1_macro_body_type")
+
+
+def slice_table(rows) -> pd.DataFrame:
+    """One row per backbone/version: the coarse-task F1s and the worst slice (its F1).
+
+    ``rows`` carry ``backbone``, ``model_version`` and ``metrics`` (a train run's); a run
+    without slices (names with no make or body type) shows empty cells.
+    """
+    out = []
+    for r in rows:
+        metrics = r["metrics"]
+        per_slice = {
+            k.removeprefix("slice_").removesuffix("_f1_macro"): v
+            for k, v in metrics.items()
+            if k.startswith("slice_") and k.endswith("_f1_macro")
+        }
+        worst = min(per_slice, key=per_slice.get) if per_slice else None
+        out.append(
+            {
+                "backbone": r["backbone"],
+                "model_version": r.get("model_version"),
+                **{c: metrics.get(c) for c in SLICE_COLUMNS},
+                "worst_slice": worst or "",
+                "worst_slice_f1_macro": per_slice[worst] if worst else None,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def log_comparison(table: pd.DataFrame, slices: pd.DataFrame | None = None) -> None:
     tracking.log_table(table, "comparison")
+    if slices is not None and len(slices):
+        tracking.log_table(slices, "comparison_slices")
     for row in table.itertuples():
         tracking.log_metrics(
             {

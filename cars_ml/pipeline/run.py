@@ -28,7 +28,12 @@ from cars_ml.pipeline.plan import (
     study_name,
 )
 from cars_ml.pipeline.pool import Backbone, StepPool
-from cars_ml.pipeline.report import COMPARISON_COLUMNS, log_comparison, print_report
+from cars_ml.pipeline.report import (
+    COMPARISON_COLUMNS,
+    log_comparison,
+    print_report,
+    slice_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +189,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                 rows.update(
                     _distill(cfg, list(rows.values()), splits.fingerprint, parent.info.run_id, pool)
                 )
+        slices = slice_table(rows.values())  # The slice table of every backbone and student.
         rows = [
             {
                 "backbone": r["backbone"],
@@ -199,7 +205,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
-        log_comparison(table)
+        log_comparison(table, slices)
         wall = time.perf_counter() - started
         tracking.log_metrics({"pipeline_wall_s": wall})
         print_report(table, decision, wall, parent.info.experiment_id, parent.info.run_id)

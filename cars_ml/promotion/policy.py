@@ -16,6 +16,12 @@ measured there fails it ("not measured on <name>: run the edge agent there"), un
 The size budget applies to ``model_size_mb`` (the Keras model that the registry serves) by
 default: it is the conservative choice, since the int8 file is about four times smaller. Set
 ``size_metric="tflite_int8_size_mb"`` when only the int8 file goes to the device.
+
+``max_slice_regression`` (off by default) guards the fine-grained slices
+(``slice_<grouping>_<group>_f1_macro``, see ``cars_ml.training.slices``): a version that loses
+more than that on any slice against the current champion is ruled out like a budget failure,
+with the slice named. The next eligible version may then be promoted if it beats the champion
+(it passes the guard too); the decision's reason names the better versions the guard ruled out.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from cars_ml.training.slices import slice_regressions
 
 # Higher is better for every metric a promotion may rank by.
 RANKING_METRICS = (
@@ -126,8 +134,16 @@ class PromotionConfig:
     dry_run: bool = False
     rollback: bool = False
     budgets: Budgets = field(default_factory=Budgets)
+    # Largest macro-F1 loss on any slice against the champion (None = off).
+    max_slice_regression: float | None = None
 
     def __post_init__(self) -> None:
+        limit = self.max_slice_regression
+        if limit is not None and not (math.isfinite(limit) and limit >= 0):
+            raise ValueError(
+                f"max_slice_regression must be a number >= 0 (or None to switch it off), "
+                f"got {limit!r}"
+            )
         if self.metric not in RANKING_METRICS:
             raise ValueError(
                 f"metric must be one of {RANKING_METRICS} (higher is better), got {self.metric!r}"
@@ -258,6 +274,43 @@ def _not_measured(budgets: Budgets) -> str:
     return reason
 
 
+def _slice_label(metric: str) -> str:
+    """``slice_make_audi_f1_macro`` -> ``make=audi`` (``body_type`` is the one grouping with an
+    underscore; other groupings read up to the first one)."""
+    core = metric.removeprefix("slice_").removesuffix("_f1_macro")
+    grouping = "body_type" if core.startswith("body_type_") else core.split("_", 1)[0]
+    return f"{grouping}={core[len(grouping) + 1 :]}"
+
+
+def _slice_guard(table: pd.DataFrame, champion: str | None, limit: float | None) -> None:
+    """Add ``slice_pass`` / ``slice_reason``: versions losing > ``limit`` on a slice against the
+    champion are ruled out (in place; ``eligible`` and ``fail_reasons`` follow)."""
+    rows = table.to_dict("records")
+    champ = next((r for r in rows if r["version"] == champion), None)
+    reasons = [""] * len(rows)
+    if limit is not None and champ is not None:
+        old = {k: v for k in champ if (v := metric_value(champ, k)) is not None}
+        for i, row in enumerate(rows):
+            if row["version"] == champion:
+                continue
+            new = {k: v for k in row if (v := metric_value(row, k)) is not None}
+            lost = slice_regressions(new, old, limit)
+            if lost:
+                name = lost[0][0]
+                reasons[i] = (
+                    f"slice {_slice_label(name)} f1 {_fmt(new[name])} < champion v{champion} "
+                    f"{_fmt(old[name])} - {_fmt(limit)}"
+                    + (f" (and {len(lost) - 1} more slices)" if len(lost) > 1 else "")
+                )
+    table["slice_pass"] = [not r for r in reasons]
+    table["slice_reason"] = reasons
+    table["eligible"] = table["eligible"] & table["slice_pass"]
+    table["fail_reasons"] = [
+        "; ".join(x for x in (f, r) if x)
+        for f, r in zip(table["fail_reasons"], reasons, strict=True)
+    ]
+
+
 def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:
     # Ties go to the faster version: on the device when a device decides, else on this host.
     latency = metric_value(row, "device_latency_ms")
@@ -288,6 +341,7 @@ def decide(
         raise ValueError(f"No registered model versions to choose from: {TRAIN_HINT}.")
     champion = None if current_champion_version is None else str(current_champion_version)
     table = evaluate(candidates, config)
+    _slice_guard(table, champion, config.max_slice_regression)
     metric = config.metric
     rows = table.to_dict("records")
     eligible = sorted(
@@ -342,6 +396,9 @@ def decide(
                 f"Keep champion v{champion}: challenger {_describe(challenger, metric)} beats it "
                 f"by only {gain} (< min_improvement {_fmt(config.min_improvement)})."
             )
+    guarded = _guarded_above(rows, challenger, metric, champion)
+    if guarded:
+        reason = f"{reason[:-1]}; the slice guard ruled out {guarded}."
     if config.dry_run:
         reason = f"{reason[:-1]} (dry run: registry unchanged)."
     return Decision(
@@ -354,6 +411,19 @@ def decide(
         improvement=improvement,
         dry_run=config.dry_run,
     )
+
+
+def _guarded_above(rows, challenger, metric: str, champion: str | None) -> str:
+    """The versions the slice guard alone ruled out that rank above the chosen challenger."""
+    bar = _rank_key(challenger, metric, champion) if challenger else None
+    out = [
+        f"v{r['version']} ({r['slice_reason']})"
+        for r in sorted(rows, key=lambda r: _rank_key(r, metric, champion))
+        if r["slice_reason"]
+        and r["fail_reasons"] == r["slice_reason"]
+        and (bar is None or _rank_key(r, metric, champion) < bar)
+    ]
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)

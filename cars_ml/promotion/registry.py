@@ -30,11 +30,17 @@ log = logging.getLogger(__name__)
 # Everything a train run logs except the validation score, plus the edge headline figures.
 METRICS = (*METRIC_SCHEMA[1:], *EDGE_HEADLINE)
 DEVICE_METRIC_PREFIXES = ("device_", "est_", "host_peak_")
+SLICE_COARSE = ("test_f1_macro_make", "test_f1_macro_body_type")
 HISTORY_TAG = "champion_history"
 # Set on the version a rollback moved away from, so that the next promote does not bring it
 # straight back; deleting the tag makes the version eligible again.
 EXCLUDED_TAG = "promotion_excluded"
 PRODUCTION, ARCHIVED = "Production", "Archived"
+
+
+def _is_slice_metric(name: str) -> bool:
+    """The slice F1s the guard compares and the coarse-task F1s (not the slice accuracies)."""
+    return name in SLICE_COARSE or (name.startswith("slice_") and name.endswith("_f1_macro"))
 
 
 def mlflow_client() -> MlflowClient:
@@ -97,11 +103,18 @@ def candidate_table(model_name: str) -> pd.DataFrame:
         for name in METRICS:
             row[name] = metrics[name] if name in metrics else _float(mv.tags.get(name))
         # What the edge agent measured on devices, the estimates for profiled devices and the
-        # host peaks that estimates for devices profiled later are made from.
-        row.update({k: v for k, v in metrics.items() if k.startswith(DEVICE_METRIC_PREFIXES)})
+        # host peaks that estimates for devices profiled later are made from; and the
+        # fine-grained slices the promote slice guard reads (NaN where a run has none).
+        row.update(
+            {
+                k: v
+                for k, v in metrics.items()
+                if k.startswith(DEVICE_METRIC_PREFIXES) or _is_slice_metric(k)
+            }
+        )
         rows.append(row)
     columns = ["version", "run_id", "backbone", "stage", "excluded", *METRICS]
-    extra = sorted({k for row in rows for k in row} - set(columns))
+    extra = sorted({k for r in rows for k in r} - set(columns))
     return pd.DataFrame(rows, columns=[*columns, *extra])
 
 

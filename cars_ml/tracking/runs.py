@@ -169,11 +169,44 @@ def log_params(params: Mapping[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite numeric metrics; ``None`` values are skipped."""
+def log_metrics(
+    metrics: Mapping[str, float],
+    step: int | None = None,
+    *,
+    model_id: str | None = None,
+    dataset: Any = None,
+) -> None:
+    """Log finite numeric metrics; ``None`` values are skipped.
+
+    ``model_id`` (a logged model's, ``ModelInfo.model_id``) links them to that model too, and
+    ``dataset`` (from :func:`log_dataset`) says what they were measured on: MLflow 3's model
+    view lists them.
+    """
     clean = {k: float(v) for k, v in metrics.items() if v is not None}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
+
+
+# MLflow keeps a dataset digest of at most 36 characters; the full fingerprint is an input tag.
+DIGEST_LENGTH = 36
+
+
+def log_dataset(frame, *, name: str, source: str, fingerprint: str, context: str):
+    """Log ``frame`` (one row per image) as an MLflow dataset input of the active run.
+
+    The digest is the dataset fingerprint (cut to MLflow's 36 characters; the whole one is the
+    input tag ``fingerprint``) and ``context`` is ``training``, ``validation`` or ``test``.
+    Returns the dataset, for :func:`log_metrics`'s ``dataset``.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # "synthetic" is no URI MLflow knows; it is kept as given
+        warnings.simplefilter("ignore")
+        dataset = mlflow.data.from_pandas(
+            frame, source=redact(source), name=name, digest=fingerprint[:DIGEST_LENGTH]
+        )
+    mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
+    return dataset
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:

@@ -20,7 +20,7 @@ from cars_ml.data import DataConfig, load_dataset
 from cars_ml.modeling import backbones, distribute
 from cars_ml.perf import benchmark
 from cars_ml.schema import METRIC_SCHEMA
-from cars_ml.training import evaluate
+from cars_ml.training import evaluate, slices
 from cars_ml.training.hparams import (
     DEFAULT_ALPHA,
     DEFAULT_TEMPERATURE,
@@ -63,6 +63,9 @@ class TrainConfig:
     alpha: float = DEFAULT_ALPHA
     # Training compute per image in GMACs (0 = off): epochs by cost, see hparams.epochs_for_budget.
     budget_gmacs: float = 0.0
+    # Fine-grained evaluation (``cars_ml.training.slices``): a CSV mapping class to group; empty
+    # reads make and body type from Stanford Cars-like names (other names: no slices).
+    slices: str = ""
 
     def __post_init__(self) -> None:
         check_distill_params(self.temperature, self.alpha)
@@ -165,6 +168,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             }
         )
         tracking.log_metrics({**splits.summary(), "forward_gmacs": forward_gmacs})
+        datasets = _log_datasets(splits)
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             tracking.log_metrics(
@@ -222,7 +226,6 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 metrics.update(edge)
                 litert_model, litert_int8 = paths["float32"], paths["int8"]
                 lap("export")
-            tracking.log_metrics(metrics)
             # The served model carries the float32 flatbuffer just exported and the
             # probabilities TensorFlow gives on its probe images, so neither this logging
             # (MLflow loads the model to check the input example) nor a server start converts
@@ -236,6 +239,9 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 saved_model=saved,
                 reference=infer,
             )
+            # Once, linked to the logged model and the split each was measured on (MLflow 3's
+            # model view lists them); the run shows them as ever.
+            _log_model_metrics(metrics, info.model_id, datasets)
         lap("log_model")
         tracking.log_metrics(timings)
         version = None
@@ -243,6 +249,10 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
             if teacher:
                 tags.update(teacher.lineage_tags())
+            # The TFLite files, findable from the version (they are artifacts of its run).
+            for kind, path in (("float32", litert_model), ("int8", litert_int8)):
+                if path is not None:
+                    tags[f"tflite_{kind}_uri"] = f"runs:/{run.info.run_id}/tflite/{Path(path).name}"
             mv = tracking.register_model(
                 info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}
             )
@@ -272,8 +282,88 @@ def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, 
         evaluate.confusion_matrix_figure(test_labels, preds, names), "confusion_matrix.png"
     )
     tracking.log_figure(evaluate.training_curves_figure(result.history), "training_curves.png")
-    tracking.log_table(evaluate.per_class_report(test_labels, preds, names), "per_class_report")
+    report = evaluate.per_class_report(test_labels, preds, names)
+    tracking.log_table(report, "per_class_report")
+    metrics.update(_log_fine_grained(cfg, splits, test_labels, preds, report))
     return metrics
+
+
+def _log_fine_grained(cfg: TrainConfig, splits, labels, preds, report) -> dict[str, float]:
+    """Slice metrics, the most confused pairs and per-class F1 beside the training count.
+
+    Artifacts under ``evaluation/``: ``slices`` (worst first), ``confused_pairs`` (+ ``.png``),
+    ``per_class_train_counts``; tag ``worst_slices``. Returns the metrics (logged with the rest).
+    """
+    from cars_ml.training.fit import labels_of
+
+    names = list(splits.class_names)
+    train_counts = np.bincount(labels_of(splits.train), minlength=len(names))
+    tracking.log_table(
+        slices.per_class_with_train_counts(report, train_counts),
+        "per_class_train_counts",
+        "evaluation",
+    )
+    pairs = slices.confused_pairs(labels, preds, names)
+    tracking.log_table(pairs, "confused_pairs", "evaluation")
+    if len(pairs):
+        tracking.log_figure(slices.confused_pairs_figure(pairs), "evaluation/confused_pairs.png")
+    groups = slices.class_groups(names, cfg.slices or None)
+    if not groups:
+        log.info("No slices: the class names carry no make or body type and no slices file.")
+        return {}
+    metrics, table = slices.slice_metrics(labels, preds, groups)
+    tracking.log_table(table, "slices", "evaluation")
+    tracking.set_tags({"worst_slices": slices.worst_slices(table) or "-"})
+    return metrics
+
+
+def _split_frame(splits, records):
+    """The split's images as rows (path relative to the data root, label, class name)."""
+    import os
+
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "path": [os.path.relpath(r.path, splits.root) for r in records],
+            "label": [r.label for r in records],
+            "class_name": [splits.class_names[r.label] for r in records],
+        }
+    )
+
+
+DATASET_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
+
+
+def _log_datasets(splits) -> dict[str, object]:
+    """The three splits as MLflow dataset inputs; returns them by split name."""
+    return {
+        split: tracking.log_dataset(
+            _split_frame(splits, getattr(splits, split)),
+            name=f"{splits.name}-{split}",
+            source=splits.root,
+            fingerprint=splits.fingerprint,
+            context=context,
+        )
+        for split, context in DATASET_CONTEXTS
+    }
+
+
+def _log_model_metrics(metrics: dict[str, float], model_id: str, datasets: dict) -> None:
+    """Log ``metrics`` linked to the model: ``test_*`` and ``slice_*`` to the test split,
+    ``val_*`` to the validation split, the rest (size, latency) to no dataset."""
+    by_split: dict[str, dict[str, float]] = {"test": {}, "val": {}, "": {}}
+    for key, value in metrics.items():
+        split = (
+            "test"
+            if key.startswith(("test_", "slice_"))
+            else "val"
+            if key.startswith("val_")
+            else ""
+        )
+        by_split[split][key] = value
+    for split, part in by_split.items():
+        tracking.log_metrics(part, model_id=model_id, dataset=datasets.get(split))
 
 
 def _export(

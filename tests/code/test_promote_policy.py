@@ -399,3 +399,50 @@ def test_estimates_scale_host_latency_by_the_two_peaks():
     assert peaks == {"int8": 50.0}
     assert estimate_latencies(run, {"pi5": peaks}) == {"est_pi5_int8_latency_ms": 16.0}
     assert estimate_latencies({"tflite_int8_latency_ms_p50": 4.0}, {"pi5": peaks}) == {}
+
+
+AUDI, BMW = "slice_make_audi_f1_macro", "slice_body_type_sedan_f1_macro"
+
+
+def test_slice_guard_keeps_a_champion_a_better_challenger_loses_a_slice_to():
+    candidates = table(
+        row(1, f1=0.80, **{AUDI: 0.81, BMW: 0.70}),
+        row(2, f1=0.85, **{AUDI: 0.62, BMW: 0.90}),
+    )
+    config = PromotionConfig(max_slice_regression=0.05)
+    decision = decide(candidates, "1", config)
+    assert decision.action == "keep" and decision.new_champion == "1"
+    assert "slice make=audi f1 0.62 < champion v1 0.81 - 0.05" in decision.reason
+    assert not only(decision, 2)["eligible"] and only(decision, 1)["slice_pass"]
+    # Off by default, and a loss within the limit passes.
+    assert decide(candidates, "1", PromotionConfig()).action == "promote"
+    assert decide(candidates, "1", PromotionConfig(max_slice_regression=0.2)).action == "promote"
+
+
+def test_slice_guard_falls_to_the_next_challenger_that_holds_every_slice():
+    candidates = table(
+        row(1, f1=0.80, **{AUDI: 0.81, BMW: 0.70}),
+        row(2, f1=0.90, **{AUDI: 0.50, BMW: 0.95}),
+        row(3, f1=0.84, **{AUDI: 0.80, BMW: 0.72}),
+    )
+    decision = decide(candidates, "1", PromotionConfig(max_slice_regression=0.05))
+    assert decision.action == "promote" and decision.challenger == "3"
+    assert "slice guard ruled out v2 (slice make=audi" in decision.reason
+    assert (
+        "body_type=sedan"
+        in only(
+            decide(
+                table(row(1, **{BMW: 0.9}), row(2, f1=0.9, **{BMW: 0.1})),
+                "1",
+                PromotionConfig(max_slice_regression=0.0),
+            ),
+            2,
+        )["fail_reasons"]
+    )
+
+
+def test_slice_guard_needs_a_champion_and_a_valid_limit():
+    candidates = table(row(2, f1=0.85, **{AUDI: 0.1}))
+    assert decide(candidates, None, PromotionConfig(max_slice_regression=0.0)).action == "promote"
+    with pytest.raises(ValueError, match="max_slice_regression"):
+        PromotionConfig(max_slice_regression=-0.1)

@@ -93,8 +93,12 @@ def test_mlflow_run_distill_registers_a_student_with_lineage(teacher, sub_env, t
     assert metrics["distill_gap"] == pytest.approx(
         metrics["teacher_test_f1_macro"] - metrics["test_f1_macro"], abs=1e-9
     )
-    # The student serves like any version.
+    # The student serves like any version, and is evaluated and traced like any train run.
     assert "tflite" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confused_pairs.csv" in evaluation
+    assert len(run.inputs.dataset_inputs) == 3
+    assert student.tags["tflite_int8_uri"].startswith(f"runs:/{run.info.run_id}/tflite/")
     assert len(_teacher_caches(tmp_path)) == 1
 
 

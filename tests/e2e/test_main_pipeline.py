@@ -103,7 +103,12 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
         assert 10 <= tune.data.metrics["num_train_images"] <= full / 2 + 10, tune.data.metrics
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.csv", "comparison.html", "f1_vs_latency.png"} <= artifacts
+    assert {
+        "comparison.csv",
+        "comparison.html",
+        "comparison_slices.csv",
+        "f1_vs_latency.png",
+    } <= artifacts
     # The comparison shows the student beside its teacher.
     assert f"{student.data.tags['backbone']}-from-{teacher.data.tags['backbone']}" in first.stdout
     for name in ("mobilenet_test_f1_macro", "vgg16_latency_ms_p50"):

@@ -325,3 +325,22 @@ def test_two_promotes_at_once_on_a_tracking_server_leave_one_champion(
 ):
     monkeypatch.chdir(tmp_path)
     _race_two_promotes(mlflow.create_experiment("train"))
+
+
+def test_slice_guard_refuses_a_challenger_that_loses_a_make(train_experiment):
+    slices = {"slice_make_audi_f1_macro": 0.81, "slice_body_type_sedan_f1_macro": 0.70}
+    v1 = register(train_experiment, **slices)
+    run_promote(PromotionConfig(), MODEL)
+    worse_audi = {**slices, "slice_make_audi_f1_macro": 0.62}
+    v2 = register(train_experiment, test_f1_macro=0.90, **worse_audi)
+
+    done = promote_cli("--max_slice_regression", "0.05")
+    assert done.returncode == 0, done.stderr
+    assert champion() == v1
+    assert f"slice make=audi f1 0.62 < champion v{v1} 0.81 - 0.05" in done.stdout
+    run = promote_runs().iloc[-1]
+    assert run["tags.decision"] == "keep"
+    # Off (the default), the better overall F1 wins.
+    done = promote_cli("--max_slice_regression", "none")
+    assert done.returncode == 0, done.stderr
+    assert champion() == v2

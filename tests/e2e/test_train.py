@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from e2e_utils import ROOT, run_entry
 
+from cars_ml.data import synthetic
 from cars_ml.training.run import METRIC_SCHEMA
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +39,11 @@ PARAMS = (
 
 
 def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path, car_photos):
+    # The synthetic names carry no year (no make or body type to read): a slices file groups
+    # them by their style word, as a user of another dataset would.
+    styles = tmp_path / "slices.csv"
+    names = synthetic.class_names(synthetic.SyntheticSpec().num_classes)
+    styles.write_text("class,style\n" + "".join(f"{n},{n.split()[1]}\n" for n in names))
     cmd = [
         sys.executable,
         "-m",
@@ -62,6 +68,8 @@ def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path
         "max_per_class=16",
         "-P",
         "weights=none",
+        "-P",
+        f"slices={styles}",
         "--experiment-name",
         "train-e2e",
     ]
@@ -91,12 +99,43 @@ def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path
         "per_class_report.csv",
         "tflite",
     } <= artifacts
+    client = mlflow.MlflowClient()
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {
+        "evaluation/slices.csv",
+        "evaluation/confused_pairs.csv",
+        "evaluation/per_class_train_counts.csv",
+    } <= evaluation
+    assert 0.0 <= run.data.metrics["test_f1_macro_style"] <= 1.0
+    assert any(k.startswith("slice_style_") for k in run.data.metrics)
+    assert run.data.tags["worst_slices"].startswith("style=")
+
+    # Lineage (MLflow 3): three split datasets with the fingerprint as digest, metrics on the model.
+    fingerprint = run.data.params["dataset_fingerprint"]
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    contexts = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i for i in inputs}
+    assert sorted(contexts) == ["test", "training", "validation"]
+    for i in inputs:
+        assert fingerprint.startswith(i.dataset.digest) and len(i.dataset.digest) == 36
+        assert {t.key: t.value for t in i.tags}["fingerprint"] == fingerprint
 
     (version,) = mlflow.MlflowClient().search_model_versions("name='stanford-cars-classifier'")
     assert version.run_id == run.info.run_id
     assert float(version.tags["test_f1_macro"]) == pytest.approx(
         run.data.metrics["test_f1_macro"], abs=1e-4
     )
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    model_metrics = {m.key: m for m in client.get_logged_model(output.model_id).metrics}
+    assert model_metrics["test_f1_macro"].value == pytest.approx(run.data.metrics["test_f1_macro"])
+    assert model_metrics["test_f1_macro"].dataset_digest == fingerprint[:36]
+    assert "test_f1_macro_style" in model_metrics and "model_size_mb" in model_metrics
+    for kind in ("float32", "int8"):
+        uri = version.tags[f"tflite_{kind}_uri"]
+        assert uri.startswith(f"runs:/{run.info.run_id}/tflite/") and uri.endswith(".tflite")
+        folder, name = uri.removeprefix(f"runs:/{run.info.run_id}/").rsplit("/", 1)
+        assert f"{folder}/{name}" in {
+            a.path for a in client.list_artifacts(run.info.run_id, folder)
+        }
 
     model = mlflow.pyfunc.load_model(f"models:/stanford-cars-classifier/{version.version}")
     photos = car_photos
