@@ -24,3 +24,13 @@ def run_entry(script: str, *args: str, env: dict, timeout: float = 600, check: b
             f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def tiny_pipeline_args(models: str = "mobilenet,vgg16", n_trials: int = 2) -> list[str]:
+    """``main`` arguments for the smallest real pipeline: one epoch of 32 px images from scratch,
+    8 images per class, ``n_trials`` tuning trials per backbone."""
+    return [
+        *("--models", models, "--n_trials", str(n_trials)),
+        *("--max_epochs", "1", "--epochs", "1", "--fine_tune_epochs", "0"),
+        *("--image_size", "32", "--weights", "none", "--max_per_class", "8"),
+    ]

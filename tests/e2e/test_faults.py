@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from e2e_utils import ROOT, run_entry
+from e2e_utils import ROOT, run_entry, tiny_pipeline_args
 from fast_fail import assert_fails_fast
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -454,22 +454,7 @@ def _children_of(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_pipeline_killed_outright_takes_its_tuning_worker_with_it(sub_env, tmp_path):
     args = [
-        "--models",
-        "mobilenet,vgg16",
-        "--n_trials",
-        "2",
-        "--max_epochs",
-        "1",
-        "--epochs",
-        "1",
-        "--fine_tune_epochs",
-        "0",
-        "--image_size",
-        "32",
-        "--weights",
-        "none",
-        "--max_per_class",
-        "8",
+        *tiny_pipeline_args(),
         "--workers",
         "2",
     ]

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-from e2e_utils import run_entry
+from e2e_utils import run_entry, tiny_pipeline_args
 
 pytestmark = pytest.mark.e2e
 
 TINY = [
-    "--models",
-    "mobilenet,vgg16",
-    "--n_trials",
-    "2",
-    "--max_epochs",
-    "1",
-    "--epochs",
-    "1",
-    "--fine_tune_epochs",
-    "0",
-    "--image_size",
-    "32",
-    "--weights",
-    "none",
-    "--max_per_class",
-    "8",
+    *tiny_pipeline_args(),
     "--max_latency_ms",
     "none",
     "--max_size_mb",

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_utils import ROOT
+from e2e_utils import ROOT, tiny_pipeline_args
 from mlflow import MlflowClient
 from servers import free_port, mlflow_server_command, process_group, wait_http
 
@@ -49,24 +49,7 @@ EXPERIMENT = "cars-ml-demo"
 METRICS = ("test_f1_macro", "latency_ms_p50")
 SAVE_SCREENSHOT = os.environ.get("CARS_ML_SAVE_SCREENSHOT") == "1"
 BACKBONES = ("mobilenet", "vgg16", *(("resnet",) if SAVE_SCREENSHOT else ()))
-PIPELINE_ARGS = [
-    "--models",
-    ",".join(BACKBONES),
-    "--n_trials",
-    "1",
-    "--max_epochs",
-    "1",
-    "--epochs",
-    "1",
-    "--fine_tune_epochs",
-    "0",
-    "--image_size",
-    "32",
-    "--weights",
-    "none",
-    "--max_per_class",
-    "8",
-]
+PIPELINE_ARGS = tiny_pipeline_args(",".join(BACKBONES), n_trials=1)
 TIMEOUT_MS = 60_000  # The UI shares 2 busy cores with other work: be patient, not flaky.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
