@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cars_ml import CHAMPION_ALIAS, tracking
-from cars_ml.promotion.policy import RollbackPlan, decide_rollback
 from cars_ml.promotion.registry import (
     EXCLUDED_TAG,
     HISTORY_TAG,
@@ -40,6 +39,7 @@ from cars_ml.promotion.registry import (
     set_stage,
     version_exists,
 )
+from cars_ml.promotion.rollback import RollbackPlan, decide_rollback
 
 log = logging.getLogger(__name__)
 

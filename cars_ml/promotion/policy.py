@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from cars_ml.training.slices import slice_regressions
+from cars_ml.promotion.checks import device_latency, fmt, metric_value, not_measured, slice_guard
 
 # Higher is better for every metric a promotion may rank by.
 RANKING_METRICS = (
@@ -180,20 +180,6 @@ class Decision:
         return self.action in ("promote", "rollback") and not self.dry_run
 
 
-def metric_value(row: Mapping[str, Any], column: str) -> float | None:
-    """A finite float from a row, or None when missing, empty or not a number."""
-    raw = row.get(column)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _fmt(value: float) -> str:
-    return str(float(round(value, 4)))
-
-
 def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     """The candidate table plus ``<check>_pass`` / ``<check>_reason`` columns and ``eligible``.
 
@@ -224,14 +210,14 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
             if check != "metric" and limit is None:
                 ok, reason = True, ""
             elif value is None and check == "device_latency":
-                ok, reason = False, _not_measured(budgets)
+                ok, reason = False, not_measured(budgets)
             elif value is None:
                 ok, reason = False, f"{column} missing"
             elif check != "metric" and value > limit:
-                ok, reason = False, f"{column} {_fmt(value)} > {budget} {_fmt(limit)}"
+                ok, reason = False, f"{column} {fmt(value)} > {budget} {fmt(limit)}"
                 if check == "device_latency" and row["device_latency_source"] == "estimate":
                     reason = (
-                        f"{budgets.estimate_column} {_fmt(value)} > {budget} {_fmt(limit)} "
+                        f"{budgets.estimate_column} {fmt(value)} > {budget} {fmt(limit)} "
                         f"(estimate: not measured on {budgets.device})"
                     )
             else:
@@ -256,61 +242,6 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     return table
 
 
-def device_latency(row: Mapping[str, Any], budgets: Budgets) -> tuple[float | None, str]:
-    """The device p95 a version is judged by and where it came from: ``measured`` by the
-    edge agent, ``estimate`` from the device's profile (only with ``allow_estimates``), or
-    ``""`` when there is neither."""
-    measured = metric_value(row, budgets.device_column)
-    if measured is not None:
-        return measured, "measured"
-    estimate = metric_value(row, budgets.estimate_column) if budgets.allow_estimates else None
-    return (estimate, "estimate") if estimate is not None else (None, "")
-
-
-def _not_measured(budgets: Budgets) -> str:
-    reason = f"not measured on {budgets.device}: run the edge agent there"
-    if budgets.allow_estimates:
-        reason += f" (no estimate either: calibrate it with cars-ml-edge --device {budgets.device})"
-    return reason
-
-
-def _slice_label(metric: str) -> str:
-    """``slice_make_audi_f1_macro`` -> ``make=audi`` (``body_type`` is the one grouping with an
-    underscore; other groupings read up to the first one)."""
-    core = metric.removeprefix("slice_").removesuffix("_f1_macro")
-    grouping = "body_type" if core.startswith("body_type_") else core.split("_", 1)[0]
-    return f"{grouping}={core[len(grouping) + 1 :]}"
-
-
-def _slice_guard(table: pd.DataFrame, champion: str | None, limit: float | None) -> None:
-    """Add ``slice_pass`` / ``slice_reason``: versions losing > ``limit`` on a slice against the
-    champion are ruled out (in place; ``eligible`` and ``fail_reasons`` follow)."""
-    rows = table.to_dict("records")
-    champ = next((r for r in rows if r["version"] == champion), None)
-    reasons = [""] * len(rows)
-    if limit is not None and champ is not None:
-        old = {k: v for k in champ if (v := metric_value(champ, k)) is not None}
-        for i, row in enumerate(rows):
-            if row["version"] == champion:
-                continue
-            new = {k: v for k in row if (v := metric_value(row, k)) is not None}
-            lost = slice_regressions(new, old, limit)
-            if lost:
-                name = lost[0][0]
-                reasons[i] = (
-                    f"slice {_slice_label(name)} f1 {_fmt(new[name])} < champion v{champion} "
-                    f"{_fmt(old[name])} - {_fmt(limit)}"
-                    + (f" (and {len(lost) - 1} more slices)" if len(lost) > 1 else "")
-                )
-    table["slice_pass"] = [not r for r in reasons]
-    table["slice_reason"] = reasons
-    table["eligible"] = table["eligible"] & table["slice_pass"]
-    table["fail_reasons"] = [
-        "; ".join(x for x in (f, r) if x)
-        for f, r in zip(table["fail_reasons"], reasons, strict=True)
-    ]
-
-
 def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:
     # Ties go to the faster version: on the device when a device decides, else on this host.
     latency = metric_value(row, "device_latency_ms")
@@ -325,12 +256,12 @@ def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tupl
 
 def _describe(row: Mapping[str, Any], metric: str) -> str:
     latency = metric_value(row, LATENCY_METRIC)
-    lat = f", {LATENCY_METRIC} {_fmt(latency)}" if latency is not None else ""
+    lat = f", {LATENCY_METRIC} {fmt(latency)}" if latency is not None else ""
     device = metric_value(row, "device_latency_ms")
     if device is not None:
         source = "estimated" if row.get("device_latency_source") == "estimate" else "measured"
-        lat = f", p95 on {row['device']} {_fmt(device)} ms {source}"
-    return f"v{row['version']} ({metric} {_fmt(metric_value(row, metric) or 0.0)}{lat})"
+        lat = f", p95 on {row['device']} {fmt(device)} ms {source}"
+    return f"v{row['version']} ({metric} {fmt(metric_value(row, metric) or 0.0)}{lat})"
 
 
 def decide(
@@ -341,7 +272,7 @@ def decide(
         raise ValueError(f"No registered model versions to choose from: {TRAIN_HINT}.")
     champion = None if current_champion_version is None else str(current_champion_version)
     table = evaluate(candidates, config)
-    _slice_guard(table, champion, config.max_slice_regression)
+    slice_guard(table, champion, config.max_slice_regression)
     metric = config.metric
     rows = table.to_dict("records")
     eligible = sorted(
@@ -383,18 +314,18 @@ def decide(
         improvement = (metric_value(challenger, metric) or 0.0) - (
             metric_value(champ_row, metric) or 0.0
         )
-        gain = f"{metric} +{_fmt(improvement)}"
+        gain = f"{metric} +{fmt(improvement)}"
         if improvement >= config.min_improvement - IMPROVEMENT_TOLERANCE:
             action = "promote"
             reason = (
                 f"Promote {_describe(challenger, metric)}: it beats champion v{champion} by "
-                f"{gain} (>= min_improvement {_fmt(config.min_improvement)})."
+                f"{gain} (>= min_improvement {fmt(config.min_improvement)})."
             )
         else:
             action = "keep"
             reason = (
                 f"Keep champion v{champion}: challenger {_describe(challenger, metric)} beats it "
-                f"by only {gain} (< min_improvement {_fmt(config.min_improvement)})."
+                f"by only {gain} (< min_improvement {fmt(config.min_improvement)})."
             )
     guarded = _guarded_above(rows, challenger, metric, champion)
     if guarded:
@@ -424,65 +355,3 @@ def _guarded_above(rows, challenger, metric: str, champion: str | None) -> str:
         and (bar is None or _rank_key(r, metric, champion) < bar)
     ]
     return ", ".join(out)
-
-
-@dataclass(frozen=True)
-class RollbackPlan:
-    """Where a rollback moves the champion: ``target`` replaces ``from_version``."""
-
-    target: str
-    from_version: str | None
-    reason: str
-
-
-def champion_stack(history: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Replay ``champion_history`` events: a promotion pushes, a rollback pops.
-
-    Each event has ``action`` ("promote" or "rollback"), ``version`` (the new champion) and
-    ``previous`` (the champion it replaced, or None).
-    """
-    stack: list[str] = []
-    for event in history:
-        version = str(event["version"])
-        previous = event.get("previous")
-        if event.get("action") == "rollback":
-            if stack:
-                stack.pop()
-        elif not stack and previous is not None:
-            # History was trimmed or started after a champion existed: seed it.
-            stack.append(str(previous))
-        if not stack or stack[-1] != version:
-            stack.append(version)
-    return stack
-
-
-def decide_rollback(
-    history: Sequence[Mapping[str, Any]], current_champion: str | None = None
-) -> RollbackPlan:
-    """The champion before the current one, from the recorded history.
-
-    If the ``champion`` alias was moved outside ``promote`` (it differs from the last recorded
-    champion), the rollback restores the last recorded champion.
-    """
-    stack = champion_stack(history)
-    current = None if current_champion is None else str(current_champion)
-    if not stack:
-        raise ValueError(
-            "Nothing to roll back to: the registered model has no champion_history (no promotion "
-            "was recorded). Run `mlflow run . -e promote --env-manager local` first."
-        )
-    if current != stack[-1]:
-        return RollbackPlan(
-            stack[-1],
-            current,
-            f"Roll back to v{stack[-1]}, the last champion recorded by promote "
-            f"(the alias points at {'v' + current if current else 'nothing'}).",
-        )
-    if len(stack) < 2:
-        raise ValueError(
-            f"Nothing to roll back to: v{current} is the first champion recorded in "
-            "champion_history. Promote another version first, or move the alias by hand."
-        )
-    return RollbackPlan(
-        stack[-2], current, f"Roll back from v{current} to the previous champion v{stack[-2]}."
-    )

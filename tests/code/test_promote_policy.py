@@ -13,11 +13,10 @@ from cars_ml.promotion.policy import (
     IMPROVEMENT_TOLERANCE,
     Budgets,
     PromotionConfig,
-    champion_stack,
     decide,
-    decide_rollback,
     evaluate,
 )
+from cars_ml.promotion.rollback import champion_stack, decide_rollback
 
 NAN = math.nan
 
