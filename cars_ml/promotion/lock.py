@@ -220,9 +220,12 @@ def _acquire(
                     "that may"
                 )
                 log.warning("could not remove the stale promotion lock: %s", exc.message)
-        if time.monotonic() + pause > deadline:
+        # The last pause is cut to the deadline and followed by one more attempt, so that the
+        # wait gives up at its timeout, neither a full pause early nor late.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise _timeout(model_name, timeout_s, cause)
-        time.sleep(pause)
+        time.sleep(min(pause, remaining))
         pause = min(pause * 1.5, _MAX_POLL_S)
 
 

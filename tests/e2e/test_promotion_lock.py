@@ -220,6 +220,6 @@ def test_a_stale_lock_that_cannot_be_removed_waits_with_pauses_until_the_timeout
     ):
         pass
     elapsed = time.monotonic() - start
-    assert 1.5 < elapsed < 3.5, elapsed
+    assert 2.0 <= elapsed < 3.5, elapsed  # At its timeout, not a pause early.
     assert 3 <= len(calls) <= 20, len(calls)
     assert model + LOCK_SUFFIX in str(caught.value)
