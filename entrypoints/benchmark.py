@@ -18,6 +18,12 @@ def build_parser():
     )
     p.add_argument("--runs", type=positive_int, default=100, help="timed calls per latency median")
     p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="turns each side of the pipeline and CPU-kernel comparisons takes (best kept)",
+    )
+    p.add_argument(
         "--serve_seconds",
         type=positive_float,
         default=10.0,
@@ -50,6 +56,7 @@ def config(a):
         model_uri=a.model_uri,
         image_size=a.image_size,
         runs=a.runs,
+        rounds=a.rounds,
         serve_seconds=a.serve_seconds,
         pipeline_images=a.pipeline_images,
         sections=parse_sections(a.sections),

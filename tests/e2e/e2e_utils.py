@@ -10,10 +10,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_entry(script: str, *args: str, env: dict, timeout: float = 600, check: bool = True):
-    """Run ``entrypoints/<script>.py`` as a real subprocess; returns the CompletedProcess."""
+    """Run ``entrypoints/<script>.py`` as a real subprocess; returns the CompletedProcess.
+
+    The child runs in the test's working directory (``tracking_uri`` makes it the test's
+    folder), as a user runs it from theirs: a store the child creates keeps its ``./mlruns``
+    artifacts there, not in the repository.
+    """
     proc = subprocess.run(
         [sys.executable, str(ROOT / "entrypoints" / f"{script}.py"), *args],
-        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -80,6 +80,8 @@ TINY = [
     "32",
     "--runs",
     "5",
+    "--rounds",
+    "1",
     "--serve_seconds",
     "2",
     "--pipeline_images",
@@ -110,7 +112,8 @@ def test_benchmark_logs_every_metric_of_one_run(sub_env, tracking_uri, tmp_path)
 
     params = run.data.params
     assert params["cpu_model"] and int(params["cpu_cores"]) >= 1
-    assert params["image_size"] == "32" and params["model_under_test"] == "mobilenet_random_weights"
+    assert params["image_size"] == "32" and params["rounds"] == "1"
+    assert params["model_under_test"] == "mobilenet_random_weights"
     assert params["serving_engine"] == "litert"
     # The entry point turns oneDNN on where TensorFlow would leave it off (AVX2-only CPUs).
     assert params["tf_enable_onednn_opts"] == "1" and params["kernel_models"] == "mobilenet"

@@ -4,8 +4,11 @@ before any training."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -32,11 +35,36 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def teacher_store(tmp_path_factory) -> Path:
+    """A store holding the registered teacher: a small MobileNet trained once for this module."""
+    folder = tmp_path_factory.mktemp("teacher-store")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "CARS_ML_CACHE": str(folder / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    subprocess.run(
+        [sys.executable, str(ROOT / "entrypoints" / "train.py"), "--model", "mobilenet", *TINY],
+        cwd=folder,  # The store's ./mlruns artifacts stay in this folder.
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return folder / "mlflow.db"
+
+
 @pytest.fixture()
-def teacher(sub_env, tmp_path) -> str:
-    """A registered teacher (version 1): a small MobileNet trained on the same classes."""
+def teacher(teacher_store, sub_env, tmp_path) -> str:
+    """A copy of the teacher's store as this test's store; the teacher is version 1.
+
+    The copy refers to the teacher's artifacts in the module's folder, where new runs' artifacts
+    go too (under their own run ids), so each test starts from the same registry.
+    """
+    shutil.copy(teacher_store, tmp_path / "mlflow.db")
     sub_env["CARS_ML_CACHE"] = str(tmp_path / "cache")
-    run_entry("train", "--model", "mobilenet", *TINY, env=sub_env, timeout=600)
     return f"models:/{NAME}/1"
 
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+from e2e_utils import run_entry
 from serving_helpers import CAR_NAMES, register_champion, tiny_mobilenet
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -34,20 +29,18 @@ def folder(tracking_uri, tmp_path, car_photos, monkeypatch):
     return images
 
 
-def run_entry(args: list[str], tracking_uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "entrypoints" / "predict.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, tracking_uri, tmp_path):
+def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, sub_env, tmp_path):
     output = tmp_path / "out" / "predictions.csv"
-    result = run_entry(["--images", str(folder), "--output", str(output)], tracking_uri)
+    result = run_entry(
+        "predict",
+        "--images",
+        str(folder),
+        "--output",
+        str(output),
+        env=sub_env,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     frame = pd.read_csv(output, keep_default_na=False)
@@ -74,11 +67,15 @@ def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, tracking_u
     assert [a.path for a in artifacts] == ["predictions.csv"]
 
 
-def test_predict_refuses_a_missing_folder_and_a_missing_champion(tracking_uri, tmp_path):
-    result = run_entry(["--images", str(tmp_path / "nope")], tracking_uri)
+def test_predict_refuses_a_missing_folder_and_a_missing_champion(sub_env, tmp_path):
+    result = run_entry(
+        "predict", "--images", str(tmp_path / "nope"), env=sub_env, timeout=300, check=False
+    )
     assert result.returncode == 2 and "is not a folder" in result.stderr
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"x")
-    result = run_entry(["--images", str(tmp_path / "imgs")], tracking_uri)
+    result = run_entry(
+        "predict", "--images", str(tmp_path / "imgs"), env=sub_env, timeout=300, check=False
+    )
     assert result.returncode == 2
     assert "models:/stanford-cars-classifier@champion does not resolve" in result.stderr

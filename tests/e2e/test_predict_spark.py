@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import unquote
 
 import mlflow
 import pandas as pd
 import pytest
+from e2e_utils import run_entry
 from PIL import Image
 from serving_helpers import colour_classifier, colour_images, register_champion
 
@@ -49,29 +47,36 @@ def folder(tracking_uri, tmp_path):
     return images
 
 
-def run_entry(args: list[str], tracking_uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, str(ROOT / "entrypoints" / "predict.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_spark_predict_matches_the_single_process_predict_and_names_broken_files(
-    folder, tracking_uri, tmp_path
+    folder, sub_env, tmp_path
 ):
     csv = tmp_path / "local.csv"
-    local = run_entry(["--images", str(folder), "--output", str(csv)], tracking_uri)
+    local = run_entry(
+        "predict",
+        "--images",
+        str(folder),
+        "--output",
+        str(csv),
+        env=sub_env,
+        timeout=300,
+        check=False,
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     expected = pd.read_csv(csv, keep_default_na=False).set_index("file")
 
     parquet = tmp_path / "out" / "predictions.parquet"
     args = ["--images", str(folder), "--output", str(parquet), "--batch_size", "4"]
-    result = run_entry([*args, "--engine", "spark", "--spark_master", "local[2]"], tracking_uri)
+    result = run_entry(
+        "predict",
+        *args,
+        "--engine",
+        "spark",
+        "--spark_master",
+        "local[2]",
+        env=sub_env,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     frame = pd.read_parquet(parquet)
