@@ -249,7 +249,9 @@ def promotion_lock(
     if not timeout_s >= 0:
         raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
     registry_uri = registry_uri or mlflow.get_registry_uri()
-    client = MlflowClient(registry_uri=registry_uri)
+    # The lock makes registry calls only. Its client's tracking side points at the same store,
+    # so that a lock given a registry URI never opens (and creates) the default ./mlflow.db.
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
     lock_name = model_name + LOCK_SUFFIX
     owner = _owner()
     written_at = _acquire(client, lock_name, model_name, owner, timeout_s, ttl_s)
@@ -261,7 +263,7 @@ def promotion_lock(
         written_at = time.monotonic()
     stop = threading.Event()
     # Its own client: the heartbeat runs beside the move's writes.
-    beat_client = MlflowClient(registry_uri=registry_uri)
+    beat_client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
     beat = threading.Thread(
         target=_heartbeat,
         args=(held, beat_client, ttl_s, stop, written_at),
