@@ -17,6 +17,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+# What MLflow and Optuna create in the working directory when a store is left at its default.
+DEFAULT_STORES = ("mlruns", "mlflow.db", "optuna.db")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_clean():
+    """Fail the run if a test (or a process it started) left a default store in the repository:
+    every store belongs in a test's own folder."""
+    before = {name for name in DEFAULT_STORES if (ROOT / name).exists()}
+    yield
+    created = [n for n in DEFAULT_STORES if (ROOT / n).exists() and n not in before]
+    if created:
+        pytest.fail(
+            f"the tests created {created} in {ROOT}: a client or child process used the default "
+            "store in the repository's folder; give it the test's tracking URI or folder"
+        )
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real Stanford Cars material), or skip when it is absent."""

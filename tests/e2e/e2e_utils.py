@@ -9,15 +9,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_entry(script: str, *args: str, env: dict, timeout: float = 600, check: bool = True):
+def run_entry(
+    script: str, *args: str, env: dict, timeout: float = 600, check: bool = True, cwd=None
+):
     """Run ``entrypoints/<script>.py`` as a real subprocess; returns the CompletedProcess.
 
-    The child runs in the test's working directory (``tracking_uri`` makes it the test's
-    folder), as a user runs it from theirs: a store the child creates keeps its ``./mlruns``
-    artifacts there, not in the repository.
+    The child runs in ``cwd``, by default the test's working directory (``tracking_uri`` makes
+    it the test's folder), as a user runs it from theirs: a store the child creates keeps its
+    ``./mlruns`` artifacts there, not in the repository.
     """
     proc = subprocess.run(
         [sys.executable, str(ROOT / "entrypoints" / f"{script}.py"), *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

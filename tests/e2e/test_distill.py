@@ -45,14 +45,8 @@ def teacher_store(tmp_path_factory) -> Path:
         "CARS_ML_CACHE": str(folder / "cache"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    subprocess.run(
-        [sys.executable, str(ROOT / "entrypoints" / "train.py"), "--model", "mobilenet", *TINY],
-        cwd=folder,  # The store's ./mlruns artifacts stay in this folder.
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    # Run in the folder, so that the store's ./mlruns artifacts stay there.
+    run_entry("train", "--model", "mobilenet", *TINY, env=env, timeout=600, cwd=folder)
     return folder / "mlflow.db"
 
 

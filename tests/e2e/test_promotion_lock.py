@@ -162,7 +162,8 @@ def test_the_lock_is_the_same_through_the_database_url_and_the_server(server, ho
             promotion_lock(model, registry_uri=waiter_uri, timeout_s=1),
         ):
             pass
-        lock = MlflowClient(registry_uri=waiter_uri).get_registered_model(model + LOCK_SUFFIX)
+        client = MlflowClient(tracking_uri=waiter_uri, registry_uri=waiter_uri)
+        lock = client.get_registered_model(model + LOCK_SUFFIX)
         assert lock.tags["owner"].split(":")[1] == str(holder.pid)
     finally:
         holder.send_signal(signal.SIGKILL)
