@@ -39,9 +39,7 @@ def test_predict_folder_names_the_corrupt_file_and_exits_zero(folder, sub_env, t
         str(output),
         env=sub_env,
         timeout=300,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
 
     frame = pd.read_csv(output, keep_default_na=False)
     assert list(frame.columns) == ["file", "label", "class_id", "probability", "top5", "error"]

@@ -51,7 +51,7 @@ def test_spark_predict_matches_the_single_process_predict_and_names_broken_files
     folder, sub_env, tmp_path
 ):
     csv = tmp_path / "local.csv"
-    local = run_entry(
+    run_entry(
         "predict",
         "--images",
         str(folder),
@@ -59,9 +59,7 @@ def test_spark_predict_matches_the_single_process_predict_and_names_broken_files
         str(csv),
         env=sub_env,
         timeout=300,
-        check=False,
     )
-    assert local.returncode == 0, local.stderr[-3000:]
     expected = pd.read_csv(csv, keep_default_na=False).set_index("file")
 
     parquet = tmp_path / "out" / "predictions.parquet"
@@ -75,9 +73,7 @@ def test_spark_predict_matches_the_single_process_predict_and_names_broken_files
         "local[2]",
         env=sub_env,
         timeout=300,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
 
     frame = pd.read_parquet(parquet)
     assert list(frame.columns) == ["path", "label", "class_id", "probability", "top_k", "error"]
