@@ -6,7 +6,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: install demo test test-fast test-slow lint format
 
 install:
-	$(PY) -m pip install -q -e '.[dev,spark]'
+	$(PY) -m pip install -q -e '.[dev,spark,pretrained]'
 
 demo: install
 	mlflow run . --env-manager local

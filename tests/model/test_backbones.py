@@ -21,7 +21,7 @@ def test_table_has_the_original_seven_and_the_modern_four():
         "mobilenet_v3_large",
         "efficientnet_v2_b0",
     } <= set(NAMES)
-    assert len(NAMES) == 11
+    assert len(NAMES) == 14
 
 
 def test_unknown_backbone_lists_valid_names():
