@@ -2,8 +2,10 @@
 
 Pixels stay RGB in [0, 255]: every model carries its own preprocessing layer
 (``cars_ml.serving.layers.ImagePreprocess``), so training, evaluation and serving feed the same
-values. Decoded images are cached as uint8 (a quarter of the float32 memory) and cast to float32
-per batch.
+values. Decoded images are cached as uint8 (a quarter of the float32 memory) at the size
+training reads them, on disk (``CARS_ML_CACHE/images``), so every epoch and every later step of
+a pipeline (features for tuning, fine-tuning, a teacher's outputs, a student, the int8
+calibration) reads them instead of decoding every file again; batches are cast to float32.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from cars_ml.data import image_cache
 from cars_ml.data.augment import BatchAugment
 from cars_ml.data.types import ImageRecord
 
@@ -87,15 +90,20 @@ def make_dataset(
     """Batches of ``(float32 RGB images in [0, 255] (b, s, s, 3), int32 labels)``.
 
     Training shuffles (seeded, reshuffled every epoch) and, with ``augment_strength > 0``,
-    augments after the cache so each epoch sees new variants. Evaluation keeps record order.
+    augments each batch so each epoch sees new variants. Evaluation keeps record order.
+    ``cache`` reads the decoded images from the disk cache (made on first use) when they fit
+    its budget; otherwise, or with ``cache=False``, every pass decodes the files.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if augment_strength < 0:
         raise ValueError(f"augment_strength must be >= 0, got {augment_strength}.")
-    ds = _decoded(records, image_size)
-    if cache:
-        ds = ds.cache()
+    if not records:
+        raise ValueError("No records to build a dataset from; check the dataset split.")
+    if cache and image_cache.fits(len(records), image_size):
+        ds = _from_array(load_images_array(records, image_size), labels_array(records))
+    else:
+        ds = _decoded(records, image_size)
     if training:
         ds = ds.shuffle(len(records), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
@@ -111,9 +119,25 @@ def make_dataset(
     return ds.prefetch(AUTOTUNE)
 
 
-def load_images_array(records: Sequence[ImageRecord], image_size: int) -> np.ndarray:
-    """All records decoded like the pipeline does, as uint8 ``(n, s, s, 3)`` in record order."""
+def _from_array(images: np.ndarray, labels: np.ndarray) -> tf.data.Dataset:
+    """Unbatched ``(uint8 image, int32 label)`` pairs read from decoded images in memory."""
+    return tf.data.Dataset.from_tensor_slices((np.asarray(images), labels))
+
+
+def decode_images(records: Sequence[ImageRecord], image_size: int) -> np.ndarray:
+    """Every record decoded, cropped and resized, as uint8 ``(n, s, s, 3)`` in record order."""
     if not records:
         return np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
     batches = [x.numpy() for x, _ in _decoded(records, image_size).batch(256)]
     return np.concatenate(batches, axis=0)
+
+
+def load_images_array(records: Sequence[ImageRecord], image_size: int) -> np.ndarray:
+    """All records decoded like the pipeline does, as uint8 ``(n, s, s, 3)`` in record order:
+    from the disk cache when it holds them (decoded and stored there once when they fit its
+    budget), else decoded now."""
+    if not records:
+        return np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+    if not image_cache.fits(len(records), image_size):
+        return decode_images(records, image_size)
+    return image_cache.cached(records, image_size, decode_images)

@@ -128,3 +128,38 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="augment_strength"):
         make_dataset(records, SIZE, 2, training=True, augment_strength=-1)
     assert load_images_array([], SIZE).shape == (0, SIZE, SIZE, 3)
+
+
+def test_decoded_images_are_cached_on_disk_once_and_redecoded_when_a_file_changes(
+    tmp_path, monkeypatch
+):
+    from cars_ml.data import image_cache, pipeline
+
+    monkeypatch.setenv("CARS_ML_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images").mkdir()
+    records = _records(tmp_path / "images")
+    decoded = []
+    real = pipeline.decode_images
+    monkeypatch.setattr(pipeline, "decode_images", lambda r, s: decoded.append(s) or real(r, s))
+    first = load_images_array(records, SIZE)
+    again = load_images_array(records, SIZE)
+    assert decoded == [SIZE]  # the second read came from the cache
+    np.testing.assert_array_equal(first, again)
+    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 1
+    epoch, _ = _epoch(make_dataset(records, SIZE, 4, training=False))
+    np.testing.assert_array_equal(epoch, first.astype(np.float32))
+    assert decoded == [SIZE]  # training and evaluation read the same cache
+
+    # Same path, other pixels: the key follows the file, not its name.
+    Image.new("RGB", (32, 24), (255, 0, 0)).save(records[0].path)
+    changed = load_images_array(records, SIZE)
+    assert decoded == [SIZE, SIZE]
+    assert changed[0, ..., 0].min() > 200 and not np.array_equal(changed[0], first[0])
+
+    # A damaged cache file is decoded again instead of trusted.
+    for path in (tmp_path / "cache" / "images").glob("*.npy"):
+        path.write_bytes(b"not an array")
+    np.testing.assert_array_equal(load_images_array(records, SIZE), changed)
+    assert decoded == [SIZE, SIZE, SIZE]
+    assert not list((tmp_path / "cache" / "images").glob("*partial*"))
+    assert image_cache.fits(len(records), SIZE)
