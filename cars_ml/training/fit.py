@@ -8,6 +8,7 @@ is useless, so every layer trains from the first epoch in one phase.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,19 +52,21 @@ class FitResult:
 
 
 class ValidationF1(keras.callbacks.Callback):
-    """Adds ``val_f1_macro`` to the epoch logs (for early stopping, pruning and MLflow)."""
+    """Adds ``val_f1_macro`` to the epoch logs (for early stopping, pruning and MLflow).
+
+    ``predict()`` returns the validation probabilities of the model as it stands: the served
+    classifier on images, or the head alone on cached features while only the head trains.
+    """
 
     def __init__(
         self,
-        val_data: tf.data.Dataset,
+        predict: Callable[[], np.ndarray],
         val_labels: np.ndarray,
         hook: EpochHook | None,
         smoothing: float = 0.0,
-        inference_model: keras.Model | None = None,
     ):
         super().__init__()
-        self.inference_model = inference_model
-        self.val_data = val_data
+        self.predict = predict
         self.val_labels = val_labels
         self.smoothing = smoothing
         self.hook = hook
@@ -74,21 +77,67 @@ class ValidationF1(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         # One compiled forward pass gives F1, accuracy and loss; Keras' own validation would
         # trace a second graph of the whole network.
-        probs = predict_probabilities(self.inference_model or self.model, self.val_data)
+        probs = self.predict()
         logs["val_f1_macro"] = macro_f1(self.val_labels, probs)
         logs["val_accuracy"] = float(np.mean(probs.argmax(axis=1) == self.val_labels))
         logs["val_loss"] = cross_entropy(self.val_labels, probs, self.smoothing)
         row = {
-            "epoch": epoch,
+            "epoch": len(self.history),
             "phase": self.phase,
             "train_loss": float(logs.get("loss", np.nan)),
             "val_loss": float(logs.get("val_loss", np.nan)),
             "val_accuracy": float(logs.get("val_accuracy", np.nan)),
             "val_f1_macro": logs["val_f1_macro"],
         }
+        if "train_images_per_s" in logs:
+            row["train_images_per_s"] = float(logs["train_images_per_s"])
         self.history.append(row)
         if self.hook:
-            self.hook(epoch, row)
+            self.hook(row["epoch"], row)
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """Times each epoch: adds ``train_images_per_s`` to its logs and, once the other callbacks
+    have scored it, prints one line with the loss, validation F1, images/s and the phase's ETA.
+
+    Listed first, so its ``on_epoch_end`` measures before validation runs; the line is printed
+    at the next epoch's start or the phase's end, when every callback has filled the logs.
+    """
+
+    def __init__(self, images_per_epoch: int, last_epoch: int, label: str = "train"):
+        super().__init__()
+        self.images = images_per_epoch
+        self.last_epoch = last_epoch
+        self.label = label
+        self.seconds: list[float] = []
+        self.pending: tuple[int, dict] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._print()
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self.started)
+        if logs is not None:
+            logs["train_images_per_s"] = self.images / self.seconds[-1]
+            self.pending = (epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._print()
+
+    def _print(self) -> None:
+        if self.pending is None:
+            return
+        epoch, logs = self.pending
+        self.pending = None
+        left = (self.last_epoch - epoch - 1) * float(np.mean(self.seconds))
+        print(
+            f"[{self.label}] epoch {epoch + 1}/{self.last_epoch}: loss {logs.get('loss', np.nan):.4f}"
+            f"  val_f1_macro {logs.get('val_f1_macro', np.nan):.4f}"
+            f"  {logs['train_images_per_s']:.1f} img/s  {self.seconds[-1]:.0f} s"
+            f"  ETA {left / 60:.1f} min",
+            flush=True,
+        )
 
 
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -125,15 +174,6 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray, smoothing: float = 0.0)
     return float(-(target * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
 
 
-CACHE_LIMIT_BYTES = 2 * 1024**3
-
-
-def fits_in_cache(count: int, image_size: int) -> bool:
-    """Cache decoded uint8 images in memory only while they fit a 2 GiB budget; the full
-    Stanford Cars at native sizes would not, and is decoded each epoch instead."""
-    return count * image_size * image_size * 3 <= CACHE_LIMIT_BYTES
-
-
 def labels_of(records: Sequence[ImageRecord]) -> np.ndarray:
     return np.array([r.label for r in records], dtype=np.int32)
 
@@ -166,7 +206,11 @@ def compile_for_training(
 
 
 def _compile(
-    model: keras.Model, lr: float, smoothing: float, teacher: Teacher | None = None
+    model: keras.Model,
+    lr: float,
+    smoothing: float,
+    teacher: Teacher | None = None,
+    weight_decay: float = 0.0,
 ) -> None:
     if teacher is None:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
@@ -178,11 +222,14 @@ def _compile(
             int(model.output_shape[-1]) // 2, teacher.temperature, teacher.alpha, smoothing
         )
         metrics = []
-    compile_for_training(model, FusedAdam(lr), loss=loss, metrics=metrics)
+    optimizer = FusedAdam(lr, weight_decay=weight_decay or None)
+    compile_for_training(model, optimizer, loss=loss, metrics=metrics)
 
 
 # Share of a from-scratch run over which the learning rate decays to zero.
 DECAY_FRACTION = 1 / 3
+# Fine-tuning warms its learning rate up over this many epochs, then decays it along a cosine.
+FINE_TUNE_WARMUP_EPOCHS = 0.5
 
 
 class WarmupStableDecay(keras.callbacks.Callback):
@@ -238,6 +285,55 @@ def scratch_schedule(total_epochs: int, steps_per_epoch: int) -> tuple[int, int]
     return min(steps_per_epoch, total // 10), total_epochs - round(total_epochs * DECAY_FRACTION)
 
 
+@dataclass
+class _Run:
+    """What every phase of one ``fit`` shares: the graphs, the data and the callbacks."""
+
+    model: keras.Model  # the graph that trains (the student beside its teacher, if any)
+    served: keras.Model
+    backbone: keras.Model
+    head: keras.Model
+    hp: HParams
+    train_ds: tf.data.Dataset
+    num_train: int
+    weights: dict[int, float]
+    f1_cb: ValidationF1
+    teacher: Teacher | None
+    extra_callbacks: Sequence[keras.callbacks.Callback]
+    verbose: int | str
+
+    def run_phase(
+        self,
+        epochs: int,
+        lr: float,
+        phase: str,
+        *more: keras.callbacks.Callback,
+        watch_from: int = 0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """``epochs`` more epochs of the whole graph at ``lr``, stopped early on val F1."""
+        self.f1_cb.phase = phase
+        _compile(self.model, lr, self.hp.label_smoothing, self.teacher, weight_decay)
+        start = len(self.f1_cb.history)
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_f1_macro",
+            mode="max",
+            patience=self.hp.patience,
+            restore_best_weights=True,
+            start_from_epoch=start + watch_from,
+        )
+        progress = EpochProgress(self.num_train, start + epochs, phase)
+        self.model.fit(
+            self.train_ds,
+            epochs=start + epochs,
+            initial_epoch=start,
+            class_weight=self.weights,
+            callbacks=[progress, self.f1_cb, stop, *more, *self.extra_callbacks],
+            verbose=0 if self.verbose in (0, 2) else self.verbose,
+            shuffle=False,  # make_dataset shuffles; Keras warns that it cannot.
+        )
+
+
 def fit(
     splits: DatasetSplits,
     spec: backbones.BackboneSpec,
@@ -255,14 +351,16 @@ def fit(
 ) -> FitResult:
     """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
 
-    After end-to-end training the BatchNorm statistics are recalibrated (``recalibrate``);
-    tuning trials skip it, as they are scored on their per-epoch validation macro-F1. With a
-    ``teacher`` the student learns from its softened probabilities too (``cars_ml.training.distill``).
+    A pretrained backbone trains a new head on its frozen features, then fine-tunes
+    (``_fine_tune``); a random one trains end to end (``_from_scratch``), after which the
+    BatchNorm statistics are recalibrated (``recalibrate``; tuning trials skip it, as they are
+    scored on their per-epoch validation macro-F1). With a ``teacher`` the student learns from
+    its softened probabilities too (``cars_ml.training.distill``).
     """
     keras.utils.set_random_seed(seed)
-    total_epochs = hp.epochs + hp.fine_tune_epochs
     # Before the run's first compiled call: TensorFlow reads the setting at every call.
-    grappler = use_grappler_for(-(-len(splits.train) // hp.batch_size) * total_epochs)
+    steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
+    grappler = use_grappler_for(steps)
     n = splits.num_classes
     head = backbones.build_head(
         backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
@@ -275,79 +373,91 @@ def fit(
     if teacher is not None:
         # The graph that trains: the same student layers, the frozen teacher beside them.
         model = training_model(served, teacher)
-
-    def batches(records, training: bool, **options):
-        return make_dataset(
-            records,
-            image_size,
-            hp.batch_size,
-            training=training,
-            cache=fits_in_cache(len(records), image_size),
-            **options,
-        )
-
-    train_ds = batches(
-        splits.train, True, augment_strength=hp.augment_strength, shuffle_seed=seed
-    ).map(_one_hot(n))
-    val_ds = batches(splits.val, False)
+    val_ds = _batches(splits.val, image_size, hp, training=False)
     val_labels = labels_of(splits.val)
-    f1_cb = ValidationF1(val_ds, val_labels, epoch_hook, hp.label_smoothing, served)
-    weights = class_weights(labels_of(splits.train), n)
 
-    def run_phase(
-        epochs: int,
-        lr: float,
-        initial_epoch: int,
-        phase: str,
-        *more: keras.callbacks.Callback,
-        watch_from: int = 0,
-    ) -> None:
-        f1_cb.phase = phase
-        _compile(model, lr, hp.label_smoothing, teacher)
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_f1_macro",
-            mode="max",
-            patience=hp.patience,
-            restore_best_weights=True,
-            start_from_epoch=watch_from,
-        )
-        model.fit(
-            train_ds,
-            epochs=initial_epoch + epochs,
-            initial_epoch=initial_epoch,
-            class_weight=weights,
-            callbacks=[f1_cb, stop, *more, *extra_callbacks],
-            verbose=verbose,
-            shuffle=False,  # make_dataset shuffles; Keras warns that it cannot.
-        )
+    def predict_val() -> np.ndarray:
+        return predict_probabilities(served, val_ds)
 
+    run = _Run(
+        model=model,
+        served=served,
+        backbone=backbone,
+        head=head,
+        hp=hp,
+        train_ds=_batches(splits.train, image_size, hp, training=True, shuffle_seed=seed).map(
+            _one_hot(n)
+        ),
+        num_train=len(splits.train),
+        weights=class_weights(labels_of(splits.train), n),
+        f1_cb=ValidationF1(predict_val, val_labels, epoch_hook, hp.label_smoothing),
+        teacher=teacher,
+        extra_callbacks=extra_callbacks,
+        verbose=verbose,
+    )
     if weights_used == "random":
-        # Random features are useless frozen: train every layer, BatchNorm included, in one phase.
-        mode = "end_to_end"
-        backbone.trainable = True
-        # From scratch, BatchNorm's moving statistics must catch up within a short run: at the
-        # default momentum (0.99) they stay near their initial values and inference collapses
-        # to one constant prediction. A lower momentum, warmed up from the first step, lets
-        # even a one-epoch tuning trial be scored on its own statistics.
-        warmup = MomentumWarmup(trainable_batchnorm(backbone), BN_MOMENTUM_FROM_SCRATCH)
-        steps = -(-len(splits.train) // hp.batch_size)
-        warmup_steps, watch_from = scratch_schedule(total_epochs, steps)
-        lr = WarmupStableDecay(hp.learning_rate, total_epochs * steps, warmup_steps)
-        run_phase(
-            total_epochs, hp.learning_rate, 0, "end_to_end", warmup, lr, watch_from=watch_from
-        )
-        if recalibrate:
-            unaugmented = batches(splits.train, False).map(_one_hot(n))
-            recalibrate_batchnorm(model, warmup, unaugmented, weights)
+        mode = _from_scratch(run, splits, image_size, recalibrate)
     else:
-        mode = "two_phase" if hp.fine_tune_epochs > 0 else "head_only"
-        backbone.trainable = False
-        run_phase(hp.epochs, hp.learning_rate, 0, "head")
-        if hp.fine_tune_epochs > 0:
-            unfrozen = backbones.set_fine_tune_layers(backbone, hp.unfreeze_fraction)
-            log.info("Fine-tuning %d backbone layers (BatchNorm frozen)", unfrozen)
-            run_phase(
-                hp.fine_tune_epochs, hp.fine_tune_learning_rate, len(f1_cb.history), "fine_tune"
-            )
-    best = max((h["val_f1_macro"] for h in f1_cb.history), default=0.0)
-    return FitResult(served, backbone, head, f1_cb.history, mode, best, grappler)
+        mode = _fine_tune(run)
+    best = max((h["val_f1_macro"] for h in run.f1_cb.history), default=0.0)
+    return FitResult(served, backbone, head, run.f1_cb.history, mode, best, grappler)
+
+
+def _batches(records, image_size: int, hp: HParams, *, training: bool, **options):
+    return make_dataset(
+        records,
+        image_size,
+        hp.batch_size,
+        training=training,
+        augment_strength=hp.augment_strength if training else 0.0,
+        **options,
+    )
+
+
+def _from_scratch(run: _Run, splits: DatasetSplits, image_size: int, recalibrate: bool) -> str:
+    """Every layer, BatchNorm included, trains from the first epoch in one phase: random
+    features are useless frozen."""
+    hp = run.hp
+    run.backbone.trainable = True
+    # From scratch, BatchNorm's moving statistics must catch up within a short run: at the
+    # default momentum (0.99) they stay near their initial values and inference collapses
+    # to one constant prediction. A lower momentum, warmed up from the first step, lets
+    # even a one-epoch tuning trial be scored on its own statistics.
+    warmup = MomentumWarmup(trainable_batchnorm(run.backbone), BN_MOMENTUM_FROM_SCRATCH)
+    total_epochs = hp.epochs + hp.fine_tune_epochs
+    steps = -(-run.num_train // hp.batch_size)
+    warmup_steps, watch_from = scratch_schedule(total_epochs, steps)
+    lr = WarmupStableDecay(hp.learning_rate, total_epochs * steps, warmup_steps)
+    run.run_phase(total_epochs, hp.learning_rate, "end_to_end", warmup, lr, watch_from=watch_from)
+    if recalibrate:
+        n = splits.num_classes
+        unaugmented = _batches(splits.train, image_size, hp, training=False).map(_one_hot(n))
+        recalibrate_batchnorm(run.model, warmup, unaugmented, run.weights)
+    return "end_to_end"
+
+
+def _fine_tune(run: _Run) -> str:
+    """Phase 1 trains the head alone on the frozen backbone; phase 2 fine-tunes the top
+    ``unfreeze_fraction`` of the backbone with the head, BatchNorm frozen, with a short
+    warm-up and a cosine decay of the learning rate.
+
+    Both phases see augmented images. A head first trained to convergence on the frozen
+    features (linear probing) left less for fine-tuning to gain on few photos per class
+    (docs/real-data.md), so phase 1 only gives the head a start.
+    """
+    hp = run.hp
+    run.backbone.trainable = False
+    run.run_phase(hp.epochs, hp.learning_rate, "head")
+    if hp.fine_tune_epochs == 0:
+        return "head_only"
+    unfrozen = backbones.set_fine_tune_layers(run.backbone, hp.unfreeze_fraction)
+    log.info("Fine-tuning %d backbone layers (BatchNorm frozen)", unfrozen)
+    steps = -(-run.num_train // hp.batch_size)
+    schedule = WarmupStableDecay(
+        hp.fine_tune_learning_rate,
+        hp.fine_tune_epochs * steps,
+        round(steps * FINE_TUNE_WARMUP_EPOCHS),
+        decay_fraction=1.0,
+    )
+    run.run_phase(hp.fine_tune_epochs, hp.fine_tune_learning_rate, "fine_tune", schedule)
+    return "two_phase"

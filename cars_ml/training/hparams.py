@@ -29,16 +29,16 @@ def check_distill_params(temperature: float, alpha: float) -> None:
 class HParams:
     """Training hyperparameters: the search space of ``tune`` pins or samples each of these."""
 
-    epochs: int = 8
-    fine_tune_epochs: int = 4
+    epochs: int = 2
+    fine_tune_epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-4
+    fine_tune_learning_rate: float = 3e-4
     dropout: float = 0.3
     head_units: int = 0
     label_smoothing: float = 0.1
-    unfreeze_fraction: float = 0.3
-    augment_strength: float = 0.3
+    unfreeze_fraction: float = 0.6
+    augment_strength: float = 1.0
     weight_decay: float = 0.0
     patience: int = 3
 

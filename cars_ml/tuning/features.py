@@ -38,7 +38,7 @@ def extract(
     """Pooled features of ``records`` (no augmentation) through a compiled forward pass."""
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
     forward = tf.function(lambda x: backbone(preprocess(x), training=False), input_signature=[spec])
-    data = make_dataset(records, image_size, batch_size, training=False, cache=False)
+    data = make_dataset(records, image_size, batch_size, training=False)
     parts = [forward(images).numpy() for images, _ in data]
     return np.concatenate(parts).astype(np.float32)
 

