@@ -21,3 +21,5 @@ ORIGINAL_BACKBONES = (
     "vgg19",
     "xception",
 )
+# The pipeline's budgets (cars_ml.pipeline.plan.PRESETS), auto choosing by data and hardware.
+PRESET_CHOICES = ("auto", "demo", "cpu", "full")

@@ -15,7 +15,7 @@ from _common import (
     str2bool,
 )
 
-from cars_ml import ORIGINAL_BACKBONES
+from cars_ml import PRESET_CHOICES
 from cars_ml.promotion.policy import Budgets
 from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
@@ -34,9 +34,22 @@ def budget_gmacs(value: str) -> float:
 
 def build_parser():
     p = parser("Tune, train, export and register each backbone, then promote the edge champion.")
-    p.add_argument("--models", default=",".join(ORIGINAL_BACKBONES), help="comma-separated")
+    p.add_argument(
+        "--models",
+        default="",
+        help="comma-separated backbones; empty = the preset's (the seven original ones on "
+        "synthetic data, EfficientNet-Lite2 and -Lite0 with preset cpu)",
+    )
     p.add_argument(
         "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
+    )
+    p.add_argument(
+        "--preset",
+        default="auto",
+        choices=PRESET_CHOICES,
+        help="the auto knobs: demo (synthetic data), cpu (real data within 90 minutes on 2 "
+        "cores), full (real data on a GPU); auto = demo on synthetic data, else full with a "
+        "GPU and cpu without",
     )
     auto = "0 = auto: a small demo budget on synthetic data, a full one on real data"
     p.add_argument(
@@ -114,6 +127,7 @@ def config(a: argparse.Namespace):
     return PipelineConfig(
         models=comma_list(a.models),
         data=DataConfig(data=a.data, seed=a.seed, max_per_class=a.max_per_class),
+        preset=a.preset,
         n_trials=a.n_trials,
         max_epochs=a.max_epochs,
         storage=a.storage,

@@ -19,22 +19,22 @@ def plan_distillation(
     """Pick the teacher and the students of a run's trained backbones; pure.
 
     ``rows`` hold ``backbone``, ``model_version`` and the train metrics. The teacher is the
-    registered version with the best ``test_f1_macro``, whatever its size (ties: the faster
-    one, whose forward passes the students pay for). The students are ``students`` when given,
+    registered version with the best ``val_f1_macro`` (chosen on validation, so the test split
+    stays unseen by every choice), whatever its size (ties: the faster one). The students are ``students`` when given,
     else every other backbone within the size and latency budgets. Returns
     ``(teacher row or None, students, why none)``.
     """
     ranked = [
         r
         for r in rows
-        if r.get("model_version") and metric_value(r["metrics"], "test_f1_macro") is not None
+        if r.get("model_version") and metric_value(r["metrics"], "val_f1_macro") is not None
     ]
     if not ranked:
-        return None, [], "no registered version with a test macro-F1 to teach"
+        return None, [], "no registered version with a validation macro-F1 to teach"
     teacher = min(
         ranked,
         key=lambda r: (
-            -r["metrics"]["test_f1_macro"],
+            -r["metrics"]["val_f1_macro"],
             metric_value(r["metrics"], "latency_ms_p95") or math.inf,
             int(r["model_version"]),
         ),

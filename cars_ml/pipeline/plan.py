@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cars_ml
+from cars_ml import PRESET_CHOICES
 from cars_ml.data import DataConfig
 from cars_ml.modeling import backbones
 from cars_ml.promotion.policy import PromotionConfig
@@ -23,11 +24,13 @@ from cars_ml.training.hparams import (
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The whole comparison; demo budgets apply only to the synthetic data."""
+    """The whole comparison. ``preset`` sets every auto (0 / -1 / empty) knob: ``demo`` for
+    the synthetic data, ``cpu`` or ``full`` for real data (``PRESETS``)."""
 
-    models: tuple[str, ...] = backbones.ORIGINAL_BACKBONES
+    models: tuple[str, ...] = ()  # empty = the preset's backbones
     data: DataConfig = field(default_factory=DataConfig)
-    n_trials: int = 0  # 0 = auto: DEMO_BUDGET on synthetic data, REAL_BUDGET otherwise
+    preset: str = "auto"
+    n_trials: int = 0  # 0 = auto: the preset's
     max_epochs: int = 0
     storage: str = ""
     image_size: int = backbones.AUTO_SIZE
@@ -58,24 +61,54 @@ class PipelineConfig:
             raise ValueError(
                 f"budget_gmacs must be >= 0 (0 = off) or -1 (auto), got {self.budget_gmacs}."
             )
-        if not self.models:
-            raise ValueError("models is empty; pass e.g. models=mobilenet,resnet.")
+        if self.preset not in PRESET_CHOICES:
+            raise ValueError(f"preset={self.preset!r} is not one of {', '.join(PRESET_CHOICES)}.")
+        if self.preset == "demo" and self.data.data != "synthetic":
+            raise ValueError(
+                "preset=demo is the synthetic data's budget; on real data use preset=cpu "
+                "(a 2-core machine) or preset=full (a GPU), or auto to choose by hardware."
+            )
         if not 0.0 <= self.trial_fraction <= 1.0:
             raise ValueError(
                 f"trial_fraction must be in [0, 1] (0 = auto), got {self.trial_fraction}."
             )
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = auto), got {self.workers}.")
-        for name in self.models:
+        for name in self.models or resolve_preset(self).models:
             # Every backbone's image size is checked now, not after earlier backbones trained.
             backbones.resolve_image_size(backbones.get_backbone(name), self.image_size)
         backbones.validate_weights(self.weights)
 
 
-# (n_trials, max_epochs per trial, epochs, fine_tune_epochs): the demo's small budget must
-# never leak into real-data runs, so "auto" picks by dataset.
-DEMO_BUDGET = (2, 1, 2, 0)
-REAL_BUDGET = (20, 5, 8, 4)
+@dataclass(frozen=True)
+class Preset:
+    """The auto knobs of one kind of run: its backbones, trials and epochs."""
+
+    name: str
+    models: tuple[str, ...]
+    n_trials: int
+    max_epochs: int  # per tuning trial
+    epochs: int  # final training: the head alone (or end to end from random weights)
+    fine_tune_epochs: int
+
+    @property
+    def budget(self) -> tuple[int, int, int, int]:
+        return self.n_trials, self.max_epochs, self.epochs, self.fine_tune_epochs
+
+
+LITE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite1", "efficientnet_lite0")
+PRESETS = {
+    p.name: p
+    for p in (
+        # The synthetic demo: every original backbone in about ten minutes on 2 cores.
+        Preset("demo", backbones.ORIGINAL_BACKBONES, 2, 1, 2, 0),
+        # Real data on a CPU: the ImageNet-pretrained edge backbones that install offline, the
+        # largest as teacher, within 90 minutes for 4,000 photos on 2 cores (docs/real-data.md).
+        Preset("cpu", ("efficientnet_lite2", "efficientnet_lite0"), 10, 5, 2, 8),
+        # Real data on a GPU: every backbone, with a full study each.
+        Preset("full", backbones.ORIGINAL_BACKBONES + LITE_BACKBONES, 20, 5, 8, 4),
+    )
+}
 # Share of the training split each tuning trial trains on. The demo's trials rank
 # hyperparameters on half of it: on a 2-core CPU a trial is mostly compute (Inception-ResNet-v2
 # at 75 px: ~20 s of tracing, ~65 s per epoch of 340 images), and the final training still sees
@@ -116,9 +149,31 @@ def resolve_trial_fraction(cfg: PipelineConfig) -> float:
     return DEMO_TRIAL_FRACTION if cfg.data.data == "synthetic" else 1.0
 
 
+def has_gpu() -> bool:
+    """Whether an NVIDIA GPU is visible, without starting TensorFlow (the pipeline's own
+    process never needs it)."""
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+def resolve_preset(cfg: PipelineConfig) -> Preset:
+    """``demo`` on the synthetic data; on real data the one asked for, or with ``auto``
+    ``full`` where a GPU is visible and ``cpu`` elsewhere."""
+    if cfg.data.data == "synthetic":
+        return PRESETS["demo"]
+    if cfg.preset in PRESETS:
+        return PRESETS[cfg.preset]
+    return PRESETS["full" if has_gpu() else "cpu"]
+
+
+def resolve_models(cfg: PipelineConfig) -> tuple[str, ...]:
+    return cfg.models or resolve_preset(cfg).models
+
+
 def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
     """Resolve the auto (0 / -1) budget knobs: ``(n_trials, max_epochs, hparams)``."""
-    base = DEMO_BUDGET if cfg.data.data == "synthetic" else REAL_BUDGET
+    base = resolve_preset(cfg).budget
     n_trials = cfg.n_trials or base[0]
     max_epochs = cfg.max_epochs or base[1]
     epochs = cfg.epochs or base[2]
@@ -129,15 +184,17 @@ def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
 def resolve_workers(cfg: PipelineConfig) -> int:
     """Processes that run the pipeline's steps (``pipeline.pool``).
 
-    Auto means 2 for the synthetic demo on a machine with two or more cores and 1 otherwise: on
-    real data each step is long and compute-bound, and workers sharing one GPU would each
-    claim its memory.
+    Auto means 2 for the synthetic demo and the ``cpu`` preset on a machine with two or more
+    cores, 1 otherwise. One CPU training keeps about one core busy (most of a training step's
+    kernels run one at a time), so two trainings side by side finish in about the time of one;
+    workers sharing one GPU would each claim its memory.
     """
     import os
 
     workers = cfg.workers
     if workers == 0:
-        workers = 2 if cfg.data.data == "synthetic" and (os.cpu_count() or 1) >= 2 else 1
+        cpu_run = resolve_preset(cfg).name in ("demo", "cpu")
+        workers = 2 if cpu_run and (os.cpu_count() or 1) >= 2 else 1
     return workers
 
 

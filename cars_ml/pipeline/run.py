@@ -22,6 +22,8 @@ from cars_ml.pipeline.plan import (
     resolve_budget,
     resolve_budget_gmacs,
     resolve_data,
+    resolve_models,
+    resolve_preset,
     resolve_trial_fraction,
     resolve_workers,
     step_key,
@@ -143,14 +145,27 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
     # The auto (0) knobs resolve once here; every step and the step keys see the same values.
-    cfg = replace(cfg, data=resolve_data(cfg), trial_fraction=resolve_trial_fraction(cfg))
+    preset = resolve_preset(cfg)
+    cfg = replace(
+        cfg,
+        data=resolve_data(cfg),
+        trial_fraction=resolve_trial_fraction(cfg),
+        models=resolve_models(cfg),
+        preset=preset.name,
+    )
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     workers = resolve_workers(cfg)
+    print(
+        f"[pipeline] preset {preset.name}: {', '.join(cfg.models)}; {hparams.epochs} head + "
+        f"{hparams.fine_tune_epochs} fine-tuning epochs per final training",
+        flush=True,
+    )
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
         tracking.log_params(
             {
+                "preset": preset.name,
                 "models": ",".join(cfg.models),
                 "n_trials": n_trials,
                 "max_epochs": max_epochs,
@@ -223,7 +238,8 @@ def _distill(
     label = f"{teacher['backbone']} v{teacher['model_version']}"
     print(
         f"[pipeline] distilling {label} (test macro-F1 "
-        f"{teacher['metrics']['test_f1_macro']:.3f}) into {', '.join(students)}",
+        f"{teacher['metrics']['test_f1_macro']:.3f}, validation "
+        f"{teacher['metrics']['val_f1_macro']:.3f}) into {', '.join(students)}",
         flush=True,
     )
     steps = _distill_steps(cfg, teacher, students, fingerprint, parent_run_id)

@@ -61,7 +61,8 @@ CASES = [
     # main
     ("main", ["--storage", "postgresql://:pw1234@127.0.0.1:1/db"], {}, "rotate this password"),
     ("main", ["--models", "mobilenet,bogus"], {}, "Unknown backbone"),
-    ("main", ["--models", ","], {}, "models is empty"),
+    ("main", ["--data", "/data/cars", "--preset", "demo"], {}, "preset=demo is the synthetic"),
+    ("main", ["--preset", "fast"], {}, "invalid choice: 'fast'"),
     ("main", ["--n_trials", "-4"], {}, "must be >= 0, got -4"),
     ("main", ["--trial_fraction", "2"], {}, "must be between 0 and 1, got 2"),
     ("main", ["--max_latency_ms", "-5"], {}, "must be >= 0 (or none)"),

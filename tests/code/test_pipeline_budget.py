@@ -8,16 +8,18 @@ import pytest
 from cars_ml.data import DataConfig
 from cars_ml.pipeline.distill import plan_distillation
 from cars_ml.pipeline.plan import (
-    DEMO_BUDGET,
     DEMO_BUDGET_GMACS,
     DEMO_MAX_PER_CLASS,
     DEMO_TRIAL_FRACTION,
-    REAL_BUDGET,
+    PRESETS,
     PipelineConfig,
     resolve_budget,
     resolve_budget_gmacs,
     resolve_data,
+    resolve_models,
+    resolve_preset,
     resolve_trial_fraction,
+    resolve_workers,
 )
 from cars_ml.promotion.policy import Budgets
 from cars_ml.training.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
@@ -25,14 +27,51 @@ from cars_ml.training.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
 REAL = DataConfig(data="/data/stanford_cars")
 
 
-def test_auto_budget_depends_on_the_dataset():
+def _budget(cfg):
+    n_trials, max_epochs, hp = resolve_budget(cfg)
+    return n_trials, max_epochs, hp.epochs, hp.fine_tune_epochs
+
+
+def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
+    from cars_ml.pipeline import plan
+
     demo, real = PipelineConfig(), PipelineConfig(data=REAL)
-    n_trials, max_epochs, hp = resolve_budget(demo)
-    assert (n_trials, max_epochs, hp.epochs, hp.fine_tune_epochs) == DEMO_BUDGET
-    n_trials, max_epochs, hp = resolve_budget(real)
-    assert (n_trials, max_epochs, hp.epochs, hp.fine_tune_epochs) == REAL_BUDGET
+    assert _budget(demo) == PRESETS["demo"].budget
+    assert resolve_models(demo) == PRESETS["demo"].models
+    monkeypatch.setattr(plan, "has_gpu", lambda: False)
+    assert resolve_preset(real).name == "cpu"
+    assert _budget(real) == PRESETS["cpu"].budget
+    assert resolve_models(real) == ("efficientnet_lite2", "efficientnet_lite0")
+    monkeypatch.setattr(plan, "has_gpu", lambda: True)
+    assert resolve_preset(real).name == "full"
+    assert _budget(real) == PRESETS["full"].budget
+    # A named preset wins over the hardware, explicit knobs over the preset.
+    assert resolve_preset(PipelineConfig(data=REAL, preset="cpu")).name == "cpu"
+    assert _budget(PipelineConfig(data=REAL, preset="cpu", epochs=3))[2] == 3
+    assert resolve_models(PipelineConfig(data=REAL, models=("mobilenet",))) == ("mobilenet",)
     assert resolve_trial_fraction(demo) == DEMO_TRIAL_FRACTION < 1.0
     assert resolve_trial_fraction(real) == 1.0
+
+
+def test_cpu_runs_take_two_workers_and_gpu_runs_one(monkeypatch):
+    from cars_ml.pipeline import plan
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(plan, "has_gpu", lambda: False)
+    assert resolve_workers(PipelineConfig()) == 2
+    assert resolve_workers(PipelineConfig(data=REAL)) == 2
+    assert resolve_workers(PipelineConfig(data=REAL, workers=1)) == 1
+    monkeypatch.setattr(plan, "has_gpu", lambda: True)
+    assert resolve_workers(PipelineConfig(data=REAL)) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert resolve_workers(PipelineConfig()) == 1
+
+
+def test_the_demo_preset_is_for_the_synthetic_data_only():
+    with pytest.raises(ValueError, match="preset=cpu"):
+        PipelineConfig(data=REAL, preset="demo")
+    with pytest.raises(ValueError, match="not one of auto, demo, cpu, full"):
+        PipelineConfig(preset="fast")
 
 
 def test_demo_caps_the_synthetic_classes_only_when_asked_for_auto():
@@ -90,12 +129,13 @@ def test_budget_epochs_are_floored_at_the_given_epochs_and_capped():
         epochs_for_budget(-1.0, 0.05, 3)
 
 
-def _row(backbone, version, f1, p95, size):
+def _row(backbone, version, f1, p95, size, test_f1=None):
+    metrics = {"val_f1_macro": f1, "latency_ms_p95": p95, "model_size_mb": size}
     return {
         "backbone": backbone,
         "model_version": version,
         "run_id": f"r{version}",
-        "metrics": {"test_f1_macro": f1, "latency_ms_p95": p95, "model_size_mb": size},
+        "metrics": {**metrics, "test_f1_macro": f1 if test_f1 is None else test_f1},
     }
 
 
@@ -115,6 +155,12 @@ def test_the_best_model_teaches_the_backbones_within_the_edge_budgets():
     assert students == ["mobilenet", "mobilenet_v2"]  # vgg16 is over the 50 MB size budget
     teacher, students, _ = plan_distillation(ROWS, Budgets(max_latency_ms=4.5))
     assert students == ["mobilenet_v2"]
+
+
+def test_the_teacher_is_chosen_on_validation_never_on_the_test_split():
+    rows = [_row("a", "1", 0.7, 5.0, 10.0, test_f1=0.9), _row("b", "2", 0.8, 5.0, 10.0, 0.6)]
+    teacher, students, _ = plan_distillation(rows, Budgets())
+    assert teacher["backbone"] == "b" and students == ["a"]
 
 
 def test_students_can_be_named_and_a_run_without_candidates_says_why():
