@@ -266,7 +266,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
     p.add_argument("--image_size", type=image_size, default=AUTO_SIZE, help="auto, 0=native or px")
     p.add_argument("--epochs", type=positive_int, default=2, help="phase-1 (head) epochs")
-    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=10)
+    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=12)
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--learning_rate", type=positive_float, default=1e-3)
     p.add_argument("--fine_tune_learning_rate", type=positive_float, default=3e-4)
@@ -277,6 +277,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment_strength", type=fraction, default=1.0)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--patience", type=positive_int, default=3)
+    p.add_argument(
+        "--train_scale",
+        type=fraction,
+        default=0.86,
+        help="fine-tuning trains at this share of image_size and serves at image_size (1 = off)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--register", type=str2bool, default=True)
     p.add_argument("--model_name", default="stanford-cars-classifier")
@@ -325,6 +331,7 @@ def train_config(a: argparse.Namespace, model: str, **extra):
         augment_strength=a.augment_strength,
         weight_decay=a.weight_decay,
         patience=a.patience,
+        train_scale=a.train_scale,
     )
     data = DataConfig(
         data=a.data,

@@ -86,8 +86,11 @@ def make_dataset(
     augment_strength: float = 0.0,
     shuffle_seed: int = 0,
     cache: bool = True,
+    targets: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches of ``(float32 RGB images in [0, 255] (b, s, s, 3), int32 labels)``.
+    """Batches of ``(float32 RGB images in [0, 255] (b, s, s, 3), int32 labels)``, or with
+    ``targets`` (one row per record, a teacher's probabilities say) ``(images, labels,
+    targets)``: each record's row travels with it through the shuffle.
 
     Training shuffles (seeded, reshuffled every epoch) and, with ``augment_strength > 0``,
     augments each batch so each epoch sees new variants. Evaluation keeps record order.
@@ -100,20 +103,25 @@ def make_dataset(
         raise ValueError(f"augment_strength must be >= 0, got {augment_strength}.")
     if not records:
         raise ValueError("No records to build a dataset from; check the dataset split.")
+    if targets is not None and len(targets) != len(records):
+        raise ValueError(f"{len(targets)} target rows for {len(records)} records.")
     if cache and image_cache.fits(len(records), image_size):
         ds = _from_array(load_images_array(records, image_size), labels_array(records))
     else:
         ds = _decoded(records, image_size)
+    if targets is not None:
+        extra = tf.data.Dataset.from_tensor_slices(np.asarray(targets, np.float32))
+        ds = tf.data.Dataset.zip(ds, extra).map(lambda pair, t: (*pair, t))
     if training:
         ds = ds.shuffle(len(records), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    ds = ds.batch(batch_size).map(lambda x, *rest: (tf.cast(x, tf.float32), *rest))
     if training and augment_strength > 0:
         augment = BatchAugment(augment_strength, name="augment")
         # One seed per batch, a new sequence every epoch, the same sequences for the same
         # shuffle_seed: the parallel map then reproduces a run exactly.
         seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, seeds.batch(2)).map(
-            lambda batch, seed: (augment(batch[0], seed), batch[1]),
+            lambda batch, seed: (augment(batch[0], seed), *batch[1:]),
             num_parallel_calls=AUTOTUNE,
         )
     return ds.prefetch(AUTOTUNE)

@@ -29,9 +29,9 @@ from cars_ml.modeling.batchnorm import (
 )
 from cars_ml.modeling.graph_build import use_grappler_for
 from cars_ml.modeling.optimizers import FusedAdam
-from cars_ml.training.distill import DistillationLoss, Teacher, training_model
+from cars_ml.training.distill import DistillationLoss, Teacher
 from cars_ml.training.evaluate import macro_f1
-from cars_ml.training.hparams import HParams
+from cars_ml.training.hparams import HParams, fine_tune_size
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class FitResult:
     training_mode: str
     best_val_f1_macro: float
     grappler: bool = True  # whether TensorFlow optimised the graphs (modeling.graph_build)
+    train_size: int = 0  # pixels it trained at (it serves at its model's input size)
 
 
 class ValidationF1(keras.callbacks.Callback):
@@ -216,10 +217,10 @@ def _compile(
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     else:
-        # The outputs are student and teacher probabilities side by side; the validation
-        # callback scores the student alone, so no training metric is needed.
+        # The targets are the label and the teacher's probabilities side by side; the
+        # validation callback scores the student, so no training metric is needed.
         loss = DistillationLoss(
-            int(model.output_shape[-1]) // 2, teacher.temperature, teacher.alpha, smoothing
+            int(model.output_shape[-1]), teacher.temperature, teacher.alpha, smoothing
         )
         metrics = []
     optimizer = FusedAdam(lr, weight_decay=weight_decay or None)
@@ -289,14 +290,15 @@ def scratch_schedule(total_epochs: int, steps_per_epoch: int) -> tuple[int, int]
 class _Run:
     """What every phase of one ``fit`` shares: the graphs, the data and the callbacks."""
 
-    model: keras.Model  # the graph that trains (the student beside its teacher, if any)
+    model: keras.Model  # the graph that trains, compiled with the optimizer
     served: keras.Model
     backbone: keras.Model
     head: keras.Model
     hp: HParams
     train_ds: tf.data.Dataset
     num_train: int
-    weights: dict[int, float]
+    class_weights: dict[int, float]
+    weights: dict[int, float] | None  # class weights for fit(), unless batches carry them
     f1_cb: ValidationF1
     teacher: Teacher | None
     extra_callbacks: Sequence[keras.callbacks.Callback]
@@ -357,50 +359,66 @@ def fit(
     scored on their per-epoch validation macro-F1). With a ``teacher`` the student learns from
     its softened probabilities too (``cars_ml.training.distill``).
     """
+    n = splits.num_classes
+    if teacher is not None and teacher.train_outputs.shape != (len(splits.train), n):
+        raise ValueError(
+            f"the teacher's answers have shape {teacher.train_outputs.shape}, not "
+            f"({len(splits.train)}, {n}): one row of class probabilities per training image; "
+            "distil from a teacher trained on the same classes."
+        )
     keras.utils.set_random_seed(seed)
     # Before the run's first compiled call: TensorFlow reads the setting at every call.
     steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
     grappler = use_grappler_for(steps)
-    n = splits.num_classes
+    pretrained = weights_used != "random"
+    size = fine_tune_size(image_size, hp.train_scale, spec.min_size) if pretrained else image_size
+    trained = backbone if size == image_size else _resized_copy(spec, backbone, size)
     head = backbones.build_head(
-        backbone.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
+        trained.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
     )
-    model = backbones.build_classifier(spec, image_size, backbone, head)
-    # The model to serve: the same layers without the optimizer that compile() attaches (a third
-    # of the saved bytes). Validation, evaluation, benchmark and export all run its one traced
-    # inference function.
-    served = keras.Model(model.inputs, model.outputs, name=model.name)
-    if teacher is not None:
-        # The graph that trains: the same student layers, the frozen teacher beside them.
-        model = training_model(served, teacher)
-    val_ds = _batches(splits.val, image_size, hp, training=False)
+    model = backbones.build_classifier(spec, size, trained, head)
+    # The same layers without the optimizer that compile() attaches (a third of the saved
+    # bytes). Validation, evaluation, benchmark and export all run its one traced inference
+    # function.
+    classifier = keras.Model(model.inputs, model.outputs, name=model.name)
+    weights = class_weights(labels_of(splits.train), n)
+    val_ds = _batches(splits.val, size, hp, training=False)
     val_labels = labels_of(splits.val)
 
     def predict_val() -> np.ndarray:
-        return predict_probabilities(served, val_ds)
+        return predict_probabilities(classifier, val_ds)
 
     run = _Run(
         model=model,
-        served=served,
-        backbone=backbone,
+        served=classifier,
+        backbone=trained,
         head=head,
         hp=hp,
-        train_ds=_batches(splits.train, image_size, hp, training=True, shuffle_seed=seed).map(
-            _one_hot(n)
-        ),
+        train_ds=_train_batches(splits, size, hp, seed, teacher, weights),
         num_train=len(splits.train),
-        weights=class_weights(labels_of(splits.train), n),
+        class_weights=weights,
+        weights=None if teacher else weights,
         f1_cb=ValidationF1(predict_val, val_labels, epoch_hook, hp.label_smoothing),
         teacher=teacher,
         extra_callbacks=extra_callbacks,
         verbose=verbose,
     )
-    if weights_used == "random":
-        mode = _from_scratch(run, splits, image_size, recalibrate)
-    else:
-        mode = _fine_tune(run)
+    mode = _fine_tune(run) if pretrained else _from_scratch(run, splits, size, recalibrate)
+    if trained is not backbone:
+        # The served model: the trained weights in the backbone built at the serving size.
+        backbone.set_weights(trained.get_weights())
+        served = backbones.build_classifier(spec, image_size, backbone, head)
+        classifier = keras.Model(served.inputs, served.outputs, name=served.name)
     best = max((h["val_f1_macro"] for h in run.f1_cb.history), default=0.0)
-    return FitResult(served, backbone, head, run.f1_cb.history, mode, best, grappler)
+    return FitResult(classifier, backbone, head, run.f1_cb.history, mode, best, grappler, size)
+
+
+def _resized_copy(spec: backbones.BackboneSpec, backbone: keras.Model, size: int) -> keras.Model:
+    """The same backbone built for ``size`` px inputs, with ``backbone``'s weights (convolution
+    and BatchNorm weights do not depend on the input size)."""
+    copy, _ = backbones.build_backbone(spec, size, "none")
+    copy.set_weights(backbone.get_weights())
+    return copy
 
 
 def _batches(records, image_size: int, hp: HParams, *, training: bool, **options):
@@ -411,6 +429,35 @@ def _batches(records, image_size: int, hp: HParams, *, training: bool, **options
         training=training,
         augment_strength=hp.augment_strength if training else 0.0,
         **options,
+    )
+
+
+def _train_batches(
+    splits, image_size, hp, seed, teacher, weights, training: bool = True
+) -> tf.data.Dataset:
+    """Training batches (shuffled and augmented unless ``training=False``) with one-hot labels;
+    with a ``teacher``, the label and the teacher's probabilities side by side, and the class
+    weights as sample weights (a class weight cannot be read off such a target)."""
+    n = splits.num_classes
+    if teacher is None:
+        return _batches(splits.train, image_size, hp, training=training, shuffle_seed=seed).map(
+            _one_hot(n)
+        )
+    per_class = tf.constant([weights[c] for c in range(n)], tf.float32)
+    data = _batches(
+        splits.train,
+        image_size,
+        hp,
+        training=training,
+        shuffle_seed=seed,
+        targets=teacher.train_outputs,
+    )
+    return data.map(
+        lambda x, y, taught: (
+            x,
+            tf.concat([tf.one_hot(y, n), taught], axis=1),
+            tf.gather(per_class, y),
+        )
     )
 
 
@@ -430,8 +477,9 @@ def _from_scratch(run: _Run, splits: DatasetSplits, image_size: int, recalibrate
     lr = WarmupStableDecay(hp.learning_rate, total_epochs * steps, warmup_steps)
     run.run_phase(total_epochs, hp.learning_rate, "end_to_end", warmup, lr, watch_from=watch_from)
     if recalibrate:
-        n = splits.num_classes
-        unaugmented = _batches(splits.train, image_size, hp, training=False).map(_one_hot(n))
+        unaugmented = _train_batches(
+            splits, image_size, hp, 0, run.teacher, run.class_weights, training=False
+        )
         recalibrate_batchnorm(run.model, warmup, unaugmented, run.weights)
     return "end_to_end"
 

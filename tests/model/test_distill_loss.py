@@ -1,5 +1,5 @@
-"""Distillation: the loss, the student's training graph with a frozen teacher, the output cache,
-and the from-scratch learning-rate schedule."""
+"""Distillation: the loss, the teacher's answers travelling with their images through training,
+the output cache, and the from-scratch learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import pytest
 
 from cars_ml.training.distill import (
     DistillationLoss,
-    Teacher,
     cached_teacher_outputs,
     check_class_names,
     soften,
-    training_model,
 )
 from cars_ml.training.fit import WarmupStableDecay, scratch_schedule
 
@@ -30,7 +28,7 @@ LABELS = np.eye(3, dtype=np.float32)[[0, 2]]
 
 def _loss(alpha: float, t: float, student=STUDENT, teacher=TEACHER) -> float:
     loss = DistillationLoss(3, temperature=t, alpha=alpha)
-    return float(loss(LABELS, np.concatenate([student, teacher], axis=1)))
+    return float(loss(np.concatenate([LABELS, teacher], axis=1), student))
 
 
 def test_alpha_one_is_plain_cross_entropy():
@@ -60,41 +58,71 @@ def test_bad_temperature_or_alpha_is_refused(t, alpha):
         DistillationLoss(3, temperature=t, alpha=alpha)
 
 
-def _classifier(size: int, classes: int, seed: int, dropout: float = 0.0) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    image = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 255)(image)
-    x = keras.layers.Conv2D(4, 3)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(dropout)(x)
-    return keras.Model(image, keras.layers.Dense(classes, activation="softmax")(x))
+def test_each_image_is_taught_with_its_own_teachers_answer_through_the_shuffle(tmp_path):
+    from PIL import Image
+
+    from cars_ml.data import ImageRecord
+    from cars_ml.data.pipeline import make_dataset
+
+    records = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (12, 12), (i * 30, 0, 0)).save(path)
+        records.append(ImageRecord(str(path), i % 3))
+    # Row i says "image i" in its first column, so a pairing survives any order.
+    targets = np.zeros((8, 4), np.float32)
+    targets[:, 0] = np.arange(8)
+    data = make_dataset(
+        records, 8, 3, training=True, shuffle_seed=1, augment_strength=0.5, targets=targets
+    )
+    seen = []
+    for images, labels, taught in data:
+        for image, label, row in zip(images.numpy(), labels.numpy(), taught.numpy(), strict=True):
+            index = int(row[0])
+            assert label == index % 3
+            assert abs(float(image[..., 0].mean()) - index * 30) < 40  # the same picture
+            seen.append(index)
+    assert sorted(seen) == list(range(8)) and seen != list(range(8))
+    with pytest.raises(ValueError, match="3 target rows for 8 records"):
+        make_dataset(records, 8, 3, training=True, targets=targets[:3])
 
 
-def test_the_teacher_stays_frozen_and_deterministic_while_the_student_trains():
-    student = _classifier(16, 3, seed=1)
-    # A different input size and a dropout layer: the teacher must see a resized view and run
-    # in inference mode, so dropout never changes its answers.
-    teacher_model = _classifier(24, 3, seed=2, dropout=0.9)
-    frozen = [w.copy() for w in teacher_model.get_weights()]
-    model = training_model(student, Teacher(teacher_model, 2.0, 0.5))
-    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
-    taught = model(images, training=True).numpy()[:, 3:]
-    again = model(images, training=True).numpy()[:, 3:]
-    resized = keras.layers.Resizing(24, 24)(images)
-    assert np.allclose(taught, again) and np.allclose(taught, teacher_model(resized), atol=1e-5)
-
-    model.compile(optimizer="adam", loss=DistillationLoss(3, 2.0, 0.5))
-    before = [w.copy() for w in student.get_weights()]
-    model.fit(images, np.eye(3, dtype=np.float32)[np.arange(8) % 3], epochs=2, verbose=0)
-    for now, then in zip(teacher_model.get_weights(), frozen, strict=True):
-        np.testing.assert_array_equal(now, then)  # BatchNorm statistics included
-    assert any(not np.allclose(a, b) for a, b in zip(student.get_weights(), before, strict=True))
+def test_a_student_learns_towards_its_teacher_where_labels_say_nothing():
+    """With alpha 0 the teacher alone teaches: a student fitted on its answers predicts them."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    teacher = np.eye(3, dtype=np.float32)[(x[:, 0] > 0).astype(int) * 2]  # class 0 or 2
+    labels = np.eye(3, dtype=np.float32)[np.zeros(64, int)]  # labels that say class 0
+    student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    student.compile(keras.optimizers.Adam(0.05), loss=DistillationLoss(3, 1.0, 0.0))
+    student.fit(x, np.concatenate([labels, teacher], axis=1), epochs=60, verbose=0)
+    agreement = np.mean(student(x).numpy().argmax(1) == teacher.argmax(1))
+    assert agreement > 0.9
 
 
-def test_a_teacher_with_other_classes_is_refused():
-    with pytest.raises(ValueError, match="the teacher has 4 classes and the student 3"):
-        training_model(_classifier(16, 3, 1), Teacher(_classifier(16, 4, 2)))
+def test_a_teacher_with_other_classes_is_refused(tmp_path):
+    from cars_ml.data import DatasetSplits, ImageRecord
+    from cars_ml.modeling import backbones
+    from cars_ml.training.distill import Teacher
+    from cars_ml.training.fit import fit
+    from cars_ml.training.hparams import HParams
+
+    records = tuple(ImageRecord(str(tmp_path / f"{i}.png"), i % 3) for i in range(6))
+    splits = DatasetSplits(
+        "d",
+        "image_folder",
+        str(tmp_path),
+        ("a", "b", "c"),
+        records,
+        records,
+        records,
+        "held_out",
+        "f",
+    )
+    spec = backbones.get_backbone("mobilenet")
+    backbone, used = backbones.build_backbone(spec, 32, "none")
+    with pytest.raises(ValueError, match=r"shape \(6, 4\), not \(6, 3\)"):
+        fit(splits, spec, 32, backbone, used, HParams(), teacher=Teacher(np.zeros((6, 4))))
     with pytest.raises(ValueError, match="class names differ"):
         check_class_names(["a", "b"], ["b", "a"])
     check_class_names(["a", "b"], ["a", "b"])
