@@ -90,7 +90,6 @@ class Preset:
     max_epochs: int  # per tuning trial
     epochs: int  # final training: the head alone (or end to end from random weights)
     fine_tune_epochs: int
-    image_size: int = backbones.AUTO_SIZE
 
     @property
     def budget(self) -> tuple[int, int, int, int]:
@@ -104,9 +103,9 @@ PRESETS = {
         # The synthetic demo: every original backbone in about ten minutes on 2 cores.
         Preset("demo", backbones.ORIGINAL_BACKBONES, 2, 1, 2, 0),
         # Real data on a CPU: the ImageNet-pretrained edge backbones that install offline, the
-        # larger one as teacher, at 224 px, within 90 minutes for 4,000 photos on 2 cores
+        # larger one as teacher, within 90 minutes for 4,000 photos on 2 cores
         # (docs/real-data.md).
-        Preset("cpu", ("efficientnet_lite2", "efficientnet_lite0"), 10, 5, 2, 12, 224),
+        Preset("cpu", ("efficientnet_lite2", "efficientnet_lite0"), 10, 5, 2, 12),
         # Real data on a GPU: every backbone at its native size, with a full study each.
         Preset("full", backbones.ORIGINAL_BACKBONES + LITE_BACKBONES, 20, 5, 2, 15),
     )
@@ -171,13 +170,6 @@ def resolve_preset(cfg: PipelineConfig) -> Preset:
 
 def resolve_models(cfg: PipelineConfig) -> tuple[str, ...]:
     return cfg.models or resolve_preset(cfg).models
-
-
-def resolve_image_size(cfg: PipelineConfig) -> int:
-    """The preset's size where ``image_size`` is auto (which is, again, auto for most)."""
-    return (
-        resolve_preset(cfg).image_size if cfg.image_size == backbones.AUTO_SIZE else cfg.image_size
-    )
 
 
 def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:

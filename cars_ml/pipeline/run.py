@@ -22,7 +22,6 @@ from cars_ml.pipeline.plan import (
     resolve_budget,
     resolve_budget_gmacs,
     resolve_data,
-    resolve_image_size,
     resolve_models,
     resolve_preset,
     resolve_trial_fraction,
@@ -152,7 +151,6 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         data=resolve_data(cfg),
         trial_fraction=resolve_trial_fraction(cfg),
         models=resolve_models(cfg),
-        image_size=resolve_image_size(cfg),
         preset=preset.name,
     )
     started = time.perf_counter()
