@@ -3,6 +3,7 @@ keys that let a finished step be reused (code version, parameters, dataset finge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -90,6 +91,7 @@ class Preset:
     max_epochs: int  # per tuning trial
     epochs: int  # final training: the head alone (or end to end from random weights)
     fine_tune_epochs: int
+    students: tuple[str, ...] = ()  # empty: every other backbone within the edge budgets
 
     @property
     def budget(self) -> tuple[int, int, int, int]:
@@ -105,7 +107,16 @@ PRESETS = {
         # Real data on a CPU: the ImageNet-pretrained edge backbones that install offline, the
         # larger one as teacher, within 90 minutes for 4,000 photos on 2 cores
         # (docs/real-data.md).
-        Preset("cpu", ("efficientnet_lite2", "efficientnet_lite0"), 10, 5, 2, 12),
+        # MobileNet, without ImageNet weights here, learns from the teacher from scratch.
+        Preset(
+            "cpu",
+            ("efficientnet_lite2", "efficientnet_lite0"),
+            10,
+            5,
+            2,
+            12,
+            students=("efficientnet_lite0", "mobilenet"),
+        ),
         # Real data on a GPU: every backbone at its native size, with a full study each.
         Preset("full", backbones.ORIGINAL_BACKBONES + LITE_BACKBONES, 20, 5, 2, 15),
     )
@@ -172,6 +183,11 @@ def resolve_models(cfg: PipelineConfig) -> tuple[str, ...]:
     return cfg.models or resolve_preset(cfg).models
 
 
+def resolve_students(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The students named by ``distill_students``, else the preset's (empty: by budget)."""
+    return cfg.distill_students or resolve_preset(cfg).students
+
+
 def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
     """Resolve the auto (0 / -1) budget knobs: ``(n_trials, max_epochs, hparams)``."""
     base = resolve_preset(cfg).budget
@@ -199,8 +215,13 @@ def resolve_workers(cfg: PipelineConfig) -> int:
     return workers
 
 
+@functools.cache
 def code_version() -> str:
-    """A hash of the library's source, so a code change invalidates reused steps."""
+    """A hash of the library's source, so a code change invalidates reused steps.
+
+    Read once per process: a source edited while a pipeline runs (a checkout switched, a pull)
+    must not give its later steps other keys than its earlier ones.
+    """
     digest = hashlib.sha256()
     for path in sorted(Path(cars_ml.__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())

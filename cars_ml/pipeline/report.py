@@ -9,6 +9,8 @@ from cars_ml import tracking
 
 COMPARISON_COLUMNS = (
     "test_f1_macro",
+    "val_f1_macro",
+    "tflite_int8_test_f1_macro",
     "test_accuracy",
     "latency_ms_p50",
     "latency_ms_p95",
@@ -22,6 +24,21 @@ COMPARISON_COLUMNS = (
 
 
 SLICE_COLUMNS = ("test_f1_macro_make", "test_f1_macro_body_type")
+# The comparison's name of the frozen-feature floor (tuning.floor): a baseline, not a model.
+FLOOR_ROW = "floor-efficientnet_lite0"
+
+
+def floor_row(floor: dict[str, float]) -> dict:
+    """The comparison row of the frozen-feature floor: its validation and test macro-F1."""
+    return {
+        "backbone": FLOOR_ROW,
+        "run_id": "",
+        "model_version": None,
+        "reused": False,
+        "teacher": "",
+        "teacher_version": "",
+        **{c: floor.get(c) for c in COMPARISON_COLUMNS},
+    }
 
 
 def slice_table(rows) -> pd.DataFrame:
@@ -94,6 +111,8 @@ def comparison_figure(table: pd.DataFrame):
                 xytext=points[row.teacher],
                 arrowprops={"arrowstyle": "->", "linestyle": "--", "color": "grey"},
             )
+    for row in table[table["backbone"] == FLOOR_ROW].itertuples():
+        ax.axhline(row.test_f1_macro, linestyle=":", color="grey", label="frozen-feature floor")
     champ = data[data["champion"]]
     ax.scatter(
         champ["latency_ms_p50"],

@@ -24,6 +24,7 @@ from cars_ml.pipeline.plan import (
     resolve_data,
     resolve_models,
     resolve_preset,
+    resolve_students,
     resolve_trial_fraction,
     resolve_workers,
     step_key,
@@ -32,6 +33,7 @@ from cars_ml.pipeline.plan import (
 from cars_ml.pipeline.pool import Backbone, StepPool
 from cars_ml.pipeline.report import (
     COMPARISON_COLUMNS,
+    floor_row,
     log_comparison,
     print_report,
     slice_table,
@@ -119,12 +121,14 @@ def _distill_steps(
         key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
         name = student_name(student, teacher["backbone"])
         previous = _reusable(cfg, key)
+        # A student tuned in this run takes its study's best params; another, the defaults.
+        tuned = student in cfg.models
         train = _train_config(
             cfg,
             student,
             key,
             parent_run_id,
-            params_from=study_name(student, step_key(cfg, student, fingerprint)),
+            params_from=study_name(student, step_key(cfg, student, fingerprint)) if tuned else "",
             run_name=f"distill-{student}",
             teacher=uri,
             temperature=cfg.temperature,
@@ -151,6 +155,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         data=resolve_data(cfg),
         trial_fraction=resolve_trial_fraction(cfg),
         models=resolve_models(cfg),
+        distill_students=resolve_students(cfg),
         preset=preset.name,
     )
     started = time.perf_counter()
@@ -205,6 +210,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                     _distill(cfg, list(rows.values()), splits.fingerprint, parent.info.run_id, pool)
                 )
         slices = slice_table(rows.values())  # The slice table of every backbone and student.
+        floor = _floor(cfg, splits)
         rows = [
             {
                 "backbone": r["backbone"],
@@ -217,6 +223,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             }
             for r in rows.values()
         ]
+        if floor is not None:
+            rows.append(floor_row(floor))
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
         table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
@@ -225,6 +233,27 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         tracking.log_metrics({"pipeline_wall_s": wall})
         print_report(table, decision, wall, parent.info.experiment_id, parent.info.run_id)
     return table
+
+
+def _floor(cfg: PipelineConfig, splits) -> dict | None:
+    """The frozen-feature floor on real data (logged on the pipeline run), else ``None``."""
+    if cfg.data.data == "synthetic":
+        return None
+    from cars_ml.tuning.floor import FLOOR_BACKBONE, frozen_feature_floor
+
+    print(
+        f"[pipeline] frozen-feature floor: a logistic regression on frozen {FLOOR_BACKBONE} "
+        "features",
+        flush=True,
+    )
+    try:
+        floor = frozen_feature_floor(splits)
+    except ValueError as exc:  # No ImageNet weights for the floor's backbone.
+        print(f"[pipeline] no floor: {exc}", flush=True)
+        return None
+    tracking.log_metrics({f"floor_{k}": v for k, v in floor.items() if k != "C"})
+    tracking.log_params({"floor_backbone": FLOOR_BACKBONE, "floor_C": floor["C"]})
+    return floor
 
 
 def _distill(

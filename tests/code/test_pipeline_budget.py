@@ -18,6 +18,7 @@ from cars_ml.pipeline.plan import (
     resolve_data,
     resolve_models,
     resolve_preset,
+    resolve_students,
     resolve_trial_fraction,
     resolve_workers,
 )
@@ -42,6 +43,8 @@ def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
     assert resolve_preset(real).name == "cpu"
     assert _budget(real) == PRESETS["cpu"].budget
     assert resolve_models(real) == ("efficientnet_lite2", "efficientnet_lite0")
+    assert resolve_students(real) == ("efficientnet_lite0", "mobilenet")
+    assert resolve_students(demo) == ()  # every other backbone within the edge budgets
     monkeypatch.setattr(plan, "has_gpu", lambda: True)
     assert resolve_preset(real).name == "full"
     assert _budget(real) == PRESETS["full"].budget
