@@ -211,7 +211,6 @@ def _compile(
     lr: float,
     smoothing: float,
     teacher: Teacher | None = None,
-    weight_decay: float = 0.0,
 ) -> None:
     if teacher is None:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
@@ -223,8 +222,7 @@ def _compile(
             int(model.output_shape[-1]), teacher.temperature, teacher.alpha, smoothing
         )
         metrics = []
-    optimizer = FusedAdam(lr, weight_decay=weight_decay or None)
-    compile_for_training(model, optimizer, loss=loss, metrics=metrics)
+    compile_for_training(model, FusedAdam(lr), loss=loss, metrics=metrics)
 
 
 # Share of a from-scratch run over which the learning rate decays to zero.
@@ -291,9 +289,7 @@ class _Run:
     """What every phase of one ``fit`` shares: the graphs, the data and the callbacks."""
 
     model: keras.Model  # the graph that trains, compiled with the optimizer
-    served: keras.Model
     backbone: keras.Model
-    head: keras.Model
     hp: HParams
     train_ds: tf.data.Dataset
     num_train: int
@@ -311,11 +307,10 @@ class _Run:
         phase: str,
         *more: keras.callbacks.Callback,
         watch_from: int = 0,
-        weight_decay: float = 0.0,
     ) -> None:
         """``epochs`` more epochs of the whole graph at ``lr``, stopped early on val F1."""
         self.f1_cb.phase = phase
-        _compile(self.model, lr, self.hp.label_smoothing, self.teacher, weight_decay)
+        _compile(self.model, lr, self.hp.label_smoothing, self.teacher)
         start = len(self.f1_cb.history)
         stop = keras.callbacks.EarlyStopping(
             monitor="val_f1_macro",
@@ -390,9 +385,7 @@ def fit(
 
     run = _Run(
         model=model,
-        served=classifier,
         backbone=trained,
-        head=head,
         hp=hp,
         train_ds=_train_batches(splits, size, hp, seed, teacher, weights),
         num_train=len(splits.train),
