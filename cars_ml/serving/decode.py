@@ -15,13 +15,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import struct
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,10 +48,18 @@ class Limits:
     - ``max_pixels`` (default 40 megapixels): width x height read from the image header before
       any pixel is decoded; stops decompression bombs (a tiny PNG that inflates to gigabytes).
     - ``max_images_per_request`` (default 64): images in one request; split bigger jobs.
+    - ``max_request_pixels`` (default 100 megapixels): the pixels all of a request's images declare
+      in their headers, summed before each is decoded; bounds a request's decoding work.
+    - ``decode_time_s`` (default 10): a request whose decoding has taken longer stops before its
+      next image (HTTP 400); one image's work is bounded by the pixel and format limits.
     - ``max_request_bytes`` (default 24 MiB): the whole HTTP body, refused with 413 before it is
       read (from ``Content-Length``) or as soon as more arrives; fits one image at the limit.
     - ``max_concurrent_requests`` (default 4): requests the server reads and answers at once;
       the next ones wait for a slot (up to ``queue_timeout_s``, default 30 s, then 503).
+    - ``body_timeout_s`` (default 30) and ``body_idle_timeout_s`` (default 10): a body must arrive
+      within these in all and between two pieces (else 408), before it takes a slot.
+    - ``max_buffered_mb`` (default 256): request bodies the server holds at once, being read,
+      waiting or worked on (else 503).
     - ``decode_memory_mb`` (default 512): memory the server's image decodes may hold at once,
       estimated from each image's header (see :func:`decode_cost`); a decode that does not fit
       waits for others to finish, and one larger than the whole budget runs alone.
@@ -64,11 +74,50 @@ class Limits:
     max_concurrent_requests: int = 4
     decode_memory_mb: int = 512
     queue_timeout_s: float = 30.0
+    max_request_pixels: int = 100_000_000
+    decode_time_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_idle_timeout_s: float = 10.0
+    max_buffered_mb: int = 256
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not value > 0:
                 raise ValueError(f"Limits.{name} must be > 0, got {value}.")
+        if self.max_buffered_mb * 2**20 < self.max_request_bytes:
+            raise ValueError(
+                f"Limits.max_buffered_mb={self.max_buffered_mb} must hold one body of "
+                f"max_request_bytes={self.max_request_bytes}."
+            )
+
+
+# An operator overrides one of a served model's limits with CARS_ML_LIMIT_<FIELD> (for example
+# CARS_ML_LIMIT_MAX_CONCURRENT_REQUESTS=8) in the server's environment.
+LIMITS_ENV_PREFIX = "CARS_ML_LIMIT_"
+
+
+def limits_from_env(limits: Limits, environ: Mapping[str, str] | None = None) -> Limits:
+    """``limits`` with every field the environment sets (``CARS_ML_LIMIT_<FIELD>``) replaced;
+    a misspelt name or a bad value stops the server with the variable named."""
+    environ = os.environ if environ is None else environ
+    known = {LIMITS_ENV_PREFIX + f.name.upper(): f.name for f in fields(Limits)}
+    changes: dict[str, float | int] = {}
+    for variable, raw in environ.items():
+        if not variable.startswith(LIMITS_ENV_PREFIX):
+            continue
+        if variable not in known:
+            raise ValueError(
+                f"{variable} is not a serving limit; the limits are {', '.join(sorted(known))}."
+            )
+        name = known[variable]
+        kind = type(getattr(limits, name))
+        try:
+            changes[name] = kind(raw.strip())
+        except ValueError:
+            raise ValueError(
+                f"{variable}={raw[:40]!r} is not {'a number' if kind is float else 'an integer'}."
+            ) from None
+    return replace(limits, **changes) if changes else limits
 
 
 class RequestError(ValueError):
@@ -88,6 +137,58 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
 # decodes into a buffer of its own that Pillow then copies, twice.
 _FRAMES = {"WEBP": 4.0}
 _DEFAULT_FRAMES = 2.0
+
+
+# JPEG scans (SOS markers) accepted in one file: a baseline JPEG has one per colour component
+# and common progressive encoders write about ten, while each scan can make the decoder walk the
+# whole image again, so a small file with thousands of scans costs far more than its size.
+MAX_JPEG_SCANS = 32
+# Pillow decodes run-length BMP in a Python loop, slow per byte of a tiny file.
+_BMP_RLE = (1, 2)
+
+
+def refuse_costly(image: Image.Image, raw: bytes) -> None:
+    """Refuse encodings whose decoding work is not bounded by the image's declared pixels."""
+    if image.format == "BMP" and image.info.get("compression") in _BMP_RLE:
+        raise RequestError(
+            "run-length compressed BMP is not accepted (its decoding is slow per byte); "
+            "send PNG, JPEG or uncompressed BMP."
+        )
+    if image.format == "JPEG":
+        # Entropy-coded data escapes 0xFF as 0xFF00, so FFDA appears only as a marker.
+        scans = raw.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise RequestError(
+                f"JPEG with {scans} scans, more than {MAX_JPEG_SCANS} (each scan can cost a "
+                "pass over the whole image); re-save it as a baseline or standard progressive JPEG."
+            )
+
+
+class RequestWork:
+    """What one request's images may cost in all: declared pixels and decoding time."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.pixels = 0
+        self.started = time.monotonic()
+
+    def charge(self, pixels: int) -> None:
+        """Count an image's declared pixels before it is decoded."""
+        self.pixels += pixels
+        if self.pixels > self.limits.max_request_pixels:
+            raise RequestError(
+                f"the request's images declare {self.pixels} pixels in all, over "
+                f"max_request_pixels={self.limits.max_request_pixels}; send fewer or smaller "
+                "images per request."
+            )
+
+    def check_time(self) -> None:
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.limits.decode_time_s:
+            raise RequestError(
+                f"decoding this request's images took {elapsed:.1f} s, over "
+                f"decode_time_s={self.limits.decode_time_s:g}; send fewer or smaller images."
+            )
 
 
 def decode_cost(image: Image.Image) -> int:
@@ -253,6 +354,7 @@ def decode_image_bytes(
     max_pixels: int,
     target_size: int | None = None,
     budget: DecodeBudget | None = None,
+    work: RequestWork | None = None,
 ) -> Image.Image:
     """Decode image file bytes into an upright RGB PIL image, checking dimensions first.
 
@@ -274,8 +376,12 @@ def decode_image_bytes(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of "
                     f"{max_pixels} pixels (decompression bomb protection); downscale it first."
                 )
+            refuse_costly(image, raw)
             if target_size and image.format == "JPEG":
                 image.draft(None, (2 * target_size, 2 * target_size))
+            if work is not None:
+                # After the draft: a JPEG costs the pixels its codec produces at the reduced scale.
+                work.charge(image.width * image.height)
             with budget.reserve(decode_cost(image)) if budget else nullcontext():
                 image.load()
                 transpose = _orientation(image)
@@ -308,10 +414,13 @@ def decode_base64_image(
     max_pixels: int,
     target_size: int | None = None,
     budget: DecodeBudget | None = None,
+    work: RequestWork | None = None,
 ) -> Image.Image:
     """Decode one base64 (or ``data:image/...;base64,``) string into an RGB PIL image."""
     raw = _b64_to_bytes(value, max_bytes)
-    return decode_image_bytes(raw, max_pixels=max_pixels, target_size=target_size, budget=budget)
+    return decode_image_bytes(
+        raw, max_pixels=max_pixels, target_size=target_size, budget=budget, work=work
+    )
 
 
 def resize_rgb(image: Image.Image, image_size: int) -> np.ndarray:
@@ -343,14 +452,17 @@ def prepare_batch(
             f"{limits.max_images_per_request}; split it into several requests."
         )
     out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
+    work = RequestWork(limits)
     for index, value in enumerate(values):
         try:
+            work.check_time()
             image = decode_base64_image(
                 value,
                 max_bytes=limits.max_image_bytes,
                 max_pixels=limits.max_pixels,
                 target_size=image_size,
                 budget=budget,
+                work=work,
             )
             out[index] = resize_rgb(image, image_size)
         except RequestError as exc:

@@ -29,7 +29,13 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from cars_ml.serving.decode import DecodeBudget, Limits, RequestError, prepare_batch
+from cars_ml.serving.decode import (
+    DecodeBudget,
+    Limits,
+    RequestError,
+    limits_from_env,
+    prepare_batch,
+)
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("label", "class_id", "probability", "top_k")
@@ -176,7 +182,7 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
             image_size,
             lite.num_classes,
             top_k=int(config.get("top_k", DEFAULT_TOP_K)),
-            limits=Limits(**config.get("limits", {})),
+            limits=limits_from_env(Limits(**config.get("limits", {}))),
         )
         self._lite, self.engine = lite, "litert-int8"
 
@@ -201,7 +207,7 @@ class CarsClassifier(mlflow.pyfunc.PythonModel):
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))
         options = {
             "top_k": int(config.get("top_k", DEFAULT_TOP_K)),
-            "limits": Limits(**config.get("limits", {})),
+            "limits": limits_from_env(Limits(**config.get("limits", {}))),
         }
         image_size = int(config["image_size"])
         engine = str(config.get("engine", "litert"))

@@ -15,6 +15,8 @@ request is never echoed back.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 from cars_ml.serving.decode import Limits, RequestError
@@ -29,8 +31,28 @@ EXAMPLE = (
 )
 
 
+# JSON items a request may hold per image it may carry: a value in ``dataframe_records`` costs a
+# brace and two commas at most, and a data URL one comma more. A body within the byte limit can
+# otherwise hold millions of tiny lists or strings, many times its size as Python objects.
+ITEMS_PER_IMAGE = 8
+ITEMS_BASE = 64
+
+
+def media_type(header: str) -> tuple[str, dict[str, list[str]]]:
+    """The lower-cased media type of a ``Content-Type`` header and its parameters (name -> every
+    value given, lower-cased, quotes removed), whatever their order, case or spacing."""
+    kind, _, rest = header.partition(";")
+    params: dict[str, list[str]] = {}
+    for part in rest.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip():
+            params.setdefault(name.strip().lower(), []).append(value.strip().strip('"').lower())
+    return kind.strip().lower(), params
+
+
 def parse_body(body: bytes, limits: Limits) -> list[str]:
     """The base64 values of a JSON request body (``bytes``), in order."""
+    _check_structure(body, limits)
     try:
         document = json.loads(body)
     except RecursionError:
@@ -41,6 +63,11 @@ def parse_body(body: bytes, limits: Limits) -> list[str]:
         # The position tells a client what is wrong without echoing the body.
         where = f" at byte {exc.start}" if isinstance(exc, UnicodeDecodeError) else f" ({exc})"
         raise RequestError(f"the request body is not valid JSON{where}; send {EXAMPLE}.") from None
+    except ValueError:
+        # Python refuses integers of more than a few thousand digits (int_max_str_digits).
+        raise RequestError(
+            f"the request JSON holds a number too long to read; send {EXAMPLE}."
+        ) from None
     if isinstance(document, list):
         raise RequestError(
             f"Received a list; the input must be a JSON dictionary with one of {FORMATS}: {EXAMPLE}."
@@ -67,6 +94,51 @@ def parse_body(body: bytes, limits: Limits) -> list[str]:
                 index=index,
             )
     return values
+
+
+def parse_csv(body: bytes, limits: Limits) -> list[str]:
+    """The base64 values of a ``text/csv`` body: a header ``image``, then one value a row."""
+    rows = max(body.count(b"\n"), body.count(b"\r"))
+    if rows > limits.max_images_per_request + 2:  # the header and a last line break
+        _check_count(rows - 1, limits)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the CSV body is not UTF-8 (byte {exc.start}); send UTF-8.") from None
+    # The module's field limit (128 KiB) is below one legitimate image; the request limit bounds it.
+    csv.field_size_limit(max(csv.field_size_limit(), limits.max_request_bytes))
+    try:
+        table = [row for row in csv.reader(io.StringIO(text)) if row]
+    except csv.Error as exc:
+        raise RequestError(
+            f"the CSV body cannot be read ({exc}); send a header 'image' and one "
+            "base64 value a row, or JSON such as " + EXAMPLE + "."
+        ) from None
+    if not table:
+        raise RequestError(f"empty request: no CSV header and no images; send {EXAMPLE}.")
+    _check_columns(table[0])
+    _check_count(len(table) - 1, limits)
+    for index, row in enumerate(table[1:]):
+        if len(row) != 1:
+            raise RequestError(f"expected one value in the row, got {len(row)}.", index=index)
+    return [row[0] for row in table[1:]]
+
+
+def _check_structure(body: bytes, limits: Limits) -> None:
+    """Refuse, before parsing, a body holding more JSON values than its images could need.
+
+    Every value after the first in a list or object follows a comma, and every list or object
+    opens with a bracket, so these three bytes bound what ``json.loads`` would build (base64
+    has none of them). Counted at C speed.
+    """
+    items = body.count(b",") + body.count(b"[") + body.count(b"{")
+    allowed = ITEMS_PER_IMAGE * limits.max_images_per_request + ITEMS_BASE
+    if items > allowed:
+        raise RequestError(
+            f"too many JSON items in one request: {items} > {allowed} for "
+            f"max_images_per_request={limits.max_images_per_request}; split it into several "
+            f"requests of {EXAMPLE}."
+        )
 
 
 def _check_count(count: int, limits: Limits) -> None:

@@ -18,9 +18,11 @@ The model is loaded inside the server process before the app is built, so
    the app): a ``Content-Length`` over ``max_request_bytes`` gets a 413 before the body is read,
    a body that grows past it while arriving gets a 413 as soon as it does, and at most
    ``max_concurrent_requests`` requests are read and answered at once (the others wait, then 503);
-2. the module's ``invocations`` function (looked up by name on every request) is wrapped: JSON
-   bodies are read by ``request.py`` into plain strings, never a padded array; Parquet, which can
-   inflate far beyond its size, is refused; error responses are short and carry no stack trace.
+2. the module's ``invocations`` function (looked up by name on every request) is wrapped: the
+   route is decided by the media type alone, every JSON and CSV body is read by ``request.py``
+   into plain strings (never a padded array, the items counted before anything is built), and
+   every other type (Parquet, which can inflate far beyond its size, included) gets a 415; error
+   responses are short and carry no stack trace. MLflow's own parsers are never reached.
 
 Outside the serving process (``mlflow.pyfunc.load_model`` in ``predict``, tests) nothing changes.
 """
@@ -29,14 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import sys
+import threading
 from io import StringIO
 
 from cars_ml.serving.decode import Limits, RequestError
-from cars_ml.serving.request import EXAMPLE, parse_body
+from cars_ml.serving.request import EXAMPLE, media_type, parse_body, parse_csv
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ MAX_MESSAGE_CHARS = 1000
 CONTENT_TYPE_MESSAGE = (
     "Missing Content-Type header; send the request with 'Content-Type: application/json'."
 )
+ACCEPTED_TYPES = ("application/json", "text/csv")
 PARQUET_MESSAGE = (
     "Parquet bodies are not accepted by this model (a compressed body can inflate far beyond "
     f"the request limit); send application/json such as {EXAMPLE}, or text/csv."
@@ -59,7 +64,11 @@ PARQUET_MESSAGE = (
 
 def error_body(status: int, message: str) -> bytes:
     """The JSON error body MLflow's scoring server uses, with a bounded message."""
-    code = {413: "REQUEST_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE"}.get(status)
+    code = {
+        408: "DEADLINE_EXCEEDED",
+        413: "REQUEST_LIMIT_EXCEEDED",
+        503: "TEMPORARILY_UNAVAILABLE",
+    }.get(status)
     code = code or ("INVALID_PARAMETER_VALUE" if status < 500 else "INTERNAL_ERROR")
     return json.dumps({"error_code": code, "message": short_message(message)}).encode()
 
@@ -79,12 +88,30 @@ def harden_scoring_server(limits: Limits | None = None) -> bool:
     """Install both guards in the serving process; returns whether ``invocations`` is guarded."""
     limits = limits or Limits()
     server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    serving = bool(os.environ.get(SERVER_MODEL_PATH_ENV))
     if server is None or not hasattr(server, "invocations"):
+        if serving:
+            raise GuardError("MLflow's scoring server module is not where it was expected")
         return False
-    if os.environ.get(SERVER_MODEL_PATH_ENV):
-        _gate_next_app(limits)
+    if serving:
+        if not _gate_next_app(limits):
+            raise GuardError("the request gate could not wrap MLflow's FastAPI app")
         _return_large_buffers()
-    return _guard_invocations(server, limits)
+    guarded = _guard_invocations(server, limits)
+    if serving and not guarded:
+        raise GuardError("MLflow's scoring function could not be wrapped")
+    return guarded
+
+
+class GuardError(RuntimeError):
+    """The request guard cannot be put in place: the server must not start without it."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"Refusing to serve: {what}, so requests would reach MLflow's scoring server "
+            "without the request limits. Use the MLflow version this project pins "
+            "(pyproject.toml), or train the model again with this release."
+        )
 
 
 def _return_large_buffers() -> None:
@@ -116,21 +143,28 @@ def _guard_invocations(server, limits: Limits) -> bool:
         return response_type(error_body(status, message).decode(), status, "application/json")
 
     def invocations(data, content_type, model, input_schema):
-        if not content_type:
-            return response_type(response=CONTENT_TYPE_MESSAGE, status=415, mimetype="text/plain")
-        parts = [part.strip().lower() for part in content_type.split(";")]
-        if parts[0] == "application/vnd.apache.parquet":
-            return response_type(response=PARQUET_MESSAGE, status=415, mimetype="text/plain")
+        work = CURRENT_WORK.get()
+        if work is not None and not work.begin():
+            return reply(503, "the request ended before it was worked on; retry it.")
         try:
-            if parts[0] == "application/json" and parts[1:] in ([], ["charset=utf-8"]):
-                values = parse_body(data, limits)
-                # An object column holds the request's own strings: no padded copy.
-                frame = pd.DataFrame({"image": pd.Series(values, dtype=object)})
-                result = StringIO()
-                server.predictions_to_json(model.predict(frame), result)
-                return response_type(result.getvalue(), 200, "application/json")
-            # CSV, and the unusual content types MLflow itself refuses with a 415.
-            return original(data, content_type, model, input_schema)
+            return scored(data, content_type, model, input_schema)
+        finally:
+            if work is not None:
+                work.end()
+
+    def scored(data, content_type, model, input_schema):
+        refusal = _refuse_media_type(content_type)
+        if refusal:
+            return response_type(response=refusal, status=415, mimetype="text/plain")
+        try:
+            kind, _ = media_type(content_type)
+            parse = parse_body if kind == "application/json" else parse_csv
+            values = parse(data, limits)
+            # An object column holds the request's own strings: no padded copy.
+            frame = pd.DataFrame({"image": pd.Series(values, dtype=object)})
+            result = StringIO()
+            server.predictions_to_json(model.predict(frame), result)
+            return response_type(result.getvalue(), 200, "application/json")
         except RequestError as exc:
             return reply(400, str(exc))
         except RecursionError:
@@ -148,12 +182,43 @@ def _guard_invocations(server, limits: Limits) -> bool:
     return True
 
 
+def _refuse_media_type(content_type: str | None) -> str | None:
+    """Why a request's ``Content-Type`` is refused (HTTP 415), or ``None`` for JSON and CSV.
+
+    Decided on the media type alone, so no variant of the header (case, spacing, parameters
+    repeated or reordered) can send a body to MLflow's own parser, which has no limits.
+    """
+    if not content_type:
+        return CONTENT_TYPE_MESSAGE
+    kind, params = media_type(content_type)
+    if kind == "application/vnd.apache.parquet":
+        return PARQUET_MESSAGE
+    if kind not in ACCEPTED_TYPES:
+        return (
+            f"content type {kind[:80]!r} is not accepted; the accepted content types are "
+            f"{', '.join(ACCEPTED_TYPES)}, for example application/json such as {EXAMPLE}."
+        )
+    if any(value not in ("utf-8", "utf8") for value in params.get("charset", [])):
+        return f"{kind} bodies must be UTF-8; send 'Content-Type: {kind}; charset=utf-8'."
+    return None
+
+
 class RequestGate:
-    """Admission for ``POST /invocations``: body size and concurrent requests (ASGI level)."""
+    """Admission for ``POST /invocations`` (ASGI level): body size, read deadlines, the bytes of
+    bodies held at once, and the requests worked on at once.
+
+    The body is read before a slot is taken, within ``body_timeout_s`` in all and
+    ``body_idle_timeout_s`` between two pieces (else 408), so clients that trickle their bodies
+    hold no slot. Bodies held at once (being read, waiting or worked on) are bounded by
+    ``max_buffered_mb`` (else 503). A slot is freed only when the work really ended: MLflow
+    answers 504 after its request timeout while the scoring thread goes on, and that thread
+    keeps its slot until it returns.
+    """
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self._slots: asyncio.Semaphore | None = None
+        self.buffered = 0  # bytes of the bodies held now
 
     async def __call__(self, scope, receive, send, app) -> None:
         if scope["type"] != "http" or scope.get("path") != "/invocations":
@@ -167,9 +232,55 @@ class RequestGate:
             # closing on unread data causes, so a moderately oversized body is read and dropped
             # (constant memory) first; a client that asked `Expect: 100-continue` sends nothing.
             if declared <= DRAIN_FACTOR * limit and not _expects_continue(headers):
-                await _drain(receive)
+                await self._drain(receive)
             await _reply(send, 413, _too_large(declared, limit))
             return
+        held = [0]  # this request's share of ``buffered``, returned whatever happens
+        try:
+            body = await self._read(receive, held)
+            if isinstance(body, tuple):
+                await _reply(send, *body)
+                return
+            await self._work(scope, _replay(body, receive), send, app)
+        finally:
+            self.buffered -= held[0]
+
+    async def _read(self, receive, held: list[int]) -> bytes | tuple:
+        """The body, or the ``(status, message[, retry])`` that refuses it."""
+        limits = self.limits
+        try:
+            body = await _read_body(
+                receive, limits.max_request_bytes, self._hold(held),
+                limits.body_timeout_s, limits.body_idle_timeout_s,
+            )  # fmt: skip
+        except TimeoutError as exc:
+            return 408, f"{exc}; send the whole request body promptly."
+        except _Full:
+            return 503, "the server holds too many request bodies now; retry shortly.", True
+        if body is None:
+            await self._drain(receive)
+            return 413, _too_large(None, limits.max_request_bytes)
+        return body
+
+    async def _drain(self, receive) -> None:
+        """Drop the rest of a refused body (up to ``DRAIN_FACTOR`` times the limit), within the
+        body deadline, so that the client reads the refusal instead of a reset connection."""
+        budget = DRAIN_FACTOR * self.limits.max_request_bytes
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_drain(receive, budget), self.limits.body_timeout_s)
+
+    def _hold(self, held: list[int]):
+        capacity = self.limits.max_buffered_mb * 2**20
+
+        def hold(nbytes: int) -> None:
+            if self.buffered + nbytes > capacity:
+                raise _Full
+            self.buffered += nbytes
+            held[0] += nbytes
+
+        return hold
+
+    async def _work(self, scope, receive, send, app) -> None:
         if self._slots is None:
             # Created here, inside the server's event loop.
             self._slots = asyncio.Semaphore(self.limits.max_concurrent_requests)
@@ -178,15 +289,56 @@ class RequestGate:
         except TimeoutError:
             await _reply(send, 503, "the server is busy; retry the request shortly.", retry=True)
             return
+        work = Work()
+        token = CURRENT_WORK.set(work)
         try:
-            body = await _read_body(receive, limit)
-            if body is None:
-                await _drain(receive, DRAIN_FACTOR * limit)
-                await _reply(send, 413, _too_large(None, limit))
-                return
-            await app(scope, _replay(body, receive), send)
+            await app(scope, receive, send)
         finally:
+            CURRENT_WORK.reset(token)
+            await work.settled()
             self._slots.release()
+
+
+class _Full(Exception):
+    """The bodies held at once would exceed ``max_buffered_mb``."""
+
+
+class Work:
+    """One admitted request's scoring, as its thread reports it to the gate's event loop.
+
+    ``invocations`` runs in a worker thread that outlives a request MLflow has timed out; the
+    gate waits on :meth:`settled` before it frees the slot. A thread that had not started when
+    its request ended never starts the work (:meth:`begin` returns ``False``).
+    """
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self._lock = threading.Lock()
+        self._running = False
+        self._abandoned = False
+
+    def begin(self) -> bool:
+        with self._lock:
+            self._running = not self._abandoned
+            return self._running
+
+    def end(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            self._loop.call_soon_threadsafe(self._done.set)
+
+    async def settled(self) -> None:
+        with self._lock:
+            if not self._running:
+                self._abandoned = True
+                return
+        await asyncio.shield(self._done.wait())
+
+
+# The admitted request whose scoring this context runs (copied into the scoring thread).
+CURRENT_WORK: contextvars.ContextVar[Work | None] = contextvars.ContextVar(
+    "cars_ml_work", default=None
+)
 
 
 def _too_large(size: int | None, limit: int) -> str:
@@ -223,17 +375,34 @@ def _content_length(headers) -> int | None:
     return None
 
 
-async def _read_body(receive, limit: int) -> bytes | None:
-    """The whole body, or ``None`` as soon as more than ``limit`` bytes have arrived."""
+async def _read_body(receive, limit: int, hold, total_s: float, idle_s: float) -> bytes | None:
+    """The whole body, or ``None`` as soon as more than ``limit`` bytes have arrived.
+
+    ``hold(n)`` accounts for each piece before it is kept; ``TimeoutError`` when the body takes
+    longer than ``total_s`` in all or ``idle_s`` between two pieces.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_s
     chunks, total = [], 0
     while True:
-        message = await receive()
+        remaining = deadline - loop.time()
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(min(idle_s, remaining), 0))
+        except TimeoutError:
+            if remaining <= idle_s:
+                raise TimeoutError(
+                    f"request body not received within body_timeout_s={total_s:g} s"
+                ) from None
+            raise TimeoutError(
+                f"no part of the request body arrived for body_idle_timeout_s={idle_s:g} s"
+            ) from None
         if message["type"] != "http.request":
             return b"".join(chunks)
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
             return None
+        hold(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -264,7 +433,7 @@ async def _reply(send, status: int, message: str, retry: bool = False) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _gate_next_app(limits: Limits) -> None:
+def _gate_next_app(limits: Limits) -> bool:
     """Make the next FastAPI app built in this process (MLflow's scoring app) pass the gate.
 
     ``mlflow.pyfunc.scoring_server.init`` imports ``FastAPI`` when it is called, after the model
@@ -273,10 +442,10 @@ def _gate_next_app(limits: Limits) -> None:
     try:
         import fastapi
     except ImportError:
-        return
+        return False
     original = fastapi.FastAPI
     if getattr(original, _MARK, False):
-        return
+        return True
     gate = RequestGate(limits)
 
     class GatedFastAPI(original):
@@ -289,3 +458,4 @@ def _gate_next_app(limits: Limits) -> None:
 
     setattr(GatedFastAPI, _MARK, True)
     fastapi.FastAPI = GatedFastAPI
+    return True

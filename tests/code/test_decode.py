@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
+from hostile_images import jpeg_with_scans, rle8_bmp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -267,3 +268,25 @@ def test_any_batch_returns_pixels_or_raises_request_error(values):
         assert str(exc)
     else:
         assert batch.shape == (len(values), 4, 4, 3)
+
+
+def test_encodings_whose_work_is_not_bounded_by_their_pixels_are_refused():
+    rle = base64.b64encode(rle8_bmp(2000, 2000)).decode()
+    assert "run-length compressed BMP is not accepted" in error_of([GOOD, rle])
+    # An uncompressed BMP decodes as before.
+    bmp = encode(Image.new("RGB", (12, 10), (10, 200, 30)), "BMP")
+    assert prepare_batch([bmp], 8, LIMITS).shape == (1, 8, 8, 3)
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
+    progressive = encode(photo, "JPEG", progressive=True)
+    assert prepare_batch([progressive], 8, LIMITS).shape == (1, 8, 8, 3)
+    many_scans = jpeg_with_scans(base64.b64decode(progressive), 40)
+    message = error_of([base64.b64encode(many_scans).decode()])
+    assert "image 0: JPEG with" in message and "more than 32" in message
+
+
+def test_a_request_is_bounded_by_its_pixels_and_decoding_time():
+    small = Limits(max_request_pixels=300)  # GOOD declares 120 pixels
+    assert prepare_batch([GOOD, GOOD], 8, small).shape == (2, 8, 8, 3)
+    message = error_of([GOOD] * 3, 8, small)
+    assert message.startswith("image 2: ") and "max_request_pixels=300" in message
+    assert "decode_time_s=1e-09" in error_of([GOOD] * 3, 8, Limits(decode_time_s=1e-9))

@@ -9,13 +9,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import socket
 import struct
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hostile_images import jpeg_with_scans, rle8_bmp
 from PIL import Image
 from served_model import (
     Served,
@@ -95,9 +99,10 @@ CASES = [
     Case("JSON number", b"5", "input must be a JSON dictionary"),
     Case("JSON string", b'"aGVsbG8="', "input must be a JSON dictionary"),
     Case("JSON null", b"null", "input must be a JSON dictionary"),
-    Case("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    Case("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, "too many JSON items"),
     Case("deep JSON inside inputs", b'{"inputs": {"image": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
-         "nested too deeply"),
+         "too many JSON items"),
+    Case("a huge integer", b'{"inputs": [' + b"7" * 100_000 + b"]}", "number too long"),
     Case("no format key", {"image": ["abc"]}, "exactly one of the input fields"),
     Case("two format keys", {"inputs": {"image": ["a"]}, "instances": [{"image": "a"}]},
          "exactly one of the input fields"),
@@ -155,6 +160,14 @@ CASES = [
     Case("URL-safe base64 without padding", one(b64(good_jpeg).replace("+", "-").replace(
         "/", "_").rstrip("=")), OK),
     Case("1500x1200 photo-sized JPEG", one(b64(large_ok)), OK),
+    # --- Decoding work: encodings whose cost is not bounded by their pixels, and requests
+    # --- whose images together declare too many pixels ------------------------------------
+    Case("run-length BMP", one(b64(rle8_bmp(6000, 6000))), "run-length compressed BMP"),
+    Case("JPEG with 5000 scans", lambda: one(b64(jpeg_with_scans(good_jpeg, 5000))), "more than 32"),
+    Case("progressive JPEG", one(b64(encode(photo, "JPEG", progressive=True))), OK),
+    Case("three 36-megapixel images (108 MP in one request)",
+         lambda: images_request([b64(encode(Image.new("1", (6000, 6000))))] * 3),
+         "image 2: the request's images declare 108000000 pixels"),
     Case("instances format", {"instances": [{"image": b64(good_jpeg)}]}, OK),
     Case("inputs format", {"inputs": {"image": [b64(good_jpeg)] * 3}}, OK, n=3),
     # --- Size limits -------------------------------------------------------------------------
@@ -164,7 +177,7 @@ CASES = [
          "over the limit of 25165824 bytes (max_request_bytes)"),
     Case("one long and many empty strings (numpy would pad them all)",
          lambda: {"inputs": {"image": [b64(good_jpeg) * 2000] + [""] * 60_000}},
-         "too many images in one request: 60001 > max_images_per_request=64"),
+         "too many JSON items in one request: 60001 > 576 for max_images_per_request=64"),
     Case("instances of records", {"instances": [{"image": b64(good_jpeg)}] * 2}, OK, n=2),
     Case("dataframe_records", {"dataframe_records": [{"image": b64(good_jpeg)}]}, OK),
     Case("inputs as a plain list", {"inputs": [b64(good_jpeg)]}, OK),
@@ -176,6 +189,20 @@ CASES = [
     # --- Transport -------------------------------------------------------------------------
     Case("text/plain content type", json.dumps(one(b64(good_jpeg))), "content types",
          content_type="text/plain"),
+    # Header variants MLflow's own parser would have taken, with no count check.
+    *(Case(f"tiny items as {t}", lambda: b'{"inputs": [' + b",".join([b"[]"] * 500_000) + b"]}",
+           "too many JSON items", content_type=t)
+      for t in ("Application/Json", "application/json; charset=UTF-8", "application/json;charset=utf-8",
+                "application/json; charset=utf-8; charset=utf-8", "application/json; format=x")),
+    Case("many empty objects", lambda: b'{"inputs": [' + b",".join([b"{}"] * 1_000_000) + b"]}",
+         "too many JSON items"),
+    Case("CSV with 100000 rows", b"image\n" + b"QUJD\n" * 100_000,
+         "too many images in one request: 100000 > ", content_type="TEXT/CSV; charset=utf-8"),
+    Case("CSV image", lambda: "image\n" + b64(good_jpeg) + "\n", OK, content_type="text/csv"),
+    Case("form body", b"image=abc", "is not accepted",
+         content_type="application/x-www-form-urlencoded"),
+    Case("utf-16 charset", json.dumps(one(b64(good_jpeg))), "UTF-8",
+         content_type="application/json; charset=utf-8; charset=utf-16"),
     Case("latin-1 charset", json.dumps(one(b64(good_jpeg))), "UTF-8",
          content_type="application/json; charset=latin-1"),
     Case("CSV body of garbage", b"image\n%%%\n", "image 0", content_type="text/csv"),
@@ -267,3 +294,49 @@ def test_chunked_body_growing_past_the_limit_gets_413(served):
     assert status == 413, reply[:300]
     assert b"max_request_bytes" in reply
     assert post(served.port, one(b64(good_jpeg))).status == 200
+
+
+def _trickle_body(port: int, stop: threading.Event, statuses: list) -> None:
+    """Announce a 1 MB body, then send a byte every half second until told to stop."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 60) as sock:
+        sock.sendall(_head(str(2**20)))
+        while not stop.wait(0.5):
+            sock.sendall(b" ")
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            statuses.append(sock.recv(64)[:12])
+
+
+def test_slow_bodies_do_not_hold_the_server(served):
+    """Forty connections trickle their bodies (more than the server's slots and threads); a
+    normal client keeps getting prompt answers meanwhile."""
+    stop, statuses = threading.Event(), []
+    slow = [
+        threading.Thread(target=_trickle_body, args=(served.port, stop, statuses))
+        for _ in range(40)
+    ]
+    for thread in slow:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        waits = []
+        for _ in range(20):
+            start = time.perf_counter()
+            reply = post(served.port, one(b64(good_jpeg)), timeout=30)
+            waits.append(time.perf_counter() - start if reply.status == 200 else math.inf)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in slow:
+            thread.join(timeout=60)
+    prompt = sum(wait < 5.0 for wait in waits)
+    assert prompt >= 0.9 * len(waits), sorted(waits)
+    assert served.alive()
+
+
+def test_a_body_that_stops_arriving_gets_408(served):
+    start = time.perf_counter()
+    status, reply = _raw_exchange(served.port, _head("1000") + b'{"inputs": ', timeout=60)
+    assert status == 408, reply[:300]
+    assert b"body_idle_timeout_s=10" in reply
+    assert time.perf_counter() - start < 20
