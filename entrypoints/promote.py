@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry_run", type=str2bool, default=False)
     p.add_argument("--rollback", type=str2bool, default=False)
+    p.add_argument(
+        "--allow_old_serving_code",
+        type=str2bool,
+        default=False,
+        help="let a version registered with serving code older than the minimum be champion",
+    )
     return p
 
 
@@ -81,6 +87,7 @@ def config(args: argparse.Namespace) -> tuple[PromotionConfig, str]:
         max_slice_regression=args.max_slice_regression,
         dry_run=args.dry_run,
         rollback=args.rollback,
+        allow_old_serving_code=args.allow_old_serving_code,
         budgets=budgets,
     ), args.model_name
 

@@ -1,6 +1,6 @@
 """MLproject entry point `serve`: serve a registered model with `mlflow models serve`."""
 
-from _common import parser, positive_int, run_main
+from _common import parser, positive_int, run_main, str2bool
 
 from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME
 
@@ -19,6 +19,12 @@ def build_parser():
         choices=("float32", "int8"),
         help="which exported TFLite file the server runs; int8 is what the edge device runs",
     )
+    p.add_argument(
+        "--allow_old_serving_code",
+        type=str2bool,
+        default=False,
+        help="serve a version registered with serving code older than this release's minimum",
+    )
     return p
 
 
@@ -34,6 +40,7 @@ def config(a):
         host=a.host,
         workers=a.workers,
         precision=a.precision,
+        allow_old_serving_code=a.allow_old_serving_code,
     )
 
 

@@ -34,6 +34,11 @@ from typing import Any
 
 import pandas as pd
 
+from cars_ml import (
+    MIN_SERVING_CODE_VERSION,
+    SERVING_CODE_TAG,
+    serving_code_version,
+)
 from cars_ml.promotion.checks import device_latency, fmt, metric_value, not_measured, slice_guard
 
 # Higher is better for every metric a promotion may rank by.
@@ -133,6 +138,8 @@ class PromotionConfig:
     min_improvement: float = 0.0
     dry_run: bool = False
     rollback: bool = False
+    # Let versions registered with serving code older than the minimum compete (and roll back).
+    allow_old_serving_code: bool = False
     budgets: Budgets = field(default_factory=Budgets)
     # Largest macro-F1 loss on any slice against the champion (None = off).
     max_slice_regression: float | None = None
@@ -228,6 +235,10 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
                 all_reasons[i].append(reason)
         table[f"{check}_pass"] = passes
         table[f"{check}_reason"] = reasons
+    for reasons, row in zip(all_reasons, rows, strict=True):
+        reason = old_serving_code(row, config)
+        if reason:
+            reasons.append(reason)
     excluded = [row.get("excluded") for row in rows]
     excluded = [
         f"excluded: {x.strip()}" if isinstance(x, str) and x.strip() else "" for x in excluded
@@ -240,6 +251,17 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
     table["eligible"] = [not r for r in all_reasons]
     table["fail_reasons"] = ["; ".join(r) for r in all_reasons]
     return table
+
+
+def old_serving_code(row: Mapping[str, Any], config: PromotionConfig) -> str:
+    """Why a version's serving code rules it out ("" when it is recent enough or allowed)."""
+    found = serving_code_version(row)
+    if found >= MIN_SERVING_CODE_VERSION or config.allow_old_serving_code:
+        return ""
+    return (
+        f"{SERVING_CODE_TAG} {found} < {MIN_SERVING_CODE_VERSION} (its request guard lacks "
+        "fixes; train it again, or allow_old_serving_code=true)"
+    )
 
 
 def _rank_key(row: Mapping[str, Any], metric: str, champion: str | None) -> tuple:

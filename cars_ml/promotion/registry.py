@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import math
 import os
 import socket
 import warnings
@@ -22,8 +21,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cars_ml import CHAMPION_ALIAS, tracking
+from cars_ml import CHAMPION_ALIAS, SERVING_CODE_TAG, serving_code_version, tracking
 from cars_ml.schema import EDGE_HEADLINE, METRIC_SCHEMA
+from cars_ml.tracking.descriptions import finite_float, model_description, version_description
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,6 @@ def list_versions(model_name: str) -> list[Any]:
     return sorted(versions, key=lambda v: int(v.version))
 
 
-def _float(text: Any) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return math.nan
-    return value if math.isfinite(value) else math.nan
-
-
 def candidate_table(model_name: str) -> pd.DataFrame:
     """One row per version: version, run_id, backbone, stage, and the training metrics.
 
@@ -99,9 +91,10 @@ def candidate_table(model_name: str) -> pd.DataFrame:
             "backbone": params.get("backbone") or mv.tags.get("backbone"),
             "stage": mv.current_stage,
             "excluded": mv.tags.get(EXCLUDED_TAG, ""),
+            SERVING_CODE_TAG: serving_code_version(mv.tags),
         }
         for name in METRICS:
-            row[name] = metrics[name] if name in metrics else _float(mv.tags.get(name))
+            row[name] = metrics[name] if name in metrics else finite_float(mv.tags.get(name))
         # What the edge agent measured on devices, the estimates for profiled devices and the
         # host peaks that estimates for devices profiled later are made from; and the
         # fine-grained slices the promote slice guard reads (NaN where a run has none).
@@ -113,7 +106,7 @@ def candidate_table(model_name: str) -> pd.DataFrame:
             }
         )
         rows.append(row)
-    columns = ["version", "run_id", "backbone", "stage", "excluded", *METRICS]
+    columns = ["version", "run_id", "backbone", "stage", "excluded", SERVING_CODE_TAG, *METRICS]
     extra = sorted({k for r in rows for k in r} - set(columns))
     return pd.DataFrame(rows, columns=[*columns, *extra])
 
@@ -206,61 +199,6 @@ def version_exists(model_name: str, version: str) -> bool:
             return False
         raise
     return True
-
-
-# --- Descriptions: what the registry page shows (Markdown) -----------------------------------
-
-_DESCRIBED = (
-    ("test_f1_macro", "test macro-F1", "{:.4f}"),
-    ("test_accuracy", "test accuracy", "{:.4f}"),
-    ("int8_f1_drop", "int8 macro-F1 drop", "{:.4f}"),
-    ("latency_ms_p95", "latency p95 (ms)", "{:.1f}"),
-    ("model_size_mb", "size (MB)", "{:.1f}"),
-)
-
-
-def serve_command(model_name: str) -> str:
-    return f"mlflow models serve -m models:/{model_name}@{CHAMPION_ALIAS} --env-manager local"
-
-
-def version_description(row: dict[str, Any], tags: dict[str, str], champion: bool) -> str:
-    """A version's Markdown: backbone, headline metrics, budgets passed or failed, teacher."""
-    title = f"**{row.get('backbone') or tags.get('backbone') or 'unknown backbone'}**"
-    if tags.get("teacher_backbone"):
-        title += (
-            f", distilled from **{tags['teacher_backbone']}** ({tags.get('distilled_from', '')})"
-        )
-    lines = [title + (" — the current **champion**" if champion else ""), ""]
-    lines += ["| metric | value |", "|---|---|"]
-    for key, label, fmt in _DESCRIBED:
-        value = _float(row.get(key, tags.get(key)))
-        lines.append(f"| {label} | {'n/a' if math.isnan(value) else fmt.format(value)} |")
-    if "eligible" in row:
-        verdict = (
-            "passes every promotion budget"
-            if row["eligible"]
-            else f"fails the promotion budgets: {row.get('fail_reasons') or 'see the promote run'}"
-        )
-        lines += ["", f"Budgets (last promote run): {verdict}."]
-    return "\n".join(lines)
-
-
-def model_description(model_name: str, champion: str | None, champion_backbone: str) -> str:
-    """The registered model's Markdown: what it is, its champion, how to serve it."""
-    who = f"version {champion} ({champion_backbone})" if champion else "none yet"
-    return "\n".join(
-        [
-            "Stanford Cars classifier (196 car models): one version per trained backbone or "
-            "distilled student, each with its float32 and int8 TFLite files. The `champion` "
-            "alias is the best version within the edge budgets (latency, size, int8 drop).",
-            "",
-            f"**Champion:** {who}.",
-            "",
-            "Serve it (base64 images in, label / class id / probability / top-k out):",
-            "",
-            f"```\n{serve_command(model_name)}\n```",
-        ]
-    )
 
 
 def describe_versions(model_name: str, table: pd.DataFrame, champion: str | None) -> None:

@@ -18,11 +18,17 @@ from typing import Any
 
 import pandas as pd
 
-from cars_ml import REGISTERED_MODEL_NAME, tracking
+from cars_ml import OLD_SERVING_CODE_FIX, REGISTERED_MODEL_NAME, tracking
 from cars_ml.promotion import moves, registry
 from cars_ml.promotion.lock import promotion_lock
 from cars_ml.promotion.moves import Move
-from cars_ml.promotion.policy import TRAIN_HINT, Decision, PromotionConfig, decide
+from cars_ml.promotion.policy import (
+    TRAIN_HINT,
+    Decision,
+    PromotionConfig,
+    decide,
+    old_serving_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ def _params(config: PromotionConfig, model_name: str) -> dict[str, Any]:
         "policy.allow_estimates": budgets.allow_estimates,
         "policy.dry_run": config.dry_run,
         "policy.rollback": config.rollback,
+        "policy.allow_old_serving_code": config.allow_old_serving_code,
     }
 
 
@@ -58,6 +65,12 @@ def _rollback_decision(
     table["is_challenger"] = table["version"] == plan.target
     reason = plan.reason
     target = table[table["version"] == plan.target]
+    old = old_serving_code(target.iloc[0].to_dict(), config) if len(target) else ""
+    if old:
+        raise ValueError(
+            f"Rollback to v{plan.target} refused: {old}. Promote another version, or "
+            f"{OLD_SERVING_CODE_FIX}."
+        )
     if len(target) and not bool(target["eligible"].iloc[0]):
         reason = f"{reason[:-1]}; note: v{plan.target} fails budgets now ({target['fail_reasons'].iloc[0]})."
     if config.dry_run:
@@ -224,14 +237,14 @@ def run_promote(
         else:
             with promotion_lock(model_name, timeout_s=lock_timeout_s) as lock:
                 lock.verify()
-                interrupted = moves.finish_pending_move(model_name, guard=lock.check)
+                interrupted = moves.finish_pending_move(model_name, guard=lock.verify)
                 # Decide from what the registry says now that no other promote can move it.
                 decision = decide_now(config, model_name, interrupted)
                 lock.verify()
                 done = (
                     interrupted.move if interrupted and interrupted.outcome == "finished" else None
                 )
-                _apply(decision, model_name, done, guard=lock.check)
+                _apply(decision, model_name, done, guard=lock.verify)
                 _describe(model_name, decision)
         log.info("promote %s: %s", model_name, decision.reason)
         _report(decision, config, interrupted)

@@ -33,6 +33,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     workers: int = 1
     precision: str = "float32"  # the TFLite file the server runs: float32 or int8
+    # Serve a version registered with serving code older than this release's minimum.
+    allow_old_serving_code: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "int8"):
@@ -98,6 +100,7 @@ def serve(cfg: ServeConfig) -> None:
     """Fail fast if the tracking server or the model is missing, then exec the MLflow server."""
     tracking.check_tracking_server()
     tracking.check_model_uri(cfg.uri)
+    tracking.check_serving_code(cfg.uri, cfg.allow_old_serving_code)
     command = serve_command(cfg)
     # The served model reads this when it loads, in the server process this one becomes.
     os.environ[PRECISION_ENV] = cfg.precision

@@ -13,6 +13,7 @@ from cars_ml.tracking.devices import device_profiles
 from cars_ml.tracking.models import (
     RegisteredModel,
     check_model_uri,
+    check_serving_code,
     download_model,
     load_pyfunc,
     log_classifier_model,
@@ -51,6 +52,7 @@ __all__ = [
     "active_run_id",
     "base_tags",
     "check_model_uri",
+    "check_serving_code",
     "check_tracking_server",
     "close_stale_runs",
     "device_profiles",

@@ -7,6 +7,7 @@ scratch registry's alike.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shutil
 import tempfile
@@ -18,8 +19,11 @@ from typing import Any
 import mlflow
 
 import cars_ml
+from cars_ml.tracking.descriptions import model_description, version_description
 from cars_ml.tracking.redaction import redact
 from cars_ml.tracking.runs import base_tags, tracking_uri
+
+log = logging.getLogger(__name__)
 
 # --- Serving model: log, register, load (owner: serving) ---------------------------------------
 
@@ -86,12 +90,24 @@ def log_classifier_model(
         return mlflow.pyfunc.log_model(name=name, **files)
 
 
-def register_model(model_uri: str, name: str, tags: Mapping[str, Any] | None = None):
-    """Register ``model_uri`` as a new version of ``name`` and tag it; returns the ModelVersion."""
+def register_model(
+    model_uri: str,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+):
+    """Register ``model_uri`` as a new version of ``name``, tag it and describe it (and the
+    model, when it has no description yet); returns the ModelVersion."""
     version = mlflow.register_model(model_uri, name)
     client = mlflow.MlflowClient()
-    for key, value in (tags or {}).items():
+    tags = {**(tags or {}), cars_ml.SERVING_CODE_TAG: cars_ml.SERVING_CODE_VERSION}
+    for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, redact(value)[:5000])
+    row = {**(metrics or {}), "backbone": tags.get("backbone")}
+    text = version_description(row, {k: str(v) for k, v in tags.items()}, champion=False)
+    client.update_model_version(name, version.version, description=text)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_description(name, None, ""))
     return client.get_model_version(name, version.version)
 
 
@@ -157,6 +173,26 @@ def resolve_model_version(model_uri: str) -> RegisteredModel:
     return RegisteredModel(mv.name, str(mv.version), mv.run_id or "", dict(mv.tags), metrics)
 
 
+def check_serving_code(model_uri: str, allow_old: bool = False) -> None:
+    """Refuse a registered version whose serving code is older than this release's minimum
+    (``cars_ml.MIN_SERVING_CODE_VERSION``); with ``allow_old`` warn instead. URIs that name no
+    registered version (``runs:/``, paths) carry no record and are not checked."""
+    if not _MODEL_URI.fullmatch(model_uri.strip()):
+        return
+    version = resolve_model_version(model_uri)
+    found = cars_ml.serving_code_version(version.tags)
+    if found >= cars_ml.MIN_SERVING_CODE_VERSION:
+        return
+    what = (
+        f"{model_uri} (version {version.version}) carries serving code {found}, older than the "
+        f"minimum {cars_ml.MIN_SERVING_CODE_VERSION} of this release: its request guard and "
+        "limits lack fixes"
+    )
+    if not allow_old:
+        raise ValueError(f"{what}. To serve it, {cars_ml.OLD_SERVING_CODE_FIX}.")
+    log.warning("%s; serving it anyway (allow_old_serving_code=true).", what)
+
+
 def download_model(model_uri: str, dst: str | Path) -> Path:
     """Download a logged model's files (``MLmodel``, ``artifacts/``) into ``dst``."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
@@ -203,5 +239,10 @@ def register_in_scratch_store(
     client.log_artifacts(run.info.run_id, str(local), "model")
     client.set_terminated(run.info.run_id)
     client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
+    version = client.create_model_version(
+        name,
+        f"{run.info.artifact_uri}/model",
+        run.info.run_id,
+        tags={cars_ml.SERVING_CODE_TAG: str(cars_ml.SERVING_CODE_VERSION)},
+    )
     return uri, f"models:/{name}/{version.version}", str(local)

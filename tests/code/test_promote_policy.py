@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cars_ml import SERVING_CODE_VERSION
 from cars_ml.promotion.policy import (
     IMPROVEMENT_TOLERANCE,
     Budgets,
@@ -36,6 +37,7 @@ def row(version, f1=0.8, p95=50.0, size=20.0, drop=0.01, **extra) -> dict:
         "model_size_mb": size,
         "tflite_int8_size_mb": _scaled(size, 0.25),
         "int8_f1_drop": drop,
+        "serving_code_version": SERVING_CODE_VERSION,
         **extra,
     }
 
@@ -445,3 +447,15 @@ def test_slice_guard_needs_a_champion_and_a_valid_limit():
     assert decide(candidates, None, PromotionConfig(max_slice_regression=0.0)).action == "promote"
     with pytest.raises(ValueError, match="max_slice_regression"):
         PromotionConfig(max_slice_regression=-0.1)
+
+
+def test_a_version_with_old_serving_code_cannot_become_or_stay_champion():
+    """A version registered before the request guard's fixes (no record: 0) is ruled out,
+    champion or not, unless the override says otherwise."""
+    old = row(3, f1=0.95, serving_code_version=NAN)
+    decision = decide(table(row(1, f1=0.7), row(2, f1=0.8), old), "3", PromotionConfig())
+    assert decision.action == "promote" and decision.challenger == "2"
+    assert "serving_code_version 0 < " in only(decision, 3)["fail_reasons"]
+    assert "champion v3 fails its budgets" in decision.reason
+    allowed = decide(table(row(2), old), "2", PromotionConfig(allow_old_serving_code=True))
+    assert allowed.challenger == "3"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlflow
 
 from cars_ml import tracking
-from cars_ml.promotion.registry import model_description, version_description
+from cars_ml.tracking.descriptions import model_description, version_description
 
 
 def test_top_level_runs_mark_the_experiment_as_training_but_keep_an_explicit_kind(tracking_uri):

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from servers import sqlite_tracking_server
 
+from cars_ml import SERVING_CODE_TAG, SERVING_CODE_VERSION
 from cars_ml.promotion import moves, registry
 from cars_ml.promotion.lock import LOCK_SUFFIX
 from cars_ml.promotion.policy import PromotionConfig
@@ -40,6 +41,7 @@ MOVER = "alice"  # MLFLOW_TRACKING_USERNAME of the interrupted runs.
 PROMOTE_WRITES = 15  # v2 -> v3
 ROLLBACK_WRITES = 16  # v3 -> v2
 METRICS = {"latency_ms_p95": 30.0, "model_size_mb": 17.0, "int8_f1_drop": 0.01}
+CURRENT_SERVING_CODE = {SERVING_CODE_TAG: str(SERVING_CODE_VERSION)}
 
 
 def seed(model: str, champion_v3: bool) -> None:
@@ -52,7 +54,9 @@ def seed(model: str, champion_v3: bool) -> None:
         values = {**METRICS, "test_f1_macro": f1}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
         client.set_terminated(run_id)
-        client.create_model_version(model, source=f"runs:/{run_id}/model", run_id=run_id)
+        client.create_model_version(
+            model, source=f"runs:/{run_id}/model", run_id=run_id, tags=CURRENT_SERVING_CODE
+        )
     moves.apply_promotion(model, "1", "seed", previous=None)
     moves.apply_promotion(model, "2", "seed", previous="1")
     if champion_v3:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from e2e_utils import ROOT, run_entry
 
+from cars_ml import SERVING_CODE_VERSION
 from cars_ml.data import synthetic
 from cars_ml.training.run import METRIC_SCHEMA
 
@@ -124,6 +125,13 @@ def test_mlflow_run_train_logs_the_schema_registers_and_serves(sub_env, tmp_path
     assert float(version.tags["test_f1_macro"]) == pytest.approx(
         run.data.metrics["test_f1_macro"], abs=1e-4
     )
+    # The registry explains itself from the first train, before any promote.
+    assert version.description.startswith("**mobilenet**")
+    assert f"| test macro-F1 | {run.data.metrics['test_f1_macro']:.4f} |" in version.description
+    registered = client.get_registered_model("stanford-cars-classifier")
+    assert "**Champion:** none yet." in registered.description
+    assert version.tags["serving_code_version"] == str(SERVING_CODE_VERSION)
+    assert len(run.data.tags["tflite_int8_sha256"]) == 64
     (output,) = client.get_run(run.info.run_id).outputs.model_outputs
     model_metrics = {m.key: m for m in client.get_logged_model(output.model_id).metrics}
     assert model_metrics["test_f1_macro"].value == pytest.approx(run.data.metrics["test_f1_macro"])
