@@ -224,3 +224,73 @@ def test_a_stale_lock_that_cannot_be_removed_waits_with_pauses_until_the_timeout
     assert 2.0 <= elapsed < 3.5, elapsed  # At its timeout, not a pause early.
     assert 3 <= len(calls) <= 20, len(calls)
     assert model + LOCK_SUFFIX in str(caught.value)
+
+
+def test_a_lock_taken_over_between_two_writes_stops_the_move_before_the_next(
+    tracking_uri, monkeypatch
+):
+    """run_promote reads the lock's owner again before every write of its move, not only when
+    the move starts: a takeover after write 3 (another promoter judging the lease stale) stops
+    it before write 4, long before the lease's heartbeat would notice."""
+    from mlflow.entities import Metric
+
+    from cars_ml import SERVING_CODE_TAG, SERVING_CODE_VERSION
+    from cars_ml.promotion import moves
+    from cars_ml.promotion.policy import PromotionConfig
+    from cars_ml.promotion.run import run_promote
+
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    run_id = client.create_run(client.create_experiment("train")).info.run_id
+    metrics = {
+        "test_f1_macro": 0.8,
+        "latency_ms_p95": 30.0,
+        "model_size_mb": 17.0,
+        "int8_f1_drop": 0,
+    }
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    tags = {SERVING_CODE_TAG: str(SERVING_CODE_VERSION)}
+    client.create_model_version(MODEL, f"runs:/{run_id}/model", run_id, tags=tags)
+    write, written = moves._Writes.__call__, []
+
+    def taken_over_after_three(self, *args):
+        if self.count == 3:
+            client.delete_registered_model(MODEL + LOCK_SUFFIX)
+            client.create_registered_model(MODEL + LOCK_SUFFIX, tags={"owner": "other:1:x"})
+        write(self, *args)
+        written.append(self.count)
+
+    monkeypatch.setattr(moves._Writes, "__call__", taken_over_after_three)
+    with pytest.raises(LockLostError, match="now held by other:1:x"):
+        run_promote(PromotionConfig(), MODEL, lock_timeout_s=5)
+    assert written == [1, 2, 3]
+
+
+def test_a_lock_squatted_by_a_party_that_may_not_promote_moves_away(tracking_uri, monkeypatch):
+    """A read-only user may create registered models, so it can create the lock first with a
+    lease for ever, and only it may delete that. The promoters confirm themselves on the
+    promoted model (which it cannot edit): the unconfirmed lock is moved away from, and a real
+    holder, confirmed, still excludes."""
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    squatted = MODEL + LOCK_SUFFIX
+    client.create_registered_model(squatted, tags={"owner": "reader:1:x", "expires_at": "9e12"})
+    delete = MlflowClient.delete_registered_model
+
+    def only_its_owner_deletes_it(self, name):
+        if name == squatted:
+            raise MlflowException(f"no permission on {name}", error_code=PERMISSION_DENIED)
+        return delete(self, name)
+
+    monkeypatch.setattr(MlflowClient, "delete_registered_model", only_its_owner_deletes_it)
+    with promotion_lock(MODEL, timeout_s=5, grace_s=0) as held:
+        assert held.lock_name.startswith(squatted + "-")
+        held.verify()
+        assert client.get_registered_model(MODEL).tags["promote_lock_name"] == held.lock_name
+        # A confirmed holder is not a squatter: another promoter waits for it.
+        with pytest.raises(TimeoutError), promotion_lock(MODEL, timeout_s=0.5, grace_s=0):
+            pass
+        held.verify()
+    with promotion_lock(MODEL, timeout_s=2, grace_s=0) as again:
+        assert again.lock_name == held.lock_name  # the moved lock, taken at once
+    assert client.get_registered_model(squatted).tags["owner"] == "reader:1:x"
