@@ -6,6 +6,7 @@ backbone (the metric schema in ``METRIC_SCHEMA``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import time
@@ -259,7 +260,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
                 if path is not None:
                     tags[f"tflite_{kind}_uri"] = f"runs:/{run.info.run_id}/tflite/{Path(path).name}"
             mv = tracking.register_model(
-                info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}
+                info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}, metrics
             )
             version = str(mv.version)
             tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
@@ -403,7 +404,14 @@ def _export(
     )
     for path in paths.values():
         tracking.log_artifact(path, "tflite")
+    # The edge agent loads a file only if its bytes hash to what this run recorded.
+    tracking.set_tags({f"tflite_{kind}_sha256": file_sha256(p) for kind, p in paths.items()})
     return {**metrics, **_device_estimates(metrics)}, paths
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _device_estimates(edge: dict[str, float]) -> dict[str, float]:

@@ -157,3 +157,13 @@ def test_agent_pins_are_the_projects_and_agree_with_each_other():
         # mlflow-skinny is the client half of the project's mlflow, at the same version.
         assert f'"{pin.replace("mlflow-skinny", "mlflow")}"' in project, pin
     assert "tensorflow" not in pyproject and 'cars-ml"' not in pyproject
+
+
+def test_credentials_over_plain_http_to_another_host_get_a_loud_warning():
+    password = {"MLFLOW_TRACKING_PASSWORD": "pw"}
+    warning = cli.plain_http_warning("http://mlflow.example.com:5000", password)
+    assert warning.startswith("WARNING:") and "unencrypted" in warning and "https" in warning
+    assert "secret" not in cli.plain_http_warning("http://u:secret@10.0.0.5:5000", {})
+    assert cli.plain_http_warning("https://mlflow.example.com", password) is None
+    assert cli.plain_http_warning("http://127.0.0.1:5000", password) is None
+    assert cli.plain_http_warning("http://mlflow.example.com:5000", {}) is None  # no credentials

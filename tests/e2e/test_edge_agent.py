@@ -24,6 +24,8 @@ from PIL import Image
 from servers import free_port, sqlite_tracking_server
 from serving_helpers import colour_images
 
+from cars_ml import SERVING_CODE_TAG, SERVING_CODE_VERSION
+
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "deploy" / "edge"
 MODEL = "stanford-cars-classifier"
@@ -143,15 +145,31 @@ def _read_until(proc: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"agent exited before {text!r}: {''.join(lines)}{proc.stderr.read()}")
 
 
-def _register(client: MlflowClient, experiment_id: str, files: list[Path], seed: int) -> str:
-    """A run with ``files`` as ``tflite/`` artifacts, registered as the model's next version."""
+def _register(
+    client: MlflowClient,
+    experiment_id: str,
+    files: list[Path],
+    seed: int,
+    recorded: list[Path] | None = None,
+) -> str:
+    """A run with ``files`` as ``tflite/`` artifacts, registered as the model's next version.
+
+    The run records each file's SHA-256 as training does, of ``recorded`` (default: ``files``;
+    empty: no record).
+    """
     run = client.create_run(experiment_id, run_name=f"colour-net-{seed}")
     client.log_param(run.info.run_id, "model", "colour-net")
+    for path in files if recorded is None else recorded:
+        kind = "int8" if "int8" in path.name else "float32"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        client.set_tag(run.info.run_id, f"tflite_{kind}_sha256", digest)
     for path in files:
         client.log_artifact(run.info.run_id, str(path), "tflite")
     client.set_terminated(run.info.run_id)
     source = f"{run.info.artifact_uri}/tflite"
-    version = client.create_model_version(MODEL, source, run_id=run.info.run_id)
+    # Registered as training registers a version: with the current serving code's record.
+    current = {SERVING_CODE_TAG: str(SERVING_CODE_VERSION)}
+    version = client.create_model_version(MODEL, source, run_id=run.info.run_id, tags=current)
     return version.version
 
 
@@ -298,15 +316,37 @@ def test_agent_measures_registered_versions_on_sim_1core(edge_venv, tmp_path):
         for name in ("model_float32.tflite", "model_int8.tflite"):
             (garbage / name).write_bytes(b"not a flatbuffer" * 64)
         broken = _register(client, experiment_id, sorted(garbage.iterdir()), seed=9)
-        third = _agent(edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once")
+        # Files the server hands out that are not what training recorded, or too large.
+        good = sorted((tmp_path / "seed0").glob("*.tflite"))
+        tampered = _register(client, experiment_id, sorted(garbage.iterdir()), 10, good)
+        unrecorded = _register(client, experiment_id, good, 11, recorded=[])
+        large = tmp_path / "large"
+        large.mkdir()
+        for name in ("model_float32.tflite", "model_int8.tflite"):
+            (large / name).write_bytes(bytes(2 * 10**6))
+        oversized = _register(client, experiment_id, sorted(large.iterdir()), 12)
+        third = _agent(
+            edge_venv, "--tracking-uri", server.uri, "--device", DEVICE, "--once",
+            "--max-file-mb", "1",
+        )  # fmt: skip
         assert third.returncode == 0, third.stderr
+        assert f"version {tampered}: refused: tflite/model_float32.tflite has SHA-256" in (
+            third.stdout
+        )
+        assert "not the" in third.stdout and "the file changed after training" in third.stdout
+        assert f"version {unrecorded}: refused: its training run recorded no SHA-256" in (
+            third.stdout
+        )
+        assert f"version {oversized}: refused: tflite/model_float32.tflite is 2.0 MB" in (
+            third.stdout
+        )
         assert (
             f"version {skipped.version}: no tflite artifacts (train with "
             "export_tflite=true); skipped"
         ) in third.stdout
         assert f"version {broken} (colour-net): a tflite file does not load" in third.stdout
         assert "Traceback" not in third.stdout + third.stderr
-        for number in (skipped.version, broken):
+        for number in (skipped.version, broken, tampered, unrecorded, oversized):
             tags = client.get_model_version(MODEL, number).tags
             assert f"device.{DEVICE}.measured_at" not in tags
 

@@ -3,10 +3,17 @@
 Measuring a version writes nothing until all its numbers exist; the write itself runs with
 SIGTERM and Ctrl-C deferred (see :class:`Signals`), so an interruption leaves either nothing
 or a complete measurement with its marker.
+
+The model files come from the server, so they are untrusted here: each is loaded only when it
+is within ``--max-file-mb`` and hashes to the SHA-256 its training run recorded, and it is
+measured in a child process with ``--max-memory-mb`` of address space and ``--timeout-s`` of
+time, so a file that crashes or hangs the runtime costs that version, not the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -68,6 +75,9 @@ class Options:
     warmup: int
     images: Path | None
     versions: list[int] | None
+    max_file_mb: int = 200
+    max_memory_mb: int = 4096
+    timeout_s: int = 900
 
 
 def load_images(folder: Path, size: tuple[int, int]) -> list[np.ndarray]:
@@ -113,6 +123,51 @@ def measure_files(files: dict[str, Path], options: Options) -> dict[str, float]:
             )
             metrics[f"device_{options.device}_images"] = float(len(photos))
     return metrics
+
+
+class MeasureFailed(RuntimeError):
+    """The child measuring a version failed, ran out of its memory or time, or died."""
+
+
+def measure_in_child(files: dict[str, Path], options: Options) -> dict[str, float]:
+    """:func:`measure_files` in a fresh process with the option's memory and time limits."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_child, args=(files, options, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(options.timeout_s):
+            raise MeasureFailed(f"measuring took longer than --timeout-s {options.timeout_s}")
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            child.join(10)
+            raise MeasureFailed(
+                f"the measuring process died (exit code {child.exitcode}) loading or running it"
+            ) from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+    if kind == "error":
+        raise MeasureFailed(value)
+    return value
+
+
+def _measure_child(files: dict[str, Path], options: Options, send) -> None:
+    import resource
+
+    limit = options.max_memory_mb * 2**20
+    with contextlib.suppress(ValueError, OSError):  # a platform without RLIMIT_AS: time only
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        send.send(("ok", measure_files(files, options)))
+    except MemoryError:
+        send.send(("error", f"out of memory (over --max-memory-mb {options.max_memory_mb})"))
+    except Exception as exc:  # noqa: BLE001 -- any failure of an untrusted file is reported
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        send.send(("error", f"a tflite file does not load ({reason[:300]})"))
 
 
 def ensure_profile(client, options: Options, force: bool = False) -> None:
@@ -166,7 +221,14 @@ def run_pass(
             skipped.add(version.version)
             continue
         with tempfile.TemporaryDirectory(prefix="cars-ml-edge-") as tmp:
-            files = registry.download(client, version.run_id, Path(tmp))
+            try:
+                files = registry.download(
+                    client, version.run_id, Path(tmp), options.max_file_mb * 10**6
+                )
+            except registry.Refused as exc:
+                print(f"{where}: refused: {exc}; skipped", flush=True)
+                skipped.add(version.version)
+                continue
             if files is None:
                 print(
                     f"{where}: no tflite artifacts (train with export_tflite=true); skipped",
@@ -181,18 +243,9 @@ def run_pass(
                 flush=True,
             )
             try:
-                metrics = measure_files(files, options)
-            except MemoryError:
-                print(f"{where} ({name}): out of memory while measuring; skipped", flush=True)
-                skipped.add(version.version)
-                continue
-            except (ValueError, RuntimeError) as exc:
-                reason = (
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                )
-                print(
-                    f"{where} ({name}): a tflite file does not load ({reason}); skipped", flush=True
-                )
+                metrics = measure_in_child(files, options)
+            except MeasureFailed as exc:
+                print(f"{where} ({name}): {exc}; skipped", flush=True)
                 skipped.add(version.version)
                 continue
         with signals.deferred():

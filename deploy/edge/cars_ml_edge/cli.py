@@ -9,6 +9,7 @@ Every expected failure ends in one line on stderr and an exit code, never a trac
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
@@ -83,6 +84,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per measurement (50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed runs first (5)")
     p.add_argument(
+        "--max-file-mb", type=_positive, default=200, help="largest model file loaded (200)"
+    )
+    p.add_argument(
+        "--max-memory-mb",
+        type=_positive,
+        default=4096,
+        help="address space of the process measuring one version (4096)",
+    )
+    p.add_argument(
+        "--timeout-s", type=_positive, default=900, help="time to measure one version (900)"
+    )
+    p.add_argument(
         "--calibrate",
         action="store_true",
         help="measure the device profile again (alone: then exit)",
@@ -124,10 +137,34 @@ def _problem(exc: BaseException, uri: str) -> str | None:
     return None
 
 
+def plain_http_warning(uri: str, environ=os.environ) -> str | None:
+    """A warning when credentials would cross the network unencrypted (http to another host)."""
+    parts = urlsplit(uri)
+    secret = (
+        parts.password
+        or environ.get("MLFLOW_TRACKING_PASSWORD")
+        or environ.get("MLFLOW_TRACKING_TOKEN")
+    )
+    try:
+        local = parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        local = False
+    if parts.scheme != "http" or not secret or local:
+        return None
+    return (
+        f"WARNING: {masked(uri)} is plain http: the tracking credentials cross the network "
+        "unencrypted, readable by anyone on the path. Put the server behind https (a reverse "
+        "proxy with TLS) and use https:// here."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.images is not None and not args.images.is_dir():
         parser().error(f"--images {args.images}: not a folder")
+    warning = plain_http_warning(args.tracking_uri)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # Fail within seconds when the server is away, instead of MLflow's minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -173,6 +210,9 @@ def _run(args) -> int:
         warmup=args.warmup,
         images=args.images,
         versions=args.versions,
+        max_file_mb=args.max_file_mb,
+        max_memory_mb=args.max_memory_mb,
+        timeout_s=args.timeout_s,
     )
     agent.ensure_profile(client, options, force=args.calibrate)
     if args.calibrate and not (args.once or args.watch):

@@ -19,6 +19,7 @@ Device profile: run ``<name>`` (tag ``device=<name>``) in experiment ``cars-ml-d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from mlflow.entities import Metric, RunTag
 MODEL_NAME = "stanford-cars-classifier"
 DEVICES_EXPERIMENT = "cars-ml-devices"
 FILES = {"float32": "tflite/model_float32.tflite", "int8": "tflite/model_int8.tflite"}
+# The training run's record of each file's SHA-256 (cars_ml.training.run._export).
+SHA256_TAGS = {"float32": "tflite_float32_sha256", "int8": "tflite_int8_sha256"}
+
+
+class Refused(ValueError):
+    """A version's files are not loaded: too large, or not the bytes its training recorded."""
 
 
 def marker(device: str) -> str:
@@ -66,15 +73,39 @@ def architecture(client: MlflowClient, run_id: str) -> str:
     return run.data.params.get("model") or run.info.run_name or run_id[:8]
 
 
-def download(client: MlflowClient, run_id: str, dst: Path) -> dict[str, Path] | None:
-    """The run's float32 and int8 files, or None when it has not both."""
-    present = {info.path for info in client.list_artifacts(run_id, "tflite")}
-    if not set(FILES.values()) <= present:
+def download(
+    client: MlflowClient, run_id: str, dst: Path, max_bytes: int
+) -> dict[str, Path] | None:
+    """The run's float32 and int8 files, or None when it has not both; ``Refused`` for a file
+    over ``max_bytes`` (checked before downloading) or whose SHA-256 is not the one its training
+    run recorded (checked before anything loads it)."""
+    listed = {info.path: info for info in client.list_artifacts(run_id, "tflite")}
+    if not set(FILES.values()) <= set(listed):
         return None
-    return {
-        precision: Path(client.download_artifacts(run_id, path, str(dst)))
-        for precision, path in FILES.items()
-    }
+    for path in FILES.values():
+        size = listed[path].file_size or 0
+        if size > max_bytes:
+            raise Refused(
+                f"{path} is {size / 1e6:.1f} MB, over --max-file-mb {max_bytes / 1e6:.0f}"
+            )
+    recorded = client.get_run(run_id).data.tags
+    files = {}
+    for precision, path in FILES.items():
+        expected = recorded.get(SHA256_TAGS[precision])
+        if not expected:
+            raise Refused(
+                f"its training run recorded no SHA-256 for {path} (registered before the agent "
+                "checked files); train it again to measure it"
+            )
+        files[precision] = Path(client.download_artifacts(run_id, path, str(dst)))
+        with open(files[precision], "rb") as handle:
+            actual = hashlib.file_digest(handle, "sha256").hexdigest()
+        if actual != expected:
+            raise Refused(
+                f"{path} has SHA-256 {actual[:12]}..., not the {expected[:12]}... its training "
+                "run recorded: the file changed after training"
+            )
+    return files
 
 
 def log_measurement(
