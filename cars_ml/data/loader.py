@@ -191,7 +191,8 @@ def _check_no_empty_class(layout: LayoutData, pool: list[ImageRecord]) -> None:
 def fingerprint(
     layout: LayoutData, records: tuple[ImageRecord, ...], config: DataConfig, test_source: str
 ) -> str:
-    """sha256 of class names, sorted (relative path, label, size) of all records, split params."""
+    """sha256 of the class names, the split params and every record's relative path, label,
+    crop box and file content: any change of image bytes or annotations gives another one."""
     digest = hashlib.sha256()
     params = {
         "class_names": list(layout.class_names),
@@ -205,12 +206,19 @@ def fingerprint(
     }
     digest.update(json.dumps(params, sort_keys=True).encode())
     rows = sorted(
-        (Path(os.path.relpath(r.path, layout.root)).as_posix(), r.label, os.path.getsize(r.path))
+        (Path(os.path.relpath(r.path, layout.root)).as_posix(), r.label, r.bbox, r.path)
         for r in records
     )
-    for rel, label, size in rows:
-        digest.update(f"{rel}\t{label}\t{size}\n".encode())
+    for rel, label, bbox, path in rows:
+        digest.update(f"{rel}\t{label}\t{bbox}\t{_file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    # The bytes, not the size or modification time: those miss a file replaced by another of the
+    # same size (copies that keep times). Reading every file is cheap beside any training step.
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _warn(message: str) -> None:

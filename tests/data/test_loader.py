@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 
@@ -12,6 +13,7 @@ from matplotlib.figure import Figure
 
 from cars_ml.data import DataConfig, DataWarning, load_dataset, train_subset
 from cars_ml.data.report import class_count_table, sample_grid_figure
+from cars_ml.data.synthetic import write_annotations_mat
 
 
 def _load(root, **kwargs):
@@ -75,6 +77,27 @@ def test_fingerprint_tracks_files_labels_and_split(uneven):
     (uneven / "d" / "0.jpg").rename(uneven / "b" / "moved.jpg")  # a relabelled file
     changed = _load(uneven).fingerprint
     assert changed != base and len(changed) == 64
+
+
+def test_fingerprint_tracks_image_bytes_and_boxes(small_cars):
+    """Caches and reused pipeline steps are keyed on it: a file replaced by another of the same
+    size and time, or a moved crop box, must give another fingerprint."""
+    base = _load(small_cars).fingerprint
+    image = small_cars / "cars_train" / "00003.jpg"
+    stat = image.stat()
+    raw = bytearray(image.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, other bytes
+    image.write_bytes(bytes(raw))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = _load(small_cars).fingerprint
+    assert changed != base
+    annotations = small_cars / "devkit" / "cars_train_annos.mat"
+    rows = [(1, 1, 20, 20, 1 + i % 3, f"{i + 1:05d}.jpg") for i in range(18)]
+    write_annotations_mat(annotations, rows)
+    boxed = _load(small_cars).fingerprint
+    rows[4] = (2, 1, 20, 20, *rows[4][4:])  # one box one pixel to the right
+    write_annotations_mat(annotations, rows)
+    assert _load(small_cars).fingerprint not in (boxed, changed)
 
 
 def test_fingerprint_ignores_where_the_dataset_lives(uneven, tmp_path):
