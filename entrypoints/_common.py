@@ -171,12 +171,17 @@ def _discard_mlflow_run() -> None:
 
     uri = redact(os.environ.get("MLFLOW_TRACKING_URI", "") or "./mlruns")
     if uri.startswith(("http://", "https://")):
-        purge = (
-            f"on the tracking server's host, `mlflow gc --backend-store-uri <its database URL> "
-            f"--run-ids {run_id}` (with MLFLOW_TRACKING_URI={uri} set, so artifacts go too)"
+        what = (
+            "deleted as soon as `mlflow run` marks it failed. A tracking server cannot purge "
+            "over HTTP: purge it for good on the server's host with `mlflow gc "
+            f"--backend-store-uri <its database URL> --run-ids {run_id}` (with "
+            f"MLFLOW_TRACKING_URI={uri} set, so artifacts go too)"
         )
     else:
-        purge = f"`mlflow gc --backend-store-uri {uri} --run-ids {run_id}`"
+        what = (
+            "deleted and purged from the store for good as soon as `mlflow run` marks it "
+            f"failed (if that fails, `mlflow gc --backend-store-uri {uri} --run-ids {run_id}`)"
+        )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # Its own session, so Ctrl-C or a SIGTERM to `mlflow run` does not stop the deletion. The
@@ -190,8 +195,7 @@ def _discard_mlflow_run() -> None:
     )
     print(
         f"note: MLflow run {run_id} holds the password in its parameters (`mlflow run` logged "
-        f"them); it is deleted as soon as `mlflow run` marks it failed. Purge it for good with "
-        f"{purge}.",
+        f"them); it is {what}.",
         file=sys.stderr,
     )
 

@@ -8,6 +8,10 @@ already ended), and writing to a deleted run raises, which prints a traceback in
 message. So this process waits until ``mlflow run`` has marked the run FAILED and deletes it
 then. When nothing ends the run within ``WAIT_S`` (the entry point ran with ``MLFLOW_RUN_ID``
 set by hand, or ``mlflow run`` was killed), it ends and deletes the run itself.
+
+A deleted run keeps its params in the store until ``mlflow gc`` purges it, so on a database or
+file store the run is then purged at once, as ``mlflow gc`` does; a tracking server offers no
+purge over HTTP, so there the printed ``mlflow gc`` command, run on the server's host, does it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ WAIT_S = 120.0
 POLL_S = 0.2
 
 
-def discard(run_id: str, wait_s: float = WAIT_S) -> None:
-    """Wait for ``run_id`` to leave RUNNING (at most ``wait_s``), then delete it."""
+def discard(run_id: str, wait_s: float = WAIT_S) -> bool:
+    """Wait for ``run_id`` to leave RUNNING (at most ``wait_s``), then delete it, and purge it
+    where the store allows; returns whether it was purged."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -31,6 +36,19 @@ def discard(run_id: str, wait_s: float = WAIT_S) -> None:
             break
         time.sleep(POLL_S)
     client.delete_run(run_id)
+    return purge(run_id)
+
+
+def purge(run_id: str) -> bool:
+    """Remove a deleted run, params included, from a database or file store (what
+    ``mlflow gc`` does, through the same store method); ``False`` for a tracking server."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    hard_delete = getattr(_get_store(), "_hard_delete_run", None)
+    if hard_delete is None:
+        return False
+    hard_delete(run_id)
+    return True
 
 
 def main(argv: list[str]) -> int:
