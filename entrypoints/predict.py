@@ -1,7 +1,7 @@
 """MLproject entry point `predict`: classify every image in a folder into a CSV (or, on Spark,
 a folder or glob into Parquet)."""
 
-from _common import parser, positive_int, run_main
+from _common import parser, positive_int, run_main, str2bool
 
 from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME
 
@@ -25,6 +25,12 @@ def build_parser():
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per model call")
     p.add_argument("--engine", default="local", help="local (this process) or spark")
     p.add_argument("--spark_master", default="local[*]", help="Spark master for engine=spark")
+    p.add_argument(
+        "--overwrite",
+        type=str2bool,
+        default=False,
+        help="engine=spark: replace a non-empty output (otherwise refused)",
+    )
     return p
 
 
@@ -39,6 +45,7 @@ def config(a):
         batch_size=a.batch_size,
         engine=a.engine,
         spark_master=a.spark_master,
+        overwrite=a.overwrite,
     )
 
 

@@ -53,6 +53,7 @@ class PredictConfig:
     # glob or any Hadoop path, and executors score it (cars_ml.serving.spark_predict).
     engine: str = "local"
     spark_master: str = "local[*]"
+    overwrite: bool = False  # engine=spark: replace a non-empty output folder
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -279,6 +280,7 @@ def _run_spark(cfg: PredictConfig) -> PredictResult:
                 "batch_size": cfg.batch_size,
                 "engine": cfg.engine,
                 "spark_master": cfg.spark_master,
+                "overwrite": cfg.overwrite,
             }
         )
         with tempfile.TemporaryDirectory(prefix="cars-ml-spark-model-") as tmp:
@@ -293,6 +295,7 @@ def _run_spark(cfg: PredictConfig) -> PredictResult:
                     batch_size=cfg.batch_size,
                     max_image_bytes=max_bytes,
                     suffixes=IMAGE_SUFFIXES,
+                    overwrite=cfg.overwrite,
                 )
             )
         tracking.log_metrics({"num_images": summary.num_images, "num_errors": summary.num_errors})

@@ -49,6 +49,7 @@ class SparkJob:
     batch_size: int = 32
     max_image_bytes: int = 10 * 1024 * 1024
     suffixes: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    overwrite: bool = False  # replace a non-empty ``output`` (Spark deletes it first)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def score_files(job: SparkJob, spark=None) -> SparkSummary:
     own = spark is None
     spark = spark or build_session(job.master, job.batch_size)
     try:
+        _check_output(spark, job.output, job.overwrite)
         spark.sparkContext.addFile(job.model_dir, recursive=True)
         model_name = os.path.basename(os.path.normpath(job.model_dir))
         reader = spark.read.format("binaryFile").option("pathGlobFilter", suffix_glob(job.suffixes))
@@ -200,6 +202,22 @@ def hadoop_path(uri: str) -> str:
     (``file:/a b/x.jpg``, Hadoop's ``Path.toString``)."""
     path = unquote(uri)
     return "file:/" + path.removeprefix("file:///") if path.startswith("file:///") else path
+
+
+def _check_output(spark, output: str, overwrite: bool) -> None:
+    """Refuse to write over a file or a non-empty folder (on any Hadoop file system) unless
+    ``overwrite``: Spark's overwrite mode deletes everything there first."""
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(output)
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if overwrite or not fs.exists(path):
+        return
+    if fs.getFileStatus(path).isDirectory() and len(fs.listStatus(path)) == 0:
+        return
+    raise ValueError(
+        f"output={output!r} already exists and is not empty; Spark would delete everything "
+        "in it. Pass another output, or -P overwrite=true to replace it."
+    )
 
 
 def _append_empty_files(spark, listed: list[str], output: str) -> None:

@@ -92,7 +92,16 @@ def test_spark_predict_matches_the_single_process_predict_and_names_broken_files
     assert all(t.startswith('[{"label"') for t in good["top_k"])
     assert "3 file(s) could not be classified" in result.stdout
 
+    # A second run to the same folder is refused: Spark would delete what is there first.
+    again = run_entry(
+        "predict", *args, "--engine", "spark", "--spark_master", "local[1]",
+        env=sub_env, timeout=300, check=False,
+    )  # fmt: skip
+    assert again.returncode != 0 and "-P overwrite=true" in again.stderr, again.stderr[-2000:]
+    assert len(pd.read_parquet(parquet)) == len(expected)  # the first run's output is intact
+
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.engine = 'spark'")
-    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    runs = runs[runs["status"] == "FINISHED"]
+    assert len(runs) == 1
     assert runs.iloc[0]["metrics.num_errors"] == 3
     assert runs.iloc[0]["metrics.num_images"] == len(expected)
