@@ -183,9 +183,10 @@ def test_tracking_uri_names_the_server_in_compose_and_kubernetes():
     service = _k8s("Service", url.hostname)
     assert [p["port"] for p in service["spec"]["ports"]] == [url.port]
     assert f"EXPOSE {url.port}" in _dockerfile("Dockerfile.mlflow")
-    # The server accepts API calls only for allowed Host headers: the service name must match.
+    # The server accepts API calls only for exact Host headers: the service name and port the
+    # clients use, and loopback for the health check; no wildcard.
     allowed = _dockerfile_env("Dockerfile.mlflow")["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
-    assert f"{url.hostname}:*" in allowed and f"{url.hostname}.*" in allowed
+    assert allowed == [f"{url.hostname}:{url.port}", f"127.0.0.1:{url.port}"]
 
 
 def test_tracking_server_runs_the_same_command_everywhere_behind_basic_auth():
@@ -560,9 +561,10 @@ def _ingress_sources(name: str) -> dict[int, set[str]]:
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "cars-ml"}
     sources: dict[int, set[str]] = {}
     for policy in (d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"):
+        if "Ingress" not in policy["spec"]["policyTypes"]:
+            continue  # egress: test_network_policy_denies_egress_except_the_paths_needed
         if not _selects(policy["spec"]["podSelector"], labels):
             continue
-        assert "Ingress" in policy["spec"]["policyTypes"]
         for rule in policy["spec"].get("ingress", []):
             assert rule.get("ports"), f"{policy['metadata']['name']}: name the ports"
             peers = rule.get("from")
@@ -615,3 +617,38 @@ def test_network_policy_denies_ingress_except_the_paths_needed():
     assert _ingress_sources("mlflow").keys() == {
         p["port"] for p in _k8s("Service", "mlflow")["spec"]["ports"]
     }
+
+
+def test_network_policy_denies_egress_except_the_paths_needed():
+    """Read plainly: one egress policy per client names each server and port it may reach."""
+    policies = {d["metadata"]["name"]: d["spec"] for d in K8S_DOCS if d["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny-egress"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Egress"]
+    (dns,) = deny["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"
+    }
+    allowed = {}
+    for spec in policies.values():
+        if spec["policyTypes"] != ["Egress"] or not spec["podSelector"]:
+            continue
+        client = spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        allowed[client] = {
+            (rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], port["port"])
+            for rule in spec["egress"]
+            for port in rule["ports"]
+        }
+    assert allowed == {
+        "cars-ml-train": {("mlflow", 5000), ("postgres", 5432)},
+        "cars-ml-tune": {("mlflow", 5000), ("postgres", 5432)},
+        "cars-ml-serve": {("mlflow", 5000)},
+        "mlflow": {("postgres", 5432), ("minio", 9000)},
+        "cars-ml-minio-init": {("minio", 9000)},
+    }
+
+
+def test_no_comment_loads_superuser_or_root_credentials_into_the_application_secret():
+    for path in (DEPLOY / "k8s").glob("*.yaml"):
+        text = path.read_text()
+        assert "cars-ml-secrets --from-env-file=deploy/.env" not in text, path.name

@@ -243,9 +243,12 @@ def deployed_tracking_server(workdir: Path) -> Iterator[AuthServer]:
         ini = workdir / "basic_auth.ini"
         with open(ini, "w") as handle:
             config.write(handle)
+        # The image's exact Host names, on this server's port.
+        hosts = image_env["MLFLOW_SERVER_ALLOWED_HOSTS"].replace(":5000", f":{local['--port']}")
         env = {
             **server_env(s3),
             **image_env,
+            "MLFLOW_SERVER_ALLOWED_HOSTS": hosts,
             "MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "PGPASSWORD": PGPASSWORD_VALUE,
