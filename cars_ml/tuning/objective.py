@@ -120,7 +120,7 @@ class Objective:
         train = (
             tf.data.Dataset.from_tensor_slices((f["train_x"], tf.one_hot(f["train_y"], n)))
             .shuffle(len(f["train_y"]), seed=self.cfg.seed)
-            .batch(params["batch_size"])
+            .batch(params.get("batch_size", HParams().batch_size))
             .prefetch(tf.data.AUTOTUNE)
         )
         hook = self._hook(trial)

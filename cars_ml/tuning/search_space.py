@@ -28,7 +28,9 @@ SEARCH_SPACE: dict[str, Dimension] = {
     "dropout": Dimension("float", 0.0, 0.6),
     "head_units": Dimension("choice", choices=(0, 128, 256, 512)),
     "label_smoothing": Dimension("float", 0.0, 0.2),
-    "batch_size": Dimension("choice", choices=(16, 32, 64)),
+    # The fine-tuning shares the batch size, which a head trained on cached features cannot
+    # judge: a larger batch there means fewer fine-tuning steps.
+    "batch_size": Dimension("choice", choices=(16, 32, 64), fine_tune_only=True),
     "unfreeze_fraction": Dimension("float", 0.0, 1.0, fine_tune_only=True),
     "augment_strength": Dimension("float", 0.0, 1.0, fine_tune_only=True),
     "weight_decay": Dimension("log", 1e-6, 1e-3),
