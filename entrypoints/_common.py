@@ -17,11 +17,9 @@ import sys
 # importable when the package is not installed in editable mode.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN CPU kernels on by default only on CPUs with AVX-512 VNNI or AMX.
-# On the AVX2-only 2-core VMs seen here they train 1.3-2.9x faster (batch 32, side by side:
-# VGG16 at 32 px 1.8 -> 0.7 s/step, ResNet50 at 64 px 2.7 -> 1.2, Xception at 71 px 2.4 -> 1.3,
-# InceptionV3 at 75 px 0.8 -> 0.6; `mlflow run . -e benchmark -P sections=cpu_kernels` measures
-# it on any machine). It must be set before TensorFlow is imported; a user's own value wins.
+# TensorFlow turns its oneDNN CPU kernels on by default only on CPUs with AVX-512 VNNI or AMX,
+# yet they train faster on AVX2-only CPUs too (docs/performance.md; `-P sections=cpu_kernels`
+# measures it). It must be set before TensorFlow is imported; a user's own value wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 _TRUE = {"true", "1", "yes", "y", "on"}

@@ -43,7 +43,7 @@ def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
     assert resolve_preset(real).name == "cpu"
     assert _budget(real) == PRESETS["cpu"].budget
     assert resolve_models(real) == ("efficientnet_lite2", "efficientnet_lite0")
-    assert resolve_students(real) == ("efficientnet_lite0", "mobilenet")
+    assert resolve_students(real) == ("efficientnet_lite0",)
     assert resolve_students(demo) == ()  # every other backbone within the edge budgets
     monkeypatch.setattr(plan, "has_gpu", lambda: True)
     assert resolve_preset(real).name == "full"

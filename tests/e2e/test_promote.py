@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from servers import free_port, mlflow_server_command, process_group, wait_http
 
+from cars_ml import SERVING_CODE_TAG, SERVING_CODE_VERSION
 from cars_ml.promotion.lock import promotion_lock
 from cars_ml.promotion.policy import PromotionConfig
 from cars_ml.promotion.run import PROMOTION_EXPERIMENT, run_promote
@@ -67,7 +68,10 @@ def register(experiment_id: str, backbone: str = "mobilenet", **metrics: float) 
             pip_requirements=["mlflow"],
             registered_model_name=MODEL,
         )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    # As the train step registers: with the record of the current serving code.
+    MlflowClient().set_model_version_tag(MODEL, version, SERVING_CODE_TAG, SERVING_CODE_VERSION)
+    return version
 
 
 def promote_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
