@@ -377,12 +377,12 @@ def _export(
 ) -> tuple[dict, dict[str, Path]]:
     """Export, measure and log the TFLite files into ``out_dir``; returns (metrics, paths)."""
     from cars_ml.data.pipeline import load_images_array
-    from cars_ml.export.tflite import edge_metrics
+    from cars_ml.export.tflite import MAX_REPRESENTATIVE, edge_metrics
     from cars_ml.training.fit import inference_fn, labels_of
 
     rng = np.random.default_rng(cfg.seed)
     pool = list(splits.train)
-    picks = rng.choice(len(pool), size=min(100, len(pool)), replace=False)
+    picks = rng.choice(len(pool), size=min(MAX_REPRESENTATIVE, len(pool)), replace=False)
     rep = load_images_array([pool[i] for i in picks], size)
     test_images = load_images_array(list(splits.test), size)
     infer = inference_fn(model)
