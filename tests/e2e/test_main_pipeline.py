@@ -57,7 +57,15 @@ def test_pipeline_compares_promotes_and_reuses(sub_env):
     assert [s for s in steps if s != "tune"] == ["distill", "promote", "train", "train"]
     (student,) = [c for c in children if c.data.tags.get("step") == "distill"]
     trained = {c.data.tags["backbone"]: c for c in children if c.data.tags.get("step") == "train"}
-    teacher = max(trained.values(), key=lambda c: c.data.metrics["test_f1_macro"])
+    # The teacher is chosen on validation (ties: the faster, then the older version).
+    teacher = min(
+        trained.values(),
+        key=lambda c: (
+            -c.data.metrics["val_f1_macro"],
+            c.data.metrics["latency_ms_p95"],
+            int(c.data.tags["model_version"]),
+        ),
+    )
     assert student.data.tags["teacher_backbone"] == teacher.data.tags["backbone"]
     assert student.data.tags["backbone"] != teacher.data.tags["backbone"]
     assert student.data.tags["distilled_from"].endswith(f"/{teacher.data.tags['model_version']}")
