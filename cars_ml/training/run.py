@@ -247,7 +247,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
             )
             # Once, linked to the logged model and the split each was measured on (MLflow 3's
             # model view lists them); the run shows them as ever.
-            _log_model_metrics(metrics, info.model_id, datasets)
+            _log_model_metrics(metrics, info.model_id, datasets, len(result.history))
         lap("log_model")
         tracking.log_metrics(timings)
         version = None
@@ -355,9 +355,13 @@ def _log_datasets(splits) -> dict[str, object]:
     }
 
 
-def _log_model_metrics(metrics: dict[str, float], model_id: str, datasets: dict) -> None:
+def _log_model_metrics(metrics: dict[str, float], model_id: str, datasets: dict, step: int) -> None:
     """Log ``metrics`` linked to the model: ``test_*`` and ``slice_*`` to the test split,
-    ``val_*`` to the validation split, the rest (size, latency) to no dataset."""
+    ``val_*`` to the validation split, the rest (size, latency) to no dataset.
+
+    ``step`` follows the last epoch's, so that the run's ``val_f1_macro`` (MLflow shows the
+    value of the highest step) is the final model's, not its last epoch's: the pipeline ranks
+    reused runs by it."""
     by_split: dict[str, dict[str, float]] = {"test": {}, "val": {}, "": {}}
     for key, value in metrics.items():
         split = (
@@ -369,7 +373,7 @@ def _log_model_metrics(metrics: dict[str, float], model_id: str, datasets: dict)
         )
         by_split[split][key] = value
     for split, part in by_split.items():
-        tracking.log_metrics(part, model_id=model_id, dataset=datasets.get(split))
+        tracking.log_metrics(part, step, model_id=model_id, dataset=datasets.get(split))
 
 
 def _export(
