@@ -27,6 +27,7 @@ from cars_ml.data.types import (
     ImageRecord,
     LayoutData,
     default_cache_dir,
+    file_sha256,
 )
 from cars_ml.data.validate import validate_records
 
@@ -209,16 +210,11 @@ def fingerprint(
         (Path(os.path.relpath(r.path, layout.root)).as_posix(), r.label, r.bbox, r.path)
         for r in records
     )
-    for rel, label, bbox, path in rows:
-        digest.update(f"{rel}\t{label}\t{bbox}\t{_file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: str) -> str:
     # The bytes, not the size or modification time: those miss a file replaced by another of the
     # same size (copies that keep times). Reading every file is cheap beside any training step.
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    for rel, label, bbox, path in rows:
+        digest.update(f"{rel}\t{label}\t{bbox}\t{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _warn(message: str) -> None:

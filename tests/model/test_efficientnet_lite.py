@@ -233,7 +233,7 @@ def test_conversion_is_cached_with_the_source_hash_and_reused(weights_cache, mon
     target = efficientnet_lite.imagenet_weights(LITE0)
     record = json.loads((weights_cache / f"{LITE0}_imagenet.source.json").read_text())
     assert target.parent == weights_cache
-    assert record["source_sha256"] == efficientnet_lite.sha256_of(source)
+    assert record["source_sha256"] == efficientnet_lite.file_sha256(source)
     assert record["tensors"] == 296
     # A second build loads the cached file: no conversion.
     monkeypatch.setattr(efficientnet_lite, "_convert", lambda *a: pytest.fail("converted again"))
