@@ -12,8 +12,8 @@ import time
 import pytest
 
 from cars_ml.serving.decode import DecodeBudget, Limits, RequestError, limits_from_env
+from cars_ml.serving.gate import CURRENT_WORK, RequestGate, short_message
 from cars_ml.serving.request import media_type, parse_body, parse_csv
-from cars_ml.serving.scoring_guard import CURRENT_WORK, RequestGate, short_message
 
 LIMITS = Limits()
 
