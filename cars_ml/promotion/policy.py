@@ -235,22 +235,25 @@ def evaluate(candidates: pd.DataFrame, config: PromotionConfig) -> pd.DataFrame:
                 all_reasons[i].append(reason)
         table[f"{check}_pass"] = passes
         table[f"{check}_reason"] = reasons
-    for reasons, row in zip(all_reasons, rows, strict=True):
-        reason = old_serving_code(row, config)
-        if reason:
-            reasons.append(reason)
+    _rule_out(table, rows, config, all_reasons)
+    table["eligible"] = [not r for r in all_reasons]
+    table["fail_reasons"] = ["; ".join(r) for r in all_reasons]
+    return table
+
+
+def _rule_out(
+    table: pd.DataFrame, rows: list[dict], config: PromotionConfig, all_reasons: list[list[str]]
+) -> None:
+    """Add the reasons beyond the budgets: serving code older than the minimum, and an
+    ``excluded`` tag (its own ``excluded_pass`` / ``excluded_reason`` columns)."""
     excluded = [row.get("excluded") for row in rows]
     excluded = [
         f"excluded: {x.strip()}" if isinstance(x, str) and x.strip() else "" for x in excluded
     ]
-    for reasons, reason in zip(all_reasons, excluded, strict=True):
-        if reason:
-            reasons.append(reason)
+    for reasons, row, exclusion in zip(all_reasons, rows, excluded, strict=True):
+        reasons.extend(r for r in (old_serving_code(row, config), exclusion) if r)
     table["excluded_pass"] = [not x for x in excluded]
     table["excluded_reason"] = excluded
-    table["eligible"] = [not r for r in all_reasons]
-    table["fail_reasons"] = ["; ".join(r) for r in all_reasons]
-    return table
 
 
 def old_serving_code(row: Mapping[str, Any], config: PromotionConfig) -> str:

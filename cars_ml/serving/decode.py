@@ -164,7 +164,7 @@ def refuse_costly(image: Image.Image, raw: bytes) -> None:
             )
 
 
-class RequestWork:
+class RequestAllowance:
     """What one request's images may cost in all: declared pixels and decoding time."""
 
     def __init__(self, limits: Limits):
@@ -354,7 +354,7 @@ def decode_image_bytes(
     max_pixels: int,
     target_size: int | None = None,
     budget: DecodeBudget | None = None,
-    work: RequestWork | None = None,
+    work: RequestAllowance | None = None,
 ) -> Image.Image:
     """Decode image file bytes into an upright RGB PIL image, checking dimensions first.
 
@@ -414,7 +414,7 @@ def decode_base64_image(
     max_pixels: int,
     target_size: int | None = None,
     budget: DecodeBudget | None = None,
-    work: RequestWork | None = None,
+    work: RequestAllowance | None = None,
 ) -> Image.Image:
     """Decode one base64 (or ``data:image/...;base64,``) string into an RGB PIL image."""
     raw = _b64_to_bytes(value, max_bytes)
@@ -452,7 +452,7 @@ def prepare_batch(
             f"{limits.max_images_per_request}; split it into several requests."
         )
     out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
-    work = RequestWork(limits)
+    work = RequestAllowance(limits)
     for index, value in enumerate(values):
         try:
             work.check_time()

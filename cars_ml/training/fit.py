@@ -7,6 +7,7 @@ is useless, so every layer trains from the first epoch in one phase.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -355,12 +356,7 @@ def fit(
     its softened probabilities too (``cars_ml.training.distill``).
     """
     n = splits.num_classes
-    if teacher is not None and teacher.train_outputs.shape != (len(splits.train), n):
-        raise ValueError(
-            f"the teacher's answers have shape {teacher.train_outputs.shape}, not "
-            f"({len(splits.train)}, {n}): one row of class probabilities per training image; "
-            "distil from a teacher trained on the same classes."
-        )
+    _check_teacher(teacher, len(splits.train), n)
     keras.utils.set_random_seed(seed)
     # Before the run's first compiled call: TensorFlow reads the setting at every call.
     steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
@@ -372,17 +368,10 @@ def fit(
         trained.output_shape[-1], n, hp.dropout, hp.head_units, hp.weight_decay
     )
     model = backbones.build_classifier(spec, size, trained, head)
-    # The same layers without the optimizer that compile() attaches (a third of the saved
-    # bytes). Validation, evaluation, benchmark and export all run its one traced inference
-    # function.
-    classifier = keras.Model(model.inputs, model.outputs, name=model.name)
+    classifier = _without_optimizer(model)
     weights = class_weights(labels_of(splits.train), n)
     val_ds = _batches(splits.val, size, hp, training=False)
-    val_labels = labels_of(splits.val)
-
-    def predict_val() -> np.ndarray:
-        return predict_probabilities(classifier, val_ds)
-
+    predict_val = functools.partial(predict_probabilities, classifier, val_ds)
     run = _Run(
         model=model,
         backbone=trained,
@@ -391,19 +380,39 @@ def fit(
         num_train=len(splits.train),
         class_weights=weights,
         weights=None if teacher else weights,
-        f1_cb=ValidationF1(predict_val, val_labels, epoch_hook, hp.label_smoothing),
+        f1_cb=ValidationF1(predict_val, labels_of(splits.val), epoch_hook, hp.label_smoothing),
         teacher=teacher,
         extra_callbacks=extra_callbacks,
         verbose=verbose,
     )
     mode = _fine_tune(run) if pretrained else _from_scratch(run, splits, size, recalibrate)
     if trained is not backbone:
-        # The served model: the trained weights in the backbone built at the serving size.
-        backbone.set_weights(trained.get_weights())
-        served = backbones.build_classifier(spec, image_size, backbone, head)
-        classifier = keras.Model(served.inputs, served.outputs, name=served.name)
+        classifier = _at_serving_size(spec, image_size, backbone, trained, head)
     best = max((h["val_f1_macro"] for h in run.f1_cb.history), default=0.0)
     return FitResult(classifier, backbone, head, run.f1_cb.history, mode, best, grappler, size)
+
+
+def _check_teacher(teacher: Teacher | None, num_train: int, num_classes: int) -> None:
+    if teacher is not None and teacher.train_outputs.shape != (num_train, num_classes):
+        raise ValueError(
+            f"the teacher's answers have shape {teacher.train_outputs.shape}, not "
+            f"({num_train}, {num_classes}): one row of class probabilities per training image; "
+            "distil from a teacher trained on the same classes."
+        )
+
+
+def _without_optimizer(model: keras.Model) -> keras.Model:
+    """The same layers without the optimizer that compile() attaches (a third of the saved
+    bytes). Validation, evaluation, benchmark and export all run its one traced inference
+    function."""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def _at_serving_size(spec, image_size: int, backbone, trained, head) -> keras.Model:
+    """The served model: the weights ``trained`` learnt, in ``backbone`` built at the serving
+    size, under the same head."""
+    backbone.set_weights(trained.get_weights())
+    return _without_optimizer(backbones.build_classifier(spec, image_size, backbone, head))
 
 
 def _resized_copy(spec: backbones.BackboneSpec, backbone: keras.Model, size: int) -> keras.Model:
