@@ -201,10 +201,13 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     assert sum(k.endswith("/model.keras") for k in keys) >= 2, "one model per backbone"
     assert any(k.endswith(".tflite") for k in keys)
 
-    # The champion alias exists and points at one of the pipeline's versions.
+    # The champion alias exists and points at one of the pipeline's versions: one per backbone
+    # and the student distilled from the better one into the other.
     name, alias = cars_ml.REGISTERED_MODEL_NAME, cars_ml.CHAMPION_ALIAS
     champion = client.get_model_version_by_alias(name, alias)
-    assert champion.version in {"1", "2"}
+    versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    assert versions == {"1", "2", "3"}, versions
+    assert champion.version in versions
 
     # The tune runs logged the storage URL (the positive control for the scan below).
     tune_runs = [
