@@ -5,9 +5,14 @@ the train step logs them.
 
 The int8 model is fully integer (every op int8, ``TFLITE_BUILTINS_INT8``) with **uint8 input and
 output**: a camera frame's uint8 RGB pixels go in unchanged (the input quantization is calibrated
-on pixels in [0, 255], so its scale is about 1 and its zero point 0), and the output is uint8
-probabilities (scale about 1/256). ``LiteRTRunner`` applies each tensor's scale and zero point, so
-callers always pass uint8 pixels and get float probabilities for either file.
+on pixels in [0, 255], so its scale is about 1 and its zero point 0).
+
+Both files end at the **logits** (the output tensor is named ``logits``); whoever reads them
+applies the softmax (:func:`probabilities`). An int8 softmax would round every probability to a
+step of 1/256, which ties the top two classes of many photos among 196 fine-grained classes and
+lets the tie-break pick the wrong one; the logits keep the order the int8 arithmetic computed.
+``LiteRTRunner`` applies each tensor's scale and zero point and the softmax, so callers always
+pass uint8 pixels and get float probabilities for either file.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 
 # Training images that calibrate the int8 ranges. On 196 real classes a hundred left a third of
 # them unseen and cost twice the macro-F1 drop that three hundred did (docs/real-data.md).
 MAX_REPRESENTATIVE = 300
+LOGITS = "logits"  # the output tensor's name in both files
 EDGE_METRIC_NAMES = (
     "tflite_int8_size_mb",
     "tflite_float32_size_mb",
@@ -106,9 +111,66 @@ def _convert(converter) -> bytes:
         return converter.convert()
 
 
+def logits_output(flatbuffer: bytes) -> bytes:
+    """``flatbuffer`` without its final softmax: its output is the logits, named ``logits``.
+
+    The converter's int8 file ends in a softmax and a requantization to uint8; that
+    requantization then takes the logits (same scale, zero point moved by 128, as the MLIR
+    quantizer writes it). Any other ending is refused: its readers would take its output for
+    logits.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    graph, ops = model.subgraphs[0], model.subgraphs[0].operators
+
+    def kind(op) -> int:
+        code = model.operatorCodes[op.opcodeIndex]
+        return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+    requantize = ops[-1] if ops and kind(ops[-1]) == schema.BuiltinOperator.QUANTIZE else None
+    softmax = ops[-2] if requantize and len(ops) > 1 else (ops[-1] if ops else None)
+    if softmax is None or kind(softmax) != schema.BuiltinOperator.SOFTMAX:
+        raise ValueError(
+            "the TFLite model does not end in a softmax; export a classifier whose last layer "
+            "is a softmax Dense (cars_ml.modeling.backbones.build_head)."
+        )
+    logits = softmax.inputs[0]
+    ops.remove(softmax)
+    if requantize is None:
+        graph.outputs = [logits]
+    else:
+        source, target = graph.tensors[logits], graph.tensors[requantize.outputs[0]]
+        if (source.type, target.type) != (schema.TensorType.INT8, schema.TensorType.UINT8):
+            raise ValueError(
+                "the int8 TFLite model's output is not an int8 to uint8 requantization."
+            )
+        requantize.inputs = [logits]
+        target.quantization.scale = list(source.quantization.scale)
+        target.quantization.zeroPoint = [z + 128 for z in source.quantization.zeroPoint]
+        logits = requantize.outputs[0]
+    graph.tensors[logits].name = LOGITS.encode()
+    # An operator code no operator uses still makes TFLite's calibrator look up its kernel.
+    if all(op.opcodeIndex != softmax.opcodeIndex for g in model.subgraphs for op in g.operators):
+        model.operatorCodes.pop(softmax.opcodeIndex)
+        for op in (op for g in model.subgraphs for op in g.operators):
+            op.opcodeIndex -= op.opcodeIndex > softmax.opcodeIndex
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def probabilities(outputs: np.ndarray, output_name: str) -> np.ndarray:
+    """A TFLite file's dequantized ``outputs`` as probabilities: the softmax of logits (a file
+    whose output is named ``logits``), any other output as it is."""
+    if output_name != LOGITS:
+        return outputs
+    exp = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def float32_flatbuffer(function) -> bytes:
-    """A float32 TFLite flatbuffer of an :func:`inference_function`."""
-    return _convert(_converter(function))
+    """A float32 TFLite flatbuffer of an :func:`inference_function`, ending at the logits."""
+    return logits_output(_convert(_converter(function)))
 
 
 def int8_flatbuffer_from_float(float_flatbuffer: bytes, representative: np.ndarray) -> bytes:
@@ -140,7 +202,7 @@ def int8_flatbuffer_converted(function, representative: np.ndarray) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    return _convert(converter)
+    return logits_output(_convert(converter))
 
 
 def int8_flatbuffer(float_flatbuffer: bytes, function, representative: np.ndarray) -> bytes:
@@ -189,6 +251,7 @@ class LiteRTRunner:
         self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
+        self.output_name = self._output["name"]
         self.image_size = int(self._input["shape"][1])
         self._batch = int(self._input["shape"][0])
         self._interpreter.allocate_tensors()
@@ -219,6 +282,10 @@ class LiteRTRunner:
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Probabilities ``(n, num_classes)`` for uint8 RGB images ``(n, s, s, 3)``."""
+        return probabilities(self.outputs(images, batch_size), self.output_name)
+
+    def outputs(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The file's dequantized outputs (its logits) for uint8 RGB images ``(n, s, s, 3)``."""
         images = _check_images(images, "images")
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
@@ -249,6 +316,8 @@ def measure_latency_ms(
 
 
 def _scores(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
     # Same definition as the float model's test_f1_macro: macro over the classes present.
     labels = np.asarray(labels)
     f1 = f1_score(labels, preds, average="macro", labels=np.unique(labels), zero_division=0)

@@ -16,6 +16,8 @@ import queue
 
 import numpy as np
 
+from cars_ml.export.tflite import probabilities
+
 log = logging.getLogger(__name__)
 
 # Largest probability difference to TensorFlow accepted when the engine is built. Float32 kernels
@@ -24,9 +26,9 @@ AGREEMENT_TOLERANCE = 1e-4
 MAX_INTERPRETERS = 4
 
 
-# The int8 file's outputs are uint8 probabilities (steps of 1/256): a recorded check of that
-# file allows two steps, since another CPU's kernels may round one value the other way.
-INT8_TOLERANCE = 2 / 256
+# A recorded check of the int8 file compares its logits and allows two of their quantization
+# steps, since another CPU's kernels may round one value the other way.
+INT8_TOLERANCE_STEPS = 2
 PRECISIONS = ("float32", "int8")
 
 
@@ -35,8 +37,9 @@ class LiteRTEngine:
 
     An interpreter is not thread-safe and ``mlflow models serve`` runs requests in threads, so
     each call borrows one interpreter; with one per core, concurrent requests use every core.
-    The int8 file takes uint8 pixels and gives uint8 probabilities: each tensor's scale and
-    zero point convert them, so callers pass uint8 pixels and get float probabilities either way.
+    The int8 file takes uint8 pixels and gives uint8 logits: each tensor's scale and zero point
+    convert them and the softmax follows, so callers pass uint8 pixels and get float
+    probabilities either way.
     """
 
     def __init__(self, content: bytes, image_size: int, interpreters: int = 0):
@@ -59,6 +62,7 @@ class LiteRTEngine:
         self._input_scale, self._input_zero = detail["quantization"]
         self._output_scale, self._output_zero = output["quantization"]
         self.num_classes = int(output["shape"][-1])
+        self.output_name = output["name"]
         self.precision = "float32" if self._input_dtype == np.float32 else "int8"
 
     def _quantize(self, image: np.ndarray) -> np.ndarray:
@@ -75,8 +79,17 @@ class LiteRTEngine:
             return values.astype(np.float32)
         return (values.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
 
+    @property
+    def output_step(self) -> float:
+        """The output's quantization step (0 for a float output)."""
+        return float(self._output_scale)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, num_classes)`` for uint8 RGB images ``(n, s, s, 3)``."""
+        return probabilities(self.outputs(images), self.output_name)
+
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """The file's dequantized outputs (its logits) for uint8 RGB images ``(n, s, s, 3)``."""
         out = np.empty((len(images), self.num_classes), np.float32)
         interpreter = self._pool.get()
         try:
@@ -109,22 +122,25 @@ def _checked(
 
 
 def int8_check(content: bytes, image_size: int) -> dict[str, np.ndarray]:
-    """Probe images and the int8 file's own probabilities for them, recorded when the model is
-    logged: a server checks the file it loads against them (a damaged or swapped file, or a
-    runtime that computes something else, is refused)."""
+    """Probe images and the int8 file's own logits for them, recorded when the model is logged:
+    a server checks the file it loads against them (a damaged or swapped file, or a runtime
+    that computes something else, is refused)."""
     probe = probe_images(image_size)
-    return {"images": probe, "probabilities": LiteRTEngine(content, image_size, 1)(probe)}
+    return {"images": probe, "logits": LiteRTEngine(content, image_size, 1).outputs(probe)}
 
 
 def int8_engine(content: bytes, image_size: int, check: str) -> LiteRTEngine:
     """An engine over the shipped int8 flatbuffer, checked against its recorded outputs; raises
     ``ValueError`` naming the problem (int8 was asked for, so there is no silent fallback)."""
     with np.load(check) as recorded:
-        probe, expected = recorded["images"], recorded["probabilities"]
+        probe, expected = recorded["images"], recorded["logits"]
     engine = LiteRTEngine(content, image_size)
     if engine.precision != "int8":
         raise ValueError("the shipped model_int8.tflite is not an integer model")
-    return _checked(engine, probe, expected, INT8_TOLERANCE, "those recorded at logging time")
+    gap = float(np.max(np.abs(engine.outputs(probe) - expected)))
+    if not gap <= INT8_TOLERANCE_STEPS * engine.output_step:
+        raise ValueError(f"its logits differ from those recorded at logging time by {gap:.2e}")
+    return engine
 
 
 def recorded_engine(content: bytes, image_size: int, check: str) -> LiteRTEngine | None:

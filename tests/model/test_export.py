@@ -15,6 +15,7 @@ from cars_ml.export.tflite import (
     edge_metrics,
     evaluate_tflite,
     export_tflite,
+    logits_output,
     measure_latency_ms,
 )
 
@@ -70,6 +71,30 @@ def test_runners_take_uint8_pixels_and_return_probabilities(trained, tmp_path):
         assert 0 < latency["p50"] <= latency["p95"]
     int8 = LiteRTRunner(paths["int8"])
     assert np.dtype(int8._input["dtype"]) == np.uint8  # documented choice: uint8 in, uint8 out
+
+
+def test_both_files_end_at_the_logits_and_runners_apply_the_softmax(trained, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, _, test_images, _, float_probs, _ = trained
+    rep, _ = colour_images(30, seed=4)
+    paths = export_tflite(model, tmp_path, rep)
+    # The logits up to a constant per image, which the softmax cancels.
+    expected = np.log(float_probs)
+    expected -= expected.mean(1, keepdims=True)
+    for kind, tolerance in (("float32", 1e-3), ("int8", 0.5)):
+        interpreter = Interpreter(model_path=str(paths[kind]))
+        assert "SOFTMAX" not in {op["op_name"] for op in interpreter._get_ops_details()}
+        runner = LiteRTRunner(paths[kind])
+        assert runner.output_name == "logits"
+        logits = runner.outputs(test_images)
+        np.testing.assert_allclose(logits - logits.mean(1, keepdims=True), expected, atol=tolerance)
+        assert np.mean(logits.argmax(1) == float_probs.argmax(1)) >= 0.95
+        softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        np.testing.assert_allclose(runner.predict(test_images), softmax, atol=1e-6)
+    # A file that already ends at the logits is refused rather than cut again.
+    with pytest.raises(ValueError, match="does not end in a softmax"):
+        logits_output(paths["float32"].read_bytes())
 
 
 def test_bad_arrays_are_refused(trained, tmp_path):
