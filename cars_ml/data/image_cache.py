@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.data.types import ImageRecord, default_cache_dir
+from cars_ml.data.types import ImageRecord, cache_entry_lock, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,20 @@ def cached(
     """``decode(records, image_size)``, from the cache when it holds that result.
 
     Written under a temporary name and renamed, so a process killed mid-write leaves no file
-    that a later run would trust; a cached file that cannot be read is decoded again.
+    that a later run would trust; a cached file that cannot be read is decoded again. Processes
+    asking for the same images at once decode them once (:func:`cache_entry_lock`).
     """
-    folder = default_cache_dir() / "images"
-    path = folder / f"{key(records, image_size)}-{image_size}px.npy"
-    if path.is_file():
-        try:
-            images = np.load(path, mmap_mode="r")
-            if images.shape == (len(records), image_size, image_size, 3):
-                return images
-        except (OSError, ValueError) as exc:
-            log.warning("Decoding again: cached images %s are unreadable (%s)", path, exc)
-    images = decode(records, image_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-    np.save(partial, images)
-    Path(partial).replace(path)
+    path = default_cache_dir() / "images" / f"{key(records, image_size)}-{image_size}px.npy"
+    with cache_entry_lock(path):
+        if path.is_file():
+            try:
+                images = np.load(path, mmap_mode="r")
+                if images.shape == (len(records), image_size, image_size, 3):
+                    return images
+            except (OSError, ValueError) as exc:
+                log.warning("Decoding again: cached images %s are unreadable (%s)", path, exc)
+        images = decode(records, image_size)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        np.save(partial, images)
+        Path(partial).replace(path)
     return images

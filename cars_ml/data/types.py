@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,23 @@ class DataWarning(UserWarning):
 def default_cache_dir() -> Path:
     """Folder for generated data and cached features (``CARS_ML_CACHE`` overrides it)."""
     return Path(os.environ.get("CARS_ML_CACHE", Path.home() / ".cache" / "cars_ml"))
+
+
+@contextlib.contextmanager
+def cache_entry_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for the cache entry ``path`` (a ``.lock`` file beside it).
+
+    Processes that want the same entry at once (the pipeline's workers sharing a study) then
+    compute it once: the first writes it while the others wait, then read it. The kernel
+    releases the lock of a process that dies, so a killed writer blocks nobody.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def file_sha256(path: str | Path) -> str:

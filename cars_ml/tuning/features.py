@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from cars_ml.data.pipeline import make_dataset
-from cars_ml.data.types import ImageRecord, default_cache_dir
+from cars_ml.data.types import ImageRecord, cache_entry_lock, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,25 +59,25 @@ def cached_features(
         folder
         / f"{name}-{image_size}-{cache_key(name, image_size, weights_used, splits.fingerprint)}.npz"
     )
-    if path.exists():
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}, True
-    log.info(
-        "Computing %s features at %d px for %d images (cached at %s)",
-        name,
-        image_size,
-        len(splits.train) + len(splits.val),
-        path,
-    )
-    arrays = {
-        "train_x": extract(backbone, splits.train, image_size, preprocess),
-        "train_y": np.array([r.label for r in splits.train], dtype=np.int32),
-        "val_x": extract(backbone, splits.val, image_size, preprocess),
-        "val_y": np.array([r.label for r in splits.val], dtype=np.int32),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a killed process never leaves a truncated cache file behind.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with cache_entry_lock(path):  # workers sharing a study compute the features once
+        if path.exists():
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}, True
+        log.info(
+            "Computing %s features at %d px for %d images (cached at %s)",
+            name,
+            image_size,
+            len(splits.train) + len(splits.val),
+            path,
+        )
+        arrays = {
+            "train_x": extract(backbone, splits.train, image_size, preprocess),
+            "train_y": np.array([r.label for r in splits.train], dtype=np.int32),
+            "val_x": extract(backbone, splits.val, image_size, preprocess),
+            "val_y": np.array([r.label for r in splits.val], dtype=np.int32),
+        }
+        # Write then rename, so a killed process never leaves a truncated cache file behind.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
     return arrays, False

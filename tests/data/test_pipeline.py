@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -163,3 +165,42 @@ def test_decoded_images_are_cached_on_disk_once_and_redecoded_when_a_file_change
     assert decoded == [SIZE, SIZE, SIZE]
     assert not list((tmp_path / "cache" / "images").glob("*partial*"))
     assert image_cache.fits(len(records), SIZE)
+
+
+def _decode_slowly_and_count(records, size, counter):
+    import time
+
+    with open(counter, "a") as out:
+        out.write("decoded\n")
+    time.sleep(0.5)  # long enough for the other process to ask for the same images
+    return np.full((len(records), size, size, 3), 7, np.uint8)
+
+
+def _cached_in_a_process(records, size, counter, cache, results, index):
+    import os
+
+    from cars_ml.data import image_cache
+
+    os.environ["CARS_ML_CACHE"] = cache
+    decode = functools.partial(_decode_slowly_and_count, counter=counter)
+    results[index] = image_cache.cached(records, size, decode).sum()
+
+
+def test_processes_asking_for_the_same_images_at_once_decode_them_once(tmp_path):
+    # The pipeline's workers sharing a study ask for the same images at the same moment.
+    import multiprocessing
+
+    (tmp_path / "images").mkdir()
+    records = _records(tmp_path / "images")
+    counter = tmp_path / "decodes.txt"
+    context = multiprocessing.get_context("fork")
+    results = context.Array("d", 2)
+    args = (records, SIZE, str(counter), str(tmp_path / "cache"), results)
+    processes = [context.Process(target=_cached_in_a_process, args=(*args, i)) for i in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(30)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert counter.read_text().splitlines() == ["decoded"]
+    assert results[0] == results[1] > 0
