@@ -59,11 +59,9 @@ def inference_function(model, infer=None):
     batch in, probabilities out); its graph is reused instead of tracing the model again.
 
     ``TFLiteConverter.from_keras_model`` writes and re-reads a whole SavedModel on every call;
-    converting the concrete function gives the same flatbuffers in well under half the time
-    (Inception-v3 at 75 px on 2 cores: 13 s for both files instead of 30 s). The converter
-    folds the variables into constants itself: freezing the function here first made it do
-    that work twice (ResNet50 7.6 -> 4.5 s, Inception-ResNet-v2 19.4 -> 10.9 s per float32
-    file, byte-identical files).
+    converting the concrete function gives the same flatbuffers in well under half the time.
+    The converter folds the variables into constants itself, so the function is not frozen
+    here first (that did the work twice for byte-identical files; docs/performance.md).
     """
     import tensorflow as tf
 
@@ -178,9 +176,9 @@ def int8_flatbuffer_from_float(float_flatbuffer: bytes, representative: np.ndarr
 
     This is what ``TFLiteConverter`` does for int8 after converting the graph (calibrate the
     float model, then quantize it with the MLIR quantizer), minus that second conversion of the
-    graph: Inception-ResNet-v2 at 75 px 16.2 -> 6.1 s, ResNet50 6.7 -> 2.6 s, with outputs
-    identical to the converter's on every image tried (a test compares them, so a TensorFlow
-    release that changes either path is caught). It uses TensorFlow's internal calibrator
+    graph, which takes most of the time (docs/performance.md), with outputs identical to the
+    converter's (a test compares them, so a TensorFlow release that changes either path is
+    caught). It uses TensorFlow's internal calibrator
     module; :func:`int8_flatbuffer` falls back to the converter when that is not there.
     """
     import tensorflow as tf

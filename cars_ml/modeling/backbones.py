@@ -35,8 +35,8 @@ class BackboneSpec:
     # left for last would run alone while the other workers idle.
     params: int
     # Size of `image_size=auto` on the synthetic demo data (never on real data), at least
-    # min_size. VGG's plain 3x3 convolutions cost several times ResNet50's compute per pixel:
-    # at 64 px its two-epoch demo training took 65-68 s of a 2-core CPU against 10 s at 32 px.
+    # min_size. VGG's plain 3x3 convolutions cost several times ResNet50's compute per pixel,
+    # so it trains at 32 px in the demo (docs/performance.md).
     demo_size: int = 64
 
 
@@ -175,7 +175,7 @@ def _construct(spec: BackboneSpec, size: int, weights: str | None) -> keras.Mode
 
 # Backbones whose ImageNet weights could not be had in this process (keyed with KERAS_HOME):
 # Keras builds the whole network before it fetches the weights, so every failed attempt costs a
-# build (3 s for Inception-ResNet-v2), and a pipeline worker would repeat it for every step.
+# build, and a pipeline worker would repeat it for every step.
 _NO_IMAGENET: dict[tuple[str, str], str] = {}
 
 

@@ -1,14 +1,11 @@
 """How much TensorFlow optimises a run's graphs: worth it for long runs, not for short ones.
 
 Grappler, TensorFlow's graph optimiser, runs once per compiled function, when it is first
-called. For a backbone trained from scratch it is most of that first call: Inception-ResNet-v2's
-training step at 75 px took 18.9 s to start with grappler and 5.2 s without (Python tracing,
-13 s, is the same either way), ResNet50's 4.9 -> 2.1 s; its inference graph 5.3-6.3 -> 3.5-4.0
-s. What grappler buys is speed per step, mostly from the remapper's fused kernels: 0-15% per
-training step (IR 0.91 -> 0.91 s on an AVX-512 VM, ResNet50 0.85 -> 1.00 s on an AVX2-only
-one), no measurable change in batch-1 inference, and TFLite files that are byte-identical
-(the converter optimises with its own configuration). So a run of a few dozen steps, a demo
-or a quick tuning trial, starts faster without it, and a real training run keeps it.
+called, and for a backbone trained from scratch it is much of that first call. What it buys is
+speed per step, mostly from the remapper's fused kernels, with no measurable change in batch-1
+inference and byte-identical TFLite files (docs/performance.md, "Graph optimisation for short
+runs"). So a run of a few dozen steps, a demo or a quick tuning trial, starts faster without
+it, and a real training run keeps it.
 
 The setting is process-wide and TensorFlow reads it at every call of a compiled function: a
 function first called under one setting is optimised again when called under another. So it
@@ -22,7 +19,7 @@ import logging
 log = logging.getLogger(__name__)
 
 # Below this many training steps in a run, grappler's start-up cost outweighs what it saves
-# per step (break-even at 15% of a 1 s step against 14 s of optimisation: about 90 steps).
+# per step (the break-even of docs/performance.md, "Graph optimisation for short runs").
 MAX_STEPS_WITHOUT_GRAPPLER = 90
 
 

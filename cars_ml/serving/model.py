@@ -5,7 +5,7 @@ about 3x faster than a traced ``tf.function`` at batch 1) on the float32 flatbuf
 the model, checked against the probabilities TensorFlow recorded for it, so the Keras model is
 not even loaded. Without a shipped flatbuffer, or when its check fails, it loads the Keras model
 in safe mode and converts it at load time, or runs one traced ``tf.function`` (several times
-faster than ``model.predict`` or eager calls, see ../shared/FACTS.md) when that fails. Bad input
+faster than ``model.predict`` or eager calls at batch 1) when that fails. Bad input
 raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with
 HTTP 400 and keeps serving.
 

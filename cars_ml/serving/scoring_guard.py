@@ -87,9 +87,9 @@ def _return_large_buffers() -> None:
     """Make glibc hand every buffer of 1 MiB or more straight back to the system when freed.
 
     By default glibc raises its mmap threshold after the first large free, so later image-sized
-    buffers come from per-thread heaps that fragment and keep their peak: measured under the
-    concurrent near-limit load test, the server then grew by a third more than with the
-    threshold fixed. Elsewhere than glibc this does nothing.
+    buffers come from per-thread heaps that fragment and keep their peak, and a server under
+    concurrent near-limit load grows well past its bound (docs/serving.md). Elsewhere than
+    glibc this does nothing.
     """
     import ctypes
 

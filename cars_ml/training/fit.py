@@ -200,8 +200,7 @@ def compile_for_training(
 
     Without a distribution strategy Keras creates the optimizer's slots while tracing the first
     train step; a ``tf.function`` that creates variables is traced twice, so every model build
-    paid the slowest step of a CPU run twice (measured: ResNet50 22.6 -> 12.9 s, Inception-
-    ResNet-v2 61.6 -> 38.1 s before the first batch).
+    would pay the slowest step of a CPU run twice (docs/performance.md).
     """
     model.compile(optimizer=optimizer, **kwargs)
     optimizer.build(model.trainable_variables)
@@ -279,7 +278,7 @@ def scratch_schedule(total_epochs: int, steps_per_epoch: int) -> tuple[int, int]
     The warm-up is the first epoch (at most a tenth of the run). Early stopping watches from
     the epoch the decay starts (``WarmupStableDecay``): before it the validation score of a
     network trained from scratch is noisy and still to gain most from the decay, and stopping
-    there (as patience 3 did after four noisy epochs) keeps an unsettled model.
+    there keeps an unsettled model.
     """
     total = total_epochs * steps_per_epoch
     return min(steps_per_epoch, total // 10), total_epochs - round(total_epochs * DECAY_FRACTION)
