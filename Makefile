@@ -3,7 +3,7 @@
 PY ?= python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast test-slow lint format
+.PHONY: install demo test test-fast test-slow lint format mlproject
 
 install:
 	$(PY) -m pip install -q -e '.[dev,spark,pretrained]'
@@ -32,3 +32,7 @@ lint:
 format:
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# MLproject is rendered from the config dataclasses; a test fails when it is out of date.
+mlproject:
+	$(PY) entrypoints/_common.py

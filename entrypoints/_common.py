@@ -1,14 +1,15 @@
-"""Helpers shared by the thin MLproject entry points: typed argument parsing, logging set-up.
+"""Helpers shared by the thin MLproject entry points: parsers that refuse passwords, logging,
+signals, exit codes, and the MLproject file derived from the entry points' configs.
 
-MLproject hands every parameter over as a string; these converters turn them into typed
-values with a clear error before any work starts.
+Every parameter is declared once, as a field of its step's config dataclass
+(``cars_ml.params``); each entry point's parser and its MLproject block are derived from it.
+``python entrypoints/_common.py`` rewrites MLproject from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -17,102 +18,10 @@ import sys
 # importable when the package is not installed in editable mode.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN CPU kernels on by default only on CPUs with AVX-512 VNNI or AMX,
-# yet they train faster on AVX2-only CPUs too (docs/performance.md; `-P sections=cpu_kernels`
-# measures it). It must be set before TensorFlow is imported; a user's own value wins.
+# TensorFlow turns its oneDNN CPU kernels on by default only on some CPUs, yet they train faster
+# on the others too (docs/performance.md, "CPU kernels"). It must be set before TensorFlow is
+# imported; a user's own value wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-def str2bool(value: str) -> bool:
-    """Parse true/false/1/0/yes/no (any case)."""
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def comma_list(value: str) -> tuple[str, ...]:
-    """``a,b , c`` -> ``("a", "b", "c")``; empty items are dropped."""
-    return tuple(item.strip() for item in str(value).split(",") if item.strip())
-
-
-def integer(value: str) -> int:
-    """An integer; ``5.0`` is accepted because MLproject ``float`` params may arrive that way."""
-    number = float(value)
-    if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
-    return int(number)
-
-
-def non_negative_int(value: str) -> int:
-    number = integer(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    number = integer(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    number = float(value)
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return number
-
-
-def fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return number
-
-
-_OFF = {"none", "off", "inf", ""}
-
-
-def budget(value: str) -> float | None:
-    """A budget >= 0, or none/off to switch the budget off."""
-    if str(value).strip().lower() in _OFF:
-        return None
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (or none), got {value}")
-    return number
-
-
-def device_name(value: str) -> str | None:
-    """An edge agent's device name, or empty for none."""
-    from cars_ml.promotion.policy import DEVICE_NAME
-
-    text = str(value).strip()
-    if not text:
-        return None
-    if not DEVICE_NAME.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device name: lower case letters, digits, '-' and '_' (at most "
-            "40), as given to cars-ml-edge --device"
-        )
-    return text
-
 
 _CREDENTIAL_FIX = (
     "pass the URL without it and put the password in PGPASSWORD (or the driver's password file, "
@@ -130,9 +39,9 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extra
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with the formatting every entry point shares."""
-    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser(entry) -> argparse.ArgumentParser:
+    """The parser of ``entry`` (a ``cars_ml.params.Entry``), which refuses passwords."""
+    return entry.parser(_Parser)
 
 
 def refuse_credentials(namespace: argparse.Namespace) -> None:
@@ -251,112 +160,31 @@ def run_main(main) -> None:
         sys.exit(128 + signal.SIGINT)
 
 
-def image_size(value: str) -> int:
-    """``auto`` (native size, or a small one for synthetic data), 0 (native) or pixels."""
-    from cars_ml import AUTO_SIZE
-
-    return AUTO_SIZE if value.strip().lower() == "auto" else non_negative_int(value)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of one training run, shared by ``train`` and ``distill``."""
-    from cars_ml import AUTO_SIZE
-
-    p.add_argument(
-        "--data", default="synthetic", help="synthetic, a Stanford Cars root or image folder"
-    )
-    p.add_argument("--weights", default="auto", help="auto, imagenet, none or a weights file")
-    p.add_argument("--image_size", type=image_size, default=AUTO_SIZE, help="auto, 0=native or px")
-    p.add_argument("--epochs", type=positive_int, default=2, help="phase-1 (head) epochs")
-    p.add_argument("--fine_tune_epochs", type=non_negative_int, default=12)
-    p.add_argument("--batch_size", type=positive_int, default=32)
-    p.add_argument("--learning_rate", type=positive_float, default=1e-3)
-    p.add_argument("--fine_tune_learning_rate", type=positive_float, default=3e-4)
-    p.add_argument("--dropout", type=fraction, default=0.3)
-    p.add_argument("--head_units", type=non_negative_int, default=0, help="0 = no hidden layer")
-    p.add_argument("--label_smoothing", type=fraction, default=0.1)
-    p.add_argument("--unfreeze_fraction", type=fraction, default=0.6)
-    p.add_argument("--augment_strength", type=fraction, default=1.0)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--patience", type=positive_int, default=3)
-    p.add_argument(
-        "--train_scale",
-        type=fraction,
-        default=0.86,
-        help="fine-tuning trains at this share of image_size and serves at image_size (1 = off)",
-    )
-    p.add_argument("--seed", type=non_negative_int, default=42)
-    p.add_argument("--register", type=str2bool, default=True)
-    p.add_argument("--model_name", default="stanford-cars-classifier")
-    p.add_argument("--export_tflite", type=str2bool, default=True)
-    p.add_argument("--params_from", default="", help="an Optuna study name to take params from")
-    p.add_argument("--storage", default="", help="Optuna storage URL of that study")
-    p.add_argument("--max_classes", type=non_negative_int, default=0)
-    p.add_argument("--max_per_class", type=non_negative_int, default=0)
-    p.add_argument("--crop_to_bbox", type=str2bool, default=True)
-    p.add_argument("--skip_bad_images", type=str2bool, default=False)
-    p.add_argument(
-        "--devices",
-        default="auto",
-        choices=("auto", "default", "mirrored"),
-        help="tf.distribute: auto mirrors across several local GPUs",
-    )
-    p.add_argument(
-        "--budget_gmacs",
-        type=non_negative_float,
-        default=0.0,
-        help="training compute per image in GMACs: epochs by cost (0 = off: epochs as given)",
-    )
-    p.add_argument(
-        "--slices",
-        default="",
-        help="CSV mapping class to group for slice metrics (empty: make/body type from names)",
-    )
+# The order of MLproject's entry points: the pipeline, then its steps, then the tools.
+ENTRY_POINTS = (
+    "main",
+    "prepare_data",
+    "train",
+    "distill",
+    "tune",
+    "promote",
+    "serve",
+    "predict",
+    "benchmark",
+)
 
 
-def train_config(a: argparse.Namespace, model: str, **extra):
-    """The ``TrainConfig`` of parsed ``add_train_arguments`` values (imports the library)."""
-    from cars_ml.data import DataConfig
-    from cars_ml.training.hparams import HParams
-    from cars_ml.training.run import TrainConfig
+def mlproject() -> str:
+    """MLproject's text, rendered from every entry point's ``ENTRY``."""
+    import importlib
 
-    hparams = HParams(
-        epochs=a.epochs,
-        fine_tune_epochs=a.fine_tune_epochs,
-        batch_size=a.batch_size,
-        learning_rate=a.learning_rate,
-        fine_tune_learning_rate=a.fine_tune_learning_rate,
-        dropout=a.dropout,
-        head_units=a.head_units,
-        label_smoothing=a.label_smoothing,
-        unfreeze_fraction=a.unfreeze_fraction,
-        augment_strength=a.augment_strength,
-        weight_decay=a.weight_decay,
-        patience=a.patience,
-        train_scale=a.train_scale,
-    )
-    data = DataConfig(
-        data=a.data,
-        seed=a.seed,
-        crop_to_bbox=a.crop_to_bbox,
-        skip_bad_images=a.skip_bad_images,
-        max_classes=a.max_classes,
-        max_per_class=a.max_per_class,
-    )
-    return TrainConfig(
-        model=model,
-        data=data,
-        weights=a.weights,
-        image_size=a.image_size,
-        hparams=hparams,
-        seed=a.seed,
-        register=a.register,
-        model_name=a.model_name,
-        export_tflite=a.export_tflite,
-        params_from=a.params_from,
-        storage=a.storage,
-        devices=a.devices,
-        budget_gmacs=a.budget_gmacs,
-        slices=a.slices,
-        **extra,
-    )
+    from cars_ml.params import mlproject as render
+
+    return render([importlib.import_module(name).ENTRY for name in ENTRY_POINTS])
+
+
+if __name__ == "__main__":
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "MLproject")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(mlproject())
+    print(f"wrote {path}")

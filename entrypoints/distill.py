@@ -5,48 +5,35 @@ lineage: tags ``distilled_from`` and ``teacher_backbone``, metrics ``teacher_tes
 ``distill_gap``.
 """
 
-from _common import add_train_arguments, parser, positive_float, run_main, train_config
+from _common import parser, run_main
 
-from cars_ml.training.hparams import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from cars_ml.params import Entry
+from cars_ml.training.config import TrainConfig
+
+ENTRY = Entry(
+    "distill",
+    TrainConfig,
+    "Distil a registered teacher into a student backbone and log it to MLflow.",
+    rename={"model": "student"},
+)
 
 
 def build_parser():
-    p = parser("Distil a registered teacher into a student backbone and log it to MLflow.")
-    p.add_argument(
-        "--teacher",
-        default="",
-        help="the teacher's registered model URI: models:/<name>/<version> or models:/<name>@<alias>",
-    )
-    p.add_argument("--student", default="mobilenet", help="the student's backbone name")
-    p.add_argument(
-        "--temperature",
-        type=positive_float,
-        default=DEFAULT_TEMPERATURE,
-        help="softens both models' probabilities in the distillation loss",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=DEFAULT_ALPHA,
-        help="weight of the true-label loss; 1 - alpha goes to the teacher's soft targets",
-    )
-    add_train_arguments(p)
-    return p
+    return parser(ENTRY)
 
 
-def config(a):
-    """The student's ``TrainConfig`` of parsed arguments (imports the library)."""
+def config(a) -> TrainConfig:
+    """The student's ``TrainConfig``; a teacher is required."""
     if not a.teacher:
         raise ValueError(
             "teacher is required: pass -P teacher=models:/stanford-cars-classifier/<version> "
             "(a registered version; `mlflow run . --env-manager local` registers several)."
         )
-    return train_config(a, a.student, teacher=a.teacher, temperature=a.temperature, alpha=a.alpha)
+    return ENTRY.build(a)
 
 
 def main() -> None:
-    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
-    cfg = config(a)
+    cfg = config(build_parser().parse_args())  # Before the heavy imports: errors come fast.
     from cars_ml.training.run import run_train
 
     run_train(cfg)

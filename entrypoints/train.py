@@ -1,25 +1,31 @@
 """MLproject entry point `train`: train, evaluate, benchmark, export and register one backbone."""
 
-from _common import add_train_arguments, parser, run_main, train_config
+from _common import parser, run_main
+
+from cars_ml.params import Entry
+from cars_ml.training.config import TrainConfig
+
+ENTRY = Entry(
+    "train",
+    TrainConfig,
+    "Train one backbone on Stanford Cars (or synthetic) and log it to MLflow.",
+    exclude=("teacher", "temperature", "alpha"),
+)
 
 
 def build_parser():
-    p = parser("Train one backbone on Stanford Cars (or synthetic) and log it to MLflow.")
-    p.add_argument("--model", default="mobilenet", help="backbone name")
-    add_train_arguments(p)
-    return p
+    return parser(ENTRY)
 
 
-def config(a):
-    """The ``TrainConfig`` of parsed arguments (imports the library)."""
-    return train_config(a, a.model)
+def config(a) -> TrainConfig:
+    return ENTRY.build(a)
 
 
 def main() -> None:
-    a = build_parser().parse_args()  # Parse before the heavy imports: errors come fast.
+    cfg = config(build_parser().parse_args())  # Before the heavy imports: errors come fast.
     from cars_ml.training.run import run_train
 
-    run_train(config(a))
+    run_train(cfg)
 
 
 if __name__ == "__main__":

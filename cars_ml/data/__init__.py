@@ -1,12 +1,12 @@
 """Data layer: dataset layouts, validation, splitting and the tf.data pipeline.
 
-The tf.data helpers are imported lazily so that loading and checking a dataset does not import
-TensorFlow (seconds of start-up the ``prepare_data`` step does not need).
+The loaders and the tf.data helpers are imported lazily: loading and checking a dataset does not
+import TensorFlow (seconds of start-up the ``prepare_data`` step does not need), and an entry
+point reads ``DataConfig`` to build its parser without importing either.
 """
 
 from __future__ import annotations
 
-from cars_ml.data.loader import load_dataset, train_subset
 from cars_ml.data.types import DataConfig, DataError, DatasetSplits, DataWarning, ImageRecord
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "train_subset",
 ]
 _PIPELINE = ("labels_array", "load_images_array", "make_dataset")
+_LOADER = ("load_dataset", "train_subset")
 
 
 def __getattr__(name: str):
@@ -29,4 +30,8 @@ def __getattr__(name: str):
         from cars_ml.data import pipeline
 
         return getattr(pipeline, name)
+    if name in _LOADER:
+        from cars_ml.data import loader
+
+        return getattr(loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cars_ml.params import fraction, non_negative_int, param
+
 
 class DataError(ValueError):
     """A dataset problem the user must fix; the message names the file and the fix."""
@@ -69,14 +71,20 @@ class DataConfig:
     caps images per class (0 means no cap) so demos and CI stay fast.
     """
 
-    data: str = "synthetic"
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 42
-    crop_to_bbox: bool = True
-    skip_bad_images: bool = False
-    max_classes: int = 0
-    max_per_class: int = 0
+    data: str = param("synthetic", "synthetic, a Stanford Cars root or an image-folder root")
+    val_fraction: float = param(0.15, "share of the images for validation", parse=fraction)
+    test_fraction: float = param(0.15, "held-out test share", parse=fraction)
+    seed: int = param(
+        42, "seed of the split, the sampling and the training", parse=non_negative_int
+    )
+    crop_to_bbox: bool = param(True, "crop Stanford Cars images to their annotated boxes")
+    skip_bad_images: bool = param(False, "skip unreadable images (listed) instead of stopping")
+    max_classes: int = param(0, "keep the most frequent classes (0: all)", parse=non_negative_int)
+    max_per_class: int = param(
+        0,
+        "images per class at most (0: no cap; the main pipeline then takes 28 on synthetic data)",
+        parse=non_negative_int,
+    )
     cache_dir: str = ""
 
     def __post_init__(self) -> None:

@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from cars_ml import tracking
-from cars_ml.modeling.backbones import get_backbone
 from cars_ml.perf import report
+from cars_ml.perf.config import (  # noqa: F401  (re-exported)
+    MODEL_SECTIONS,
+    SECTIONS,
+    BenchmarkConfig,
+    parse_sections,
+)
 from cars_ml.perf.inputs import (
     car_class_names,
     file_base64,
@@ -24,79 +29,6 @@ from cars_ml.perf.inputs import (
 )
 
 log = logging.getLogger(__name__)
-
-SECTIONS = ("inference", "serve", "edge", "pipeline", "tuning", "cpu_kernels")
-MODEL_SECTIONS = ("inference", "serve", "edge")
-MIN_IMAGE_SIZE = 32  # MobileNet's smallest input
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """What the ``benchmark`` entry point controls, plus budget knobs for tiny runs."""
-
-    model_uri: str = ""
-    image_size: int = 224
-    runs: int = 100
-    serve_seconds: float = 10.0
-    pipeline_images: int = 4000
-    sections: tuple[str, ...] = SECTIONS
-    warmup: int = 10
-    serve_clients: tuple[int, ...] = (1, 8)
-    train_image_size: int = 96
-    train_steps: int = 0  # 0: whole epochs
-    rounds: int = 2
-    tuning_epochs: int = 1
-    tuning_cached_trials: int = 3
-    data_dir: str = ""
-    # Backbones whose training step runs with oneDNN off and on (each at its demo image size).
-    kernel_models: tuple[str, ...] = ("resnet", "vgg16")
-    kernel_steps: int = 6
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.sections if s not in SECTIONS]
-        if unknown or not self.sections:
-            raise ValueError(
-                f"unknown benchmark section(s) {unknown or self.sections}; choose 'all' or a "
-                f"comma list of {', '.join(SECTIONS)}."
-            )
-        if self.image_size < MIN_IMAGE_SIZE or self.train_image_size < MIN_IMAGE_SIZE:
-            raise ValueError(
-                f"image_size={self.image_size} and train_image_size={self.train_image_size} must "
-                f"be >= {MIN_IMAGE_SIZE} px (MobileNet's minimum)."
-            )
-        positive = (
-            "runs",
-            "pipeline_images",
-            "rounds",
-            "tuning_epochs",
-            "tuning_cached_trials",
-            "kernel_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.train_steps < 0:
-            raise ValueError(f"train_steps must be >= 0 (0: whole epochs), got {self.train_steps}.")
-        if "cpu_kernels" in self.sections and not self.kernel_models:
-            raise ValueError("kernel_models is empty; pass e.g. kernel_models=resnet,vgg16.")
-        for name in self.kernel_models:
-            get_backbone(name)  # An unknown name fails now, with the list of valid ones.
-        if self.serve_seconds <= 0 or self.warmup < 0 or not self.serve_clients:
-            raise ValueError("serve_seconds must be > 0, warmup >= 0 and serve_clients non-empty.")
-
-
-def parse_sections(text: str) -> tuple[str, ...]:
-    """``all`` or a comma list such as ``inference,edge`` (order is always SECTIONS order)."""
-    names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    if not names or names == ["all"]:
-        return SECTIONS
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        raise ValueError(
-            f"unknown benchmark section(s) {unknown}; choose 'all' or a comma list of "
-            f"{', '.join(SECTIONS)}."
-        )
-    return tuple(s for s in SECTIONS if s in names)
 
 
 @dataclass
@@ -153,8 +85,19 @@ def _model_under_test(cfg: BenchmarkConfig, class_names: list[str], workdir: Pat
     return _Model(pyfunc, classifier, cfg.model_uri, tracking.tracking_uri(), cfg.model_uri)
 
 
-def _sections(cfg: BenchmarkConfig, workdir: Path):
-    """Yield ``(section, metrics)`` in order; inputs are prepared once and shared."""
+@dataclass
+class _Inputs:
+    """What the sections measure on, prepared once and shared."""
+
+    photo: Path
+    images: object  # cars_ml.perf.inputs.ImageSet
+    model: _Model | None
+    size: int  # the model's input size, else the configured one
+    warmup: int
+    workdir: Path
+
+
+def _inputs(cfg: BenchmarkConfig, workdir: Path) -> _Inputs:
     data_dir = shared_data_dir(cfg.data_dir)
     photo, photo_source = sample_photo(data_dir, workdir)
     images = image_set(data_dir, cfg.pipeline_images)
@@ -177,84 +120,101 @@ def _sections(cfg: BenchmarkConfig, workdir: Path):
             }
         )
     size = model.classifier.image_size if model else cfg.image_size
-    warmup = min(cfg.warmup, cfg.runs)
-    if "inference" in cfg.sections:
-        from cars_ml.perf.inference import compare_inference
+    return _Inputs(photo, images, model, size, min(cfg.warmup, cfg.runs), workdir)
 
-        yield (
-            "inference",
-            compare_inference(model.classifier, model.pyfunc, photo, runs=cfg.runs, warmup=warmup),
-        )
-    if "serve" in cfg.sections:
-        from cars_ml.perf.endpoint import compare_serving
 
-        # The float32 and the int8 file side by side, each in its own server.
-        served = {}
-        for precision in ("float32", "int8"):
-            served.update(
-                compare_serving(
-                    model.model_uri,
-                    model.tracking_uri,
-                    file_base64(photo),
-                    workdir,
-                    seconds=cfg.serve_seconds,
-                    clients=cfg.serve_clients,
-                    precision=precision,
-                )
+def _sections(cfg: BenchmarkConfig, workdir: Path):
+    """Yield ``(section, metrics)`` in order; inputs are prepared once and shared."""
+    inputs = _inputs(cfg, workdir)
+    for section in (s for s in SECTIONS if s in cfg.sections):
+        yield section, _SECTIONS[section](cfg, inputs)
+
+
+def _inference(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    from cars_ml.perf.inference import compare_inference
+
+    model = inputs.model
+    return compare_inference(
+        model.classifier, model.pyfunc, inputs.photo, runs=cfg.runs, warmup=inputs.warmup
+    )
+
+
+def _serve(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    """The float32 and the int8 file side by side, each in its own server."""
+    from cars_ml.perf.endpoint import compare_serving
+
+    served = {}
+    for precision in ("float32", "int8"):
+        served.update(
+            compare_serving(
+                inputs.model.model_uri,
+                inputs.model.tracking_uri,
+                file_base64(inputs.photo),
+                inputs.workdir,
+                seconds=cfg.serve_seconds,
+                clients=cfg.serve_clients,
+                precision=precision,
             )
-        # The int8 file's gain where a client sees it: the whole request, decode included.
-        served["serve_int8_speedup_p50"] = served["serve_p50_ms"] / served["serve_int8_p50_ms"]
-        yield "serve", served
-    if "edge" in cfg.sections:
-        from cars_ml.perf.edge import compare_edge
-
-        rep = representative_images(photo, images.records, size)
-        yield (
-            "edge",
-            compare_edge(
-                model.classifier.model,
-                photo_pixels(photo, size),
-                rep,
-                workdir,
-                runs=cfg.runs,
-                warmup=warmup,
-            ),
         )
-    if "pipeline" in cfg.sections:
-        from cars_ml.perf.input_pipeline import compare_pipeline
+    # The int8 file's gain where a client sees it: the whole request, decode included.
+    served["serve_int8_speedup_p50"] = served["serve_p50_ms"] / served["serve_int8_p50_ms"]
+    return served
 
-        yield (
-            "pipeline",
-            compare_pipeline(
-                images.records,
-                image_size=cfg.image_size,
-                train_image_size=cfg.train_image_size,
-                train_steps=cfg.train_steps,
-                rounds=cfg.rounds,
-            ),
-        )
-    if "tuning" in cfg.sections:
-        from cars_ml.perf.tuning import compare_tuning
 
-        yield (
-            "tuning",
-            compare_tuning(
-                images.records,
-                images.class_names,
-                images.root,
-                workdir,
-                image_size=cfg.image_size,
-                epochs=cfg.tuning_epochs,
-                cached_trials=cfg.tuning_cached_trials,
-            ),
-        )
-    if "cpu_kernels" in cfg.sections:
-        from cars_ml.perf.cpu_kernels import compare_cpu_kernels
+def _edge(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    from cars_ml.perf.edge import compare_edge
 
-        yield (
-            "cpu_kernels",
-            compare_cpu_kernels(cfg.kernel_models, steps=cfg.kernel_steps, rounds=cfg.rounds),
-        )
+    return compare_edge(
+        inputs.model.classifier.model,
+        photo_pixels(inputs.photo, inputs.size),
+        representative_images(inputs.photo, inputs.images.records, inputs.size),
+        inputs.workdir,
+        runs=cfg.runs,
+        warmup=inputs.warmup,
+    )
+
+
+def _pipeline(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    from cars_ml.perf.input_pipeline import compare_pipeline
+
+    return compare_pipeline(
+        inputs.images.records,
+        image_size=cfg.image_size,
+        train_image_size=cfg.train_image_size,
+        train_steps=cfg.train_steps,
+        rounds=cfg.rounds,
+    )
+
+
+def _tuning(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    from cars_ml.perf.tuning import compare_tuning
+
+    images = inputs.images
+    return compare_tuning(
+        images.records,
+        images.class_names,
+        images.root,
+        inputs.workdir,
+        image_size=cfg.image_size,
+        epochs=cfg.tuning_epochs,
+        cached_trials=cfg.tuning_cached_trials,
+    )
+
+
+def _cpu_kernels(cfg: BenchmarkConfig, inputs: _Inputs) -> dict[str, float]:
+    from cars_ml.perf.cpu_kernels import compare_cpu_kernels
+
+    return compare_cpu_kernels(cfg.kernel_models, steps=cfg.kernel_steps, rounds=cfg.rounds)
+
+
+_SECTIONS = {
+    "inference": _inference,
+    "serve": _serve,
+    "edge": _edge,
+    "pipeline": _pipeline,
+    "tuning": _tuning,
+    "cpu_kernels": _cpu_kernels,
+}
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Tuning: seconds per head trial on cached backbone features vs through the backbone.
 
-Both trials run the ``tune`` step's own code (``Objective._train_head`` and ``_train_full``)
+Both trials run the ``tune`` step's own code (``Objective.train_head`` and ``train_full``)
 with one fixed set of hyperparameters, on the same images, with a frozen backbone whose
 weights come from a file, so the product treats it as pretrained.
 """
@@ -61,7 +61,7 @@ def _quiet_objective(cfg, splits, spec, size: int, weights_used: str, features):
     from cars_ml.tuning.objective import Objective
 
     class QuietObjective(Objective):
-        def _hook(self, trial):
+        def epoch_hook(self, trial):
             return lambda epoch, row: None
 
     return QuietObjective(cfg, splits, spec, size, weights_used, features)
@@ -84,12 +84,10 @@ def compare_tuning(
     ``tuning_feature_extract_s`` is the one-off cost of computing the cached features.
     """
     import keras
-    import optuna
 
     from cars_ml.modeling import backbones
     from cars_ml.serving.layers import ImagePreprocess
-    from cars_ml.tuning.features import extract
-    from cars_ml.tuning.run import TuneConfig
+    from cars_ml.tuning.config import TuneConfig
 
     splits = benchmark_splits(records, class_names, root)
     spec = backbones.get_backbone("mobilenet")
@@ -105,31 +103,13 @@ def compare_tuning(
         seed=seed,
     )
     backbone, weights_used = backbones.build_backbone(spec, image_size, str(weights_file))
-    preprocess = ImagePreprocess(spec.preprocess)
     start = time.perf_counter()
-    features = {
-        "train_x": extract(backbone, splits.train, image_size, preprocess),
-        "train_y": np.array([r.label for r in splits.train], dtype=np.int32),
-        "val_x": extract(backbone, splits.val, image_size, preprocess),
-        "val_y": np.array([r.label for r in splits.val], dtype=np.int32),
-    }
+    features = _features(backbone, ImagePreprocess(spec.preprocess), splits, image_size)
     extract_s = time.perf_counter() - start
-    trial = optuna.trial.FixedTrial(TRIAL_PARAMS)
     cached = _quiet_objective(cfg, splits, spec, image_size, weights_used, features)
-    cached_s = []
-    for number in range(max(1, cached_trials)):
-        # As Objective.__call__ does before every trial.
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(seed + number)
-        start = time.perf_counter()
-        cached._train_head(trial, dict(TRIAL_PARAMS))
-        cached_s.append(time.perf_counter() - start)
+    cached_s = [_timed(cached.train_head, seed + n) for n in range(max(1, cached_trials))]
     full = _quiet_objective(cfg, splits, spec, image_size, weights_used, None)
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    start = time.perf_counter()
-    full._train_full(trial, dict(TRIAL_PARAMS))
-    uncached_s = time.perf_counter() - start
+    uncached_s = _timed(full.train_full, seed)
     keras.backend.clear_session()
     per_trial = float(np.median(cached_s))
     return {
@@ -138,3 +118,28 @@ def compare_tuning(
         "tuning_trial_speedup_cached_features": uncached_s / per_trial,
         "tuning_feature_extract_s": extract_s,
     }
+
+
+def _features(backbone, preprocess, splits, image_size: int) -> dict[str, np.ndarray]:
+    """The cached features a head trial trains on, as ``cached_features`` computes them."""
+    from cars_ml.tuning.features import extract
+
+    return {
+        "train_x": extract(backbone, splits.train, image_size, preprocess),
+        "train_y": np.array([r.label for r in splits.train], dtype=np.int32),
+        "val_x": extract(backbone, splits.val, image_size, preprocess),
+        "val_y": np.array([r.label for r in splits.val], dtype=np.int32),
+    }
+
+
+def _timed(train, seed: int) -> float:
+    """Seconds of one trial of ``train`` (an objective's ``train_head`` or ``train_full``)."""
+    import keras
+    import optuna
+
+    # As Objective.__call__ does before every trial.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    train(optuna.trial.FixedTrial(TRIAL_PARAMS), dict(TRIAL_PARAMS))
+    return time.perf_counter() - start

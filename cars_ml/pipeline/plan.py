@@ -6,137 +6,38 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cars_ml
-from cars_ml import PRESET_CHOICES
 from cars_ml.data import DataConfig
-from cars_ml.modeling import backbones
-from cars_ml.promotion.policy import PromotionConfig
+from cars_ml.pipeline.config import (  # noqa: F401  (re-exported)
+    LITE_BACKBONES,
+    PRESETS,
+    PipelineConfig,
+    Preset,
+    has_gpu,
+    resolve_preset,
+)
 from cars_ml.tracking.redaction import redact
 from cars_ml.training.hparams import (
-    DEFAULT_ALPHA,
-    DEFAULT_TEMPERATURE,
     HParams,
-    check_distill_params,
 )
 
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The whole comparison. ``preset`` sets every auto (0 / -1 / empty) knob: ``demo`` for
-    the synthetic data, ``cpu`` or ``full`` for real data (``PRESETS``)."""
-
-    models: tuple[str, ...] = ()  # empty = the preset's backbones
-    data: DataConfig = field(default_factory=DataConfig)
-    preset: str = "auto"
-    n_trials: int = 0  # 0 = auto: the preset's
-    max_epochs: int = 0
-    storage: str = ""
-    image_size: int = backbones.AUTO_SIZE
-    weights: str = "auto"
-    epochs: int = 0
-    fine_tune_epochs: int = -1
-    promotion: PromotionConfig = field(default_factory=PromotionConfig)
-    model_name: str = cars_ml.REGISTERED_MODEL_NAME
-    reuse: bool = True
-    seed: int = 42
-    workers: int = 0  # processes running steps; 0 = auto: 2 on the synthetic demo data, else 1
-    trial_fraction: float = 0.0  # training images per trial; 0 = auto (DEMO_TRIAL_FRACTION / 1)
-    # Training compute per image of each final training, in GMACs: epochs by cost
-    # (hparams.epochs_for_budget). -1 = auto: DEMO_BUDGET_GMACS on synthetic data, off on real.
-    budget_gmacs: float = -1.0
-    # Distil the run's best model into the backbones that pass the edge budgets (or into
-    # ``distill_students``) after every backbone has trained.
-    distill: bool = True
-    distill_students: tuple[str, ...] = ()
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
-
-    def __post_init__(self) -> None:
-        check_distill_params(self.temperature, self.alpha)
-        for name in self.distill_students:
-            backbones.get_backbone(name)
-        if not (self.budget_gmacs >= 0 or self.budget_gmacs == -1):
-            raise ValueError(
-                f"budget_gmacs must be >= 0 (0 = off) or -1 (auto), got {self.budget_gmacs}."
-            )
-        if self.preset not in PRESET_CHOICES:
-            raise ValueError(f"preset={self.preset!r} is not one of {', '.join(PRESET_CHOICES)}.")
-        if self.preset == "demo" and self.data.data != "synthetic":
-            raise ValueError(
-                "preset=demo is the synthetic data's budget; on real data use preset=cpu "
-                "(a 2-core machine) or preset=full (a GPU), or auto to choose by hardware."
-            )
-        if not 0.0 <= self.trial_fraction <= 1.0:
-            raise ValueError(
-                f"trial_fraction must be in [0, 1] (0 = auto), got {self.trial_fraction}."
-            )
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = auto), got {self.workers}.")
-        for name in self.models or resolve_preset(self).models:
-            # Every backbone's image size is checked now, not after earlier backbones trained.
-            backbones.resolve_image_size(backbones.get_backbone(name), self.image_size)
-        backbones.validate_weights(self.weights)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """The auto knobs of one kind of run: its backbones, trials and epochs."""
-
-    name: str
-    models: tuple[str, ...]
-    n_trials: int
-    max_epochs: int  # per tuning trial
-    epochs: int  # final training: the head alone (or end to end from random weights)
-    fine_tune_epochs: int
-    students: tuple[str, ...] = ()  # empty: every other backbone within the edge budgets
-
-    @property
-    def budget(self) -> tuple[int, int, int, int]:
-        return self.n_trials, self.max_epochs, self.epochs, self.fine_tune_epochs
-
-
-LITE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite1", "efficientnet_lite0")
-PRESETS = {
-    p.name: p
-    for p in (
-        # The synthetic demo: every original backbone in about ten minutes on 2 cores.
-        Preset("demo", backbones.ORIGINAL_BACKBONES, 2, 1, 2, 0),
-        # Real data on a CPU: the ImageNet-pretrained edge backbones that install offline, the
-        # larger one as teacher of the smaller, within 90 minutes for 4,000 photos on 2 cores
-        # (docs/real-data.md). A backbone without ImageNet weights here (MobileNet) would learn
-        # from scratch, near chance on so few photos, for most of the budget.
-        Preset(
-            "cpu",
-            ("efficientnet_lite2", "efficientnet_lite0"),
-            10,
-            5,
-            2,
-            12,
-            students=("efficientnet_lite0",),
-        ),
-        # Real data on a GPU: every backbone at its native size, with a full study each.
-        Preset("full", backbones.ORIGINAL_BACKBONES + LITE_BACKBONES, 20, 5, 2, 15),
-    )
-}
 # Share of the training split each tuning trial trains on. The demo's trials rank
-# hyperparameters on half of it: on a 2-core CPU a trial is mostly compute (Inception-ResNet-v2
-# at 75 px: ~20 s of tracing, ~65 s per epoch of 340 images), and the final training still sees
-# every image. Real data tunes on all of it unless trial_fraction says otherwise.
+# hyperparameters on half of it: on a CPU a trial of a large backbone is mostly compute, and the
+# final training still sees every image. Real data tunes on all of it unless trial_fraction says otherwise.
 DEMO_TRIAL_FRACTION = 0.5
-# Images per class the demo takes of the synthetic dataset's 40 (max_per_class=0 = auto). Two
-# fits side by side with default hyperparameters took 20-40% less time on 2 cores at a small F1
-# cost (Inception 0.96 vs 0.99, MobileNet 0.39 vs 0.42); in a whole demo run ResNet50 and
-# Inception fell further (0.79, 0.73; README), the price of the 10-minute goal on slow CPUs.
+# Images per class the demo takes of the synthetic dataset's 40 (max_per_class=0 = auto): a
+# fifth to two fifths less time for a small loss of F1, the price of the 10-minute goal on slow
+# CPUs (docs/performance.md).
 DEMO_MAX_PER_CLASS = 28
 
 
-# The demo's training compute per image: about two epochs of its costliest backbones
-# (Inception-ResNet-v2 at 75 px: 0.43 GMACs forward, 1.3 per training image and epoch). MobileNet
-# at 64 px costs a ninth of that and gets 17 epochs instead of 2: test macro-F1 0.51 -> 0.98-1.00
-# in about 25 s more. Real data keeps equal epochs with early stopping unless budget_gmacs is set.
+# The demo's training compute per image: about two epochs of its costliest backbone
+# (Inception-ResNet-v2), so cheap backbones get many more epochs for the same compute instead of
+# stopping far from what they can reach (docs/performance.md). Real data keeps equal epochs with
+# early stopping unless budget_gmacs is set.
 DEMO_BUDGET_GMACS = 2.5
 
 
@@ -159,24 +60,6 @@ def resolve_trial_fraction(cfg: PipelineConfig) -> float:
     if cfg.trial_fraction:
         return cfg.trial_fraction
     return DEMO_TRIAL_FRACTION if cfg.data.data == "synthetic" else 1.0
-
-
-def has_gpu() -> bool:
-    """Whether an NVIDIA GPU is visible, without starting TensorFlow (the pipeline's own
-    process never needs it)."""
-    import shutil
-
-    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
-
-
-def resolve_preset(cfg: PipelineConfig) -> Preset:
-    """``demo`` on the synthetic data; on real data the one asked for, or with ``auto``
-    ``full`` where a GPU is visible and ``cpu`` elsewhere."""
-    if cfg.data.data == "synthetic":
-        return PRESETS["demo"]
-    if cfg.preset in PRESETS:
-        return PRESETS[cfg.preset]
-    return PRESETS["full" if has_gpu() else "cpu"]
 
 
 def resolve_models(cfg: PipelineConfig) -> tuple[str, ...]:

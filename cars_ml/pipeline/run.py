@@ -148,29 +148,20 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
 
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
-    # The auto (0) knobs resolve once here; every step and the step keys see the same values.
-    preset = resolve_preset(cfg)
-    cfg = replace(
-        cfg,
-        data=resolve_data(cfg),
-        trial_fraction=resolve_trial_fraction(cfg),
-        models=resolve_models(cfg),
-        distill_students=resolve_students(cfg),
-        preset=preset.name,
-    )
+    cfg = resolve(cfg)
     started = time.perf_counter()
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     workers = resolve_workers(cfg)
     print(
-        f"[pipeline] preset {preset.name}: {', '.join(cfg.models)}; {hparams.epochs} head + "
+        f"[pipeline] preset {cfg.preset}: {', '.join(cfg.models)}; {hparams.epochs} head + "
         f"{hparams.fine_tune_epochs} fine-tuning epochs per final training",
         flush=True,
     )
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
         tracking.log_params(
             {
-                "preset": preset.name,
+                "preset": cfg.preset,
                 "models": ",".join(cfg.models),
                 "n_trials": n_trials,
                 "max_epochs": max_epochs,
@@ -184,55 +175,81 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                 **splits.params(),
             }
         )
-        results, todo = {}, []
-        for model in cfg.models:
-            key = step_key(cfg, model, splits.fingerprint)
-            previous = _reusable(cfg, key)
-            if previous is None:
-                todo.append(_steps(cfg, model, key, parent.info.run_id, workers))
-                continue
-            results[model] = _reused(model, previous)
-        rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
-        with StepPool(workers) as pool:
-            if todo:
-                print(
-                    f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
-                    f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on {workers} worker "
-                    "process(es)",
-                    flush=True,
-                )
-                # Largest first: their steps take longest, and one left for last would run alone.
-                todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
-                for m, r in pool.run(todo).items():
-                    rows[m] = {"backbone": m, **r, "reused": False}
-            if cfg.distill:
-                rows.update(
-                    _distill(cfg, list(rows.values()), splits.fingerprint, parent.info.run_id, pool)
-                )
+        rows = _train_every_backbone(cfg, splits.fingerprint, parent.info.run_id, workers)
         slices = slice_table(rows.values())  # The slice table of every backbone and student.
-        floor = _floor(cfg, splits)
-        rows = [
-            {
-                "backbone": r["backbone"],
-                "run_id": r["run_id"],
-                "model_version": r["model_version"],
-                "reused": r["reused"],
-                "teacher": r.get("teacher", ""),
-                "teacher_version": r.get("teacher_version", ""),
-                **{c: r["metrics"].get(c) for c in COMPARISON_COLUMNS},
-            }
-            for r in rows.values()
-        ]
-        if floor is not None:
-            rows.append(floor_row(floor))
+        table = _comparison(rows.values(), _floor(cfg, splits))
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
-        table = pd.DataFrame(rows)
         table["champion"] = table["model_version"].astype(str) == str(decision.new_champion)
         log_comparison(table, slices)
         wall = time.perf_counter() - started
         tracking.log_metrics({"pipeline_wall_s": wall})
         print_report(table, decision, wall, parent.info.experiment_id, parent.info.run_id)
     return table
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with its auto knobs resolved once, so every step and step key sees the same."""
+    preset = resolve_preset(cfg)
+    return replace(
+        cfg,
+        data=resolve_data(cfg),
+        trial_fraction=resolve_trial_fraction(cfg),
+        models=resolve_models(cfg),
+        distill_students=resolve_students(cfg),
+        preset=preset.name,
+    )
+
+
+def _train_every_backbone(
+    cfg: PipelineConfig, fingerprint: str, parent_run_id: str, workers: int
+) -> dict[str, dict]:
+    """Each backbone's study and final training (or a finished earlier run with the same
+    inputs), then the students; one row per model."""
+    results, todo = {}, []
+    for model in cfg.models:
+        key = step_key(cfg, model, fingerprint)
+        previous = _reusable(cfg, key)
+        if previous is None:
+            todo.append(_steps(cfg, model, key, parent_run_id, workers))
+            continue
+        results[model] = _reused(model, previous)
+    rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
+    with StepPool(workers) as pool:
+        if todo:
+            n_trials, max_epochs, _ = resolve_budget(cfg)
+            print(
+                f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
+                f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on "
+                f"{workers} worker process(es)",
+                flush=True,
+            )
+            # Largest first: their steps take longest, and one left for last would run alone.
+            todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
+            for m, r in pool.run(todo).items():
+                rows[m] = {"backbone": m, **r, "reused": False}
+        if cfg.distill:
+            rows.update(_distill(cfg, list(rows.values()), fingerprint, parent_run_id, pool))
+    return rows
+
+
+def _comparison(rows, floor: dict | None) -> pd.DataFrame:
+    """The comparison table: one row per model (its run, version, teacher and metrics), and
+    the frozen-feature floor's when there is one."""
+    table = [
+        {
+            "backbone": r["backbone"],
+            "run_id": r["run_id"],
+            "model_version": r["model_version"],
+            "reused": r["reused"],
+            "teacher": r.get("teacher", ""),
+            "teacher_version": r.get("teacher_version", ""),
+            **{c: r["metrics"].get(c) for c in COMPARISON_COLUMNS},
+        }
+        for r in rows
+    ]
+    if floor is not None:
+        table.append(floor_row(floor))
+    return pd.DataFrame(table)
 
 
 def _floor(cfg: PipelineConfig, splits) -> dict | None:

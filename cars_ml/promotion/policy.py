@@ -27,9 +27,8 @@ with the slice named. The next eligible version may then be promoted if it beats
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -40,21 +39,17 @@ from cars_ml import (
     serving_code_version,
 )
 from cars_ml.promotion.checks import device_latency, fmt, metric_value, not_measured, slice_guard
-
-# Higher is better for every metric a promotion may rank by.
-RANKING_METRICS = (
-    "test_f1_macro",
-    "test_f1_weighted",
-    "test_accuracy",
-    "test_top5_accuracy",
-    "tflite_int8_test_f1_macro",
-    "throughput_img_per_s",
+from cars_ml.promotion.config import (  # noqa: F401  (re-exported)
+    DEVICE_NAME,
+    DEVICE_PRECISIONS,
+    INT8_DROP_METRIC,
+    LATENCY_METRIC,
+    RANKING_METRICS,
+    SIZE_METRICS,
+    Budgets,
+    PromotionConfig,
 )
-SIZE_METRICS = ("model_size_mb", "tflite_int8_size_mb")
-LATENCY_METRIC = "latency_ms_p95"
-INT8_DROP_METRIC = "int8_f1_drop"
-DEVICE_PRECISIONS = ("int8", "float32")
-DEVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
 # Float noise (0.83 - 0.82 = 0.00999...) must not turn "beats by 0.01" into "does not".
 IMPROVEMENT_TOLERANCE = 1e-9
 ACTIONS = ("promote", "keep", "none_eligible", "rollback")
@@ -62,101 +57,6 @@ TRAIN_HINT = (
     "train and register a model first: `mlflow run . -e train --env-manager local` "
     "(or `mlflow run . --env-manager local` for the whole pipeline)"
 )
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Edge budgets; ``None`` switches one off. Defaults suit a Raspberry Pi-class device.
-
-    ``max_latency_ms`` bounds ``latency_ms_p95``; ``max_size_mb`` bounds ``size_metric``
-    (``model_size_mb`` or ``tflite_int8_size_mb``); ``max_int8_f1_drop`` bounds
-    ``int8_f1_drop`` (float test macro-F1 minus int8). With ``device`` (an edge agent's device
-    name), ``max_device_latency_ms`` bounds the p95 measured there for ``device_precision``
-    in place of ``max_latency_ms``; ``allow_estimates`` accepts the profile's estimate for a
-    version not measured there.
-    """
-
-    max_latency_ms: float | None = 100.0
-    max_size_mb: float | None = 50.0
-    max_int8_f1_drop: float | None = 0.05
-    size_metric: str = "model_size_mb"
-    device: str | None = None
-    max_device_latency_ms: float | None = 100.0
-    device_precision: str = "int8"
-    allow_estimates: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_latency_ms", "max_size_mb", "max_int8_f1_drop", "max_device_latency_ms"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"{name} must be a number >= 0 (or None to switch it off), got {value!r}"
-                )
-        if self.size_metric not in SIZE_METRICS:
-            raise ValueError(f"size_metric must be one of {SIZE_METRICS}, got {self.size_metric!r}")
-        if self.device is not None and not DEVICE_NAME.match(self.device):
-            raise ValueError(
-                f"device must be an edge agent's device name (lower case letters, digits, '-' "
-                f"and '_', at most 40), got {self.device!r}"
-            )
-        if self.device_precision not in DEVICE_PRECISIONS:
-            raise ValueError(
-                f"device_precision must be one of {DEVICE_PRECISIONS}, got {self.device_precision!r}"
-            )
-
-    @property
-    def device_column(self) -> str:
-        """The measured p95 the device budget reads (the edge agent's metric)."""
-        return f"device_{self.device}_{self.device_precision}_latency_ms_p95"
-
-    @property
-    def estimate_column(self) -> str:
-        return f"est_{self.device}_{self.device_precision}_latency_ms"
-
-    def checks(self) -> list[tuple[str, str, str, float | None]]:
-        """(check name, metric column, budget name, limit) for each budget."""
-        latency = ("latency", LATENCY_METRIC, "max_latency_ms", self.max_latency_ms)
-        if self.device:
-            latency = (
-                "device_latency",
-                self.device_column,
-                "max_device_latency_ms",
-                self.max_device_latency_ms,
-            )
-        return [
-            latency,
-            ("size", self.size_metric, "max_size_mb", self.max_size_mb),
-            ("int8_f1_drop", INT8_DROP_METRIC, "max_int8_f1_drop", self.max_int8_f1_drop),
-        ]
-
-
-@dataclass(frozen=True)
-class PromotionConfig:
-    """What ``promote`` does: rank by ``metric`` under ``budgets``, or roll back."""
-
-    metric: str = "test_f1_macro"
-    min_improvement: float = 0.0
-    dry_run: bool = False
-    rollback: bool = False
-    # Let versions registered with serving code older than the minimum compete (and roll back).
-    allow_old_serving_code: bool = False
-    budgets: Budgets = field(default_factory=Budgets)
-    # Largest macro-F1 loss on any slice against the champion (None = off).
-    max_slice_regression: float | None = None
-
-    def __post_init__(self) -> None:
-        limit = self.max_slice_regression
-        if limit is not None and not (math.isfinite(limit) and limit >= 0):
-            raise ValueError(
-                f"max_slice_regression must be a number >= 0 (or None to switch it off), "
-                f"got {limit!r}"
-            )
-        if self.metric not in RANKING_METRICS:
-            raise ValueError(
-                f"metric must be one of {RANKING_METRICS} (higher is better), got {self.metric!r}"
-            )
-        if not (math.isfinite(self.min_improvement) and self.min_improvement >= 0):
-            raise ValueError(f"min_improvement must be a number >= 0, got {self.min_improvement!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,55 +203,14 @@ def decide(
     eligible = sorted(
         (r for r in rows if r["eligible"]), key=lambda r: _rank_key(r, metric, champion)
     )
-    champ_row = next((r for r in rows if r["version"] == champion), None)
     table["rank"] = pd.array([None] * len(table), dtype="Int64")
     for rank, row in enumerate(eligible, start=1):
         table.loc[table["version"] == row["version"], "rank"] = rank
     challenger = eligible[0] if eligible else None
     table["is_champion"] = table["version"] == champion
     table["is_challenger"] = table["version"] == (challenger["version"] if challenger else None)
-
-    improvement = None
-    if challenger is None:
-        stays = f"champion v{champion} stays" if champion else "no champion is set"
-        action = "none_eligible"
-        reason = f"No version of {len(rows)} passes the budgets; {stays}."
-    elif champ_row is None:
-        action = "promote"
-        gone = (
-            f"champion v{champion} is not in the registry"
-            if champion
-            else "there is no champion yet"
-        )
-        reason = f"Promote {_describe(challenger, metric)}: {gone}."
-    elif challenger["version"] == champion:
-        action = "keep"
-        reason = (
-            f"Keep champion {_describe(challenger, metric)}: it is still the best eligible version."
-        )
-    elif not champ_row["eligible"]:
-        action = "promote"
-        reason = (
-            f"Promote {_describe(challenger, metric)}: champion v{champion} fails its budgets "
-            f"({champ_row['fail_reasons']})."
-        )
-    else:
-        improvement = (metric_value(challenger, metric) or 0.0) - (
-            metric_value(champ_row, metric) or 0.0
-        )
-        gain = f"{metric} +{fmt(improvement)}"
-        if improvement >= config.min_improvement - IMPROVEMENT_TOLERANCE:
-            action = "promote"
-            reason = (
-                f"Promote {_describe(challenger, metric)}: it beats champion v{champion} by "
-                f"{gain} (>= min_improvement {fmt(config.min_improvement)})."
-            )
-        else:
-            action = "keep"
-            reason = (
-                f"Keep champion v{champion}: challenger {_describe(challenger, metric)} beats it "
-                f"by only {gain} (< min_improvement {fmt(config.min_improvement)})."
-            )
+    champ_row = next((r for r in rows if r["version"] == champion), None)
+    action, reason, improvement = _verdict(rows, challenger, champ_row, champion, config)
     guarded = _guarded_above(rows, challenger, metric, champion)
     if guarded:
         reason = f"{reason[:-1]}; the slice guard ruled out {guarded}."
@@ -366,6 +225,50 @@ def decide(
         table=table,
         improvement=improvement,
         dry_run=config.dry_run,
+    )
+
+
+def _verdict(
+    rows: list[dict], challenger, champ_row, champion: str | None, config: PromotionConfig
+) -> tuple[str, str, float | None]:
+    """``(action, reason, improvement)``: what happens to the champion, and why."""
+    metric = config.metric
+    if challenger is None:
+        stays = f"champion v{champion} stays" if champion else "no champion is set"
+        return "none_eligible", f"No version of {len(rows)} passes the budgets; {stays}.", None
+    described = _describe(challenger, metric)
+    if champ_row is None:
+        gone = (
+            f"champion v{champion} is not in the registry"
+            if champion
+            else "there is no champion yet"
+        )
+        return "promote", f"Promote {described}: {gone}.", None
+    if challenger["version"] == champion:
+        return "keep", f"Keep champion {described}: it is still the best eligible version.", None
+    if not champ_row["eligible"]:
+        fails = champ_row["fail_reasons"]
+        return (
+            "promote",
+            f"Promote {described}: champion v{champion} fails its budgets ({fails}).",
+            None,
+        )
+    improvement = (metric_value(challenger, metric) or 0.0) - (
+        metric_value(champ_row, metric) or 0.0
+    )
+    gain, least = f"{metric} +{fmt(improvement)}", fmt(config.min_improvement)
+    if improvement >= config.min_improvement - IMPROVEMENT_TOLERANCE:
+        return (
+            "promote",
+            f"Promote {described}: it beats champion v{champion} by {gain} "
+            f"(>= min_improvement {least}).",
+            improvement,
+        )
+    return (
+        "keep",
+        f"Keep champion v{champion}: challenger {described} beats it by only {gain} "
+        f"(< min_improvement {least}).",
+        improvement,
     )
 
 

@@ -82,50 +82,9 @@ def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
     sizes = [_num(v) for v in table.get(budgets.size_metric, pd.Series(dtype=float))]
     biggest = max((s for s in sizes if not math.isnan(s)), default=1.0) or 1.0
     for i, (_, row) in enumerate(table.iterrows()):
-        (x, p95), y = _latencies(row, budgets), _num(row.get(decision.metric))
-        if math.isnan(x) or math.isnan(y):
-            continue
-        plotted += 1
         size = sizes[i] if i < len(sizes) and not math.isnan(sizes[i]) else biggest / 4
-        area = 60 + 900 * size / biggest
-        color = "tab:green" if row["eligible"] else "tab:gray"
-        if not math.isnan(p95) and p95 > x:
-            ax.plot([x, p95], [y, y], color=color, linewidth=1.5, alpha=0.6)
-        is_champion = row["version"] == decision.new_champion
-        estimate = row.get("device_latency_source") == "estimate"
-        ax.scatter(
-            [x],
-            [y],
-            s=area,
-            color="white" if estimate else color,
-            alpha=0.7,
-            edgecolors="tab:red" if is_champion else "black",
-            linewidths=3 if is_champion else 0.5,
-            zorder=3,
-        )
-        label = f"v{row['version']} {row.get('backbone') or ''}".strip()
-        ax.annotate(
-            label + (" (champion)" if is_champion else ""),
-            (x, y),
-            textcoords="offset points",
-            xytext=(8, 6),
-            fontsize=8,
-        )
-    limit, limit_name = budgets.max_latency_ms, "max_latency_ms"
-    if budgets.device:
-        limit, limit_name = budgets.max_device_latency_ms, "max_device_latency_ms"
-    if limit is not None:
-        ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1)
-        ax.annotate(
-            f"{limit_name} {limit:g} (p95)",
-            (limit, 0.02),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            fontsize=8,
-            color="tab:red",
-            xytext=(-12, 0),
-            textcoords="offset points",
-        )
+        plotted += _plot_version(ax, row, decision, budgets, 60 + 900 * size / biggest)
+    _latency_budget_line(ax, budgets)
     where = f"on {budgets.device} ({budgets.device_precision}; hollow = estimate)"
     ax.set_xlabel(f"latency ms p50 {where if budgets.device else 'on this host'} (bar to p95)")
     ax.set_ylabel(decision.metric)
@@ -139,3 +98,53 @@ def candidates_figure(decision: Decision, budgets: Budgets) -> Figure:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _plot_version(ax, row, decision: Decision, budgets: Budgets, area: float) -> bool:
+    """One version's point and p95 bar; False when it lacks latency or the metric."""
+    (x, p95), y = _latencies(row, budgets), _num(row.get(decision.metric))
+    if math.isnan(x) or math.isnan(y):
+        return False
+    color = "tab:green" if row["eligible"] else "tab:gray"
+    if not math.isnan(p95) and p95 > x:
+        ax.plot([x, p95], [y, y], color=color, linewidth=1.5, alpha=0.6)
+    is_champion = row["version"] == decision.new_champion
+    estimate = row.get("device_latency_source") == "estimate"
+    ax.scatter(
+        [x],
+        [y],
+        s=area,
+        color="white" if estimate else color,
+        alpha=0.7,
+        edgecolors="tab:red" if is_champion else "black",
+        linewidths=3 if is_champion else 0.5,
+        zorder=3,
+    )
+    label = f"v{row['version']} {row.get('backbone') or ''}".strip()
+    ax.annotate(
+        label + (" (champion)" if is_champion else ""),
+        (x, y),
+        textcoords="offset points",
+        xytext=(8, 6),
+        fontsize=8,
+    )
+    return True
+
+
+def _latency_budget_line(ax, budgets: Budgets) -> None:
+    limit, limit_name = budgets.max_latency_ms, "max_latency_ms"
+    if budgets.device:
+        limit, limit_name = budgets.max_device_latency_ms, "max_device_latency_ms"
+    if limit is None:
+        return
+    ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1)
+    ax.annotate(
+        f"{limit_name} {limit:g} (p95)",
+        (limit, 0.02),
+        xycoords=("data", "axes fraction"),
+        rotation=90,
+        fontsize=8,
+        color="tab:red",
+        xytext=(-12, 0),
+        textcoords="offset points",
+    )

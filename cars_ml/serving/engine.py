@@ -29,7 +29,6 @@ MAX_INTERPRETERS = 4
 # A recorded check of the int8 file compares its logits and allows two of their quantization
 # steps, since another CPU's kernels may round one value the other way.
 INT8_TOLERANCE_STEPS = 2
-PRECISIONS = ("float32", "int8")
 
 
 class LiteRTEngine:

@@ -56,18 +56,7 @@ def write_model_artifacts(
 
     Returns the ``artifacts`` mapping for ``mlflow.pyfunc.log_model`` (key -> local path).
     """
-    num_outputs = int(model.output_shape[-1])
-    if len(class_names) != num_outputs:
-        raise ValueError(
-            f"{len(class_names)} class names for a model with {num_outputs} outputs; pass the "
-            "class names of the dataset the model was trained on, in class-id order."
-        )
-    expected_input = (None, image_size, image_size, 3)
-    if tuple(model.input_shape) != expected_input:
-        raise ValueError(
-            f"model input shape {model.input_shape} does not match image_size={image_size}; "
-            f"expected {expected_input}."
-        )
+    _check_shapes(model, class_names, image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -89,20 +78,48 @@ def write_model_artifacts(
     }
     paths["serving_config"].write_text(json.dumps(config, indent=2), "utf-8")
     if litert_model is not None:
-        paths["litert_model"] = out / "model_float32.tflite"
-        shutil.copyfile(litert_model, paths["litert_model"])
-        paths["litert_check"] = out / "litert_check.npz"
-        probe = probe_images(image_size)
         call = reference or (lambda x: model(x, training=False))
-        expected = np.asarray(call(probe.astype(np.float32)), np.float32)
-        np.savez(paths["litert_check"], images=probe, probabilities=expected)
+        paths.update(_ship_float32(litert_model, call, image_size, out))
     if litert_int8_model is not None:
-        paths["litert_int8_model"] = out / "model_int8.tflite"
-        shutil.copyfile(litert_int8_model, paths["litert_int8_model"])
-        paths["litert_int8_check"] = out / "litert_int8_check.npz"
-        content = paths["litert_int8_model"].read_bytes()
-        np.savez(paths["litert_int8_check"], **int8_check(content, image_size))
+        paths.update(_ship_int8(litert_int8_model, image_size, out))
     return {key: str(path) for key, path in paths.items()}
+
+
+def _check_shapes(model, class_names: list[str], image_size: int) -> None:
+    num_outputs = int(model.output_shape[-1])
+    if len(class_names) != num_outputs:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {num_outputs} outputs; pass the "
+            "class names of the dataset the model was trained on, in class-id order."
+        )
+    expected_input = (None, image_size, image_size, 3)
+    if tuple(model.input_shape) != expected_input:
+        raise ValueError(
+            f"model input shape {model.input_shape} does not match image_size={image_size}; "
+            f"expected {expected_input}."
+        )
+
+
+def _ship_float32(litert_model, call, image_size: int, out: Path) -> dict[str, Path]:
+    """The float32 flatbuffer and the probabilities TensorFlow gives for the probe images."""
+    paths = {"litert_model": out / "model_float32.tflite", "litert_check": out / "litert_check.npz"}
+    shutil.copyfile(litert_model, paths["litert_model"])
+    probe = probe_images(image_size)
+    expected = np.asarray(call(probe.astype(np.float32)), np.float32)
+    np.savez(paths["litert_check"], images=probe, probabilities=expected)
+    return paths
+
+
+def _ship_int8(litert_int8_model, image_size: int, out: Path) -> dict[str, Path]:
+    """The int8 flatbuffer and its own logits for the probe images."""
+    paths = {
+        "litert_int8_model": out / "model_int8.tflite",
+        "litert_int8_check": out / "litert_int8_check.npz",
+    }
+    shutil.copyfile(litert_int8_model, paths["litert_int8_model"])
+    content = paths["litert_int8_model"].read_bytes()
+    np.savez(paths["litert_int8_check"], **int8_check(content, image_size))
+    return paths
 
 
 def model_signature() -> ModelSignature:

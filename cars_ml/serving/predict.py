@@ -19,13 +19,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, tracking
+from cars_ml import tracking
+from cars_ml.serving.config import ENGINES, PredictConfig  # noqa: F401  (re-exported)
 from cars_ml.serving.decode import Limits
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-ENGINES = ("local", "spark")
 CSV_COLUMNS = ("file", "label", "class_id", "probability", "top5", "error")
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets
 # (OWASP "CSV injection"); tab and carriage return are included because some of them strip
@@ -38,45 +38,6 @@ def spreadsheet_safe(value):
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Which folder, which model, where the CSV goes."""
-
-    images: str
-    model_uri: str = f"models:/{REGISTERED_MODEL_NAME}@{CHAMPION_ALIAS}"
-    # Empty: predictions.csv (engine=local) or the Parquet folder predictions.parquet (spark).
-    output: str = ""
-    batch_size: int = 32
-    # local: this process reads the folder; spark: Spark's binaryFile source reads a folder, a
-    # glob or any Hadoop path, and executors score it (cars_ml.serving.spark_predict).
-    engine: str = "local"
-    spark_master: str = "local[*]"
-    overwrite: bool = False  # engine=spark: replace a non-empty output folder
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            raise ValueError("images is required: pass -P images=<folder of images>.")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r} must be one of {', '.join(ENGINES)}.")
-        if self.engine == "spark":
-            if not self.spark_master:
-                raise ValueError("spark_master is required with engine=spark (e.g. local[*]).")
-        elif not Path(self.images).is_dir():
-            raise ValueError(f"images={self.images!r} is not a folder; pass a folder of images.")
-        if not 1 <= self.batch_size <= Limits().max_images_per_request:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be between 1 and the serving limit of "
-                f"{Limits().max_images_per_request} images per request."
-            )
-
-    @property
-    def output_path(self) -> str:
-        """Where the predictions go: ``output``, or the engine's default name."""
-        return self.output or (
-            "predictions.parquet" if self.engine == "spark" else "predictions.csv"
-        )
 
 
 @dataclass(frozen=True)

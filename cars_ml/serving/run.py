@@ -9,54 +9,16 @@ itself is killed.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
 
-from cars_ml import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, tracking
+from cars_ml import tracking
+from cars_ml.serving.config import ServeConfig
 from cars_ml.serving.model import PRECISION_ENV
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Which registered model to serve and where; ``model_uri`` overrides name and alias."""
-
-    model_name: str = REGISTERED_MODEL_NAME
-    alias: str = CHAMPION_ALIAS
-    model_uri: str = ""
-    port: int = 5001
-    host: str = "127.0.0.1"
-    workers: int = 1
-    precision: str = "float32"  # the TFLite file the server runs: float32 or int8
-    # Serve a version registered with serving code older than this release's minimum.
-    allow_old_serving_code: bool = False
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("float32", "int8"):
-            raise ValueError(f"precision={self.precision!r} must be float32 or int8.")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port={self.port} must be between 1 and 65535.")
-        if self.workers < 1:
-            raise ValueError(f"workers={self.workers} must be >= 1.")
-        if not self.model_uri and not (self.model_name and self.alias):
-            raise ValueError("pass model_uri, or both model_name and alias.")
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            if self.host != "localhost":
-                raise ValueError(
-                    f"host={self.host!r} is not an IP address; use 127.0.0.1 (this machine only) "
-                    "or 0.0.0.0 (every interface; put authentication in front of it)."
-                ) from None
-
-    @property
-    def uri(self) -> str:
-        return self.model_uri or f"models:/{self.model_name}@{self.alias}"
 
 
 def serve_command(cfg: ServeConfig) -> list[str]:

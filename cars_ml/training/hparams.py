@@ -6,6 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from cars_ml.params import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    param,
+    positive_float,
+    positive_int,
+)
+
 # Hinton et al. used temperatures 2-20; 4 and an even mix of the two losses are the usual start.
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
@@ -29,22 +38,36 @@ def check_distill_params(temperature: float, alpha: float) -> None:
 class HParams:
     """Training hyperparameters: the search space of ``tune`` pins or samples each of these."""
 
-    epochs: int = 2
-    fine_tune_epochs: int = 12
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 3e-4
-    dropout: float = 0.3
-    head_units: int = 0
-    label_smoothing: float = 0.1
-    unfreeze_fraction: float = 0.6
-    augment_strength: float = 1.0
-    weight_decay: float = 0.0
-    patience: int = 3
+    epochs: int = param(2, "phase 1: epochs of the head alone", parse=positive_int)
+    fine_tune_epochs: int = param(
+        12, "phase 2: epochs of the head with the backbone's top", parse=non_negative_int
+    )
+    batch_size: int = param(32, parse=positive_int)
+    learning_rate: float = param(1e-3, "phase 1's learning rate", parse=positive_float)
+    fine_tune_learning_rate: float = param(
+        3e-4, "phase 2's peak learning rate (warm-up, cosine decay)", parse=positive_float
+    )
+    dropout: float = param(0.3, "dropout before the classifier", parse=fraction)
+    head_units: int = param(0, "hidden units in the head (0: none)", parse=non_negative_int)
+    label_smoothing: float = param(0.1, parse=fraction)
+    unfreeze_fraction: float = param(
+        0.6, "share of the backbone's layers that phase 2 trains", parse=fraction
+    )
+    augment_strength: float = param(
+        1.0, "random resized crop, flip and colour change (0: none)", parse=fraction
+    )
+    weight_decay: float = param(0.0, parse=non_negative_float)
+    patience: int = param(
+        3, "epochs without a better val_f1_macro before stopping", parse=positive_int
+    )
     # Fine-tuning a pretrained backbone trains at this share of image_size and serves at
     # image_size: random crops show cars larger than whole photos do, so a model trained on
-    # smaller images sees them at the size it is served them (and trains faster). 1 = off.
-    train_scale: float = 0.86
+    # smaller images sees them at the size it is served them (and trains faster).
+    train_scale: float = param(
+        0.86,
+        "fine-tuning trains at this share of image_size and serves at image_size (1 = off)",
+        parse=fraction,
+    )
 
     def __post_init__(self) -> None:
         checks = {

@@ -9,24 +9,21 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-import cars_ml
 from cars_ml import tracking
-from cars_ml.data import DataConfig, load_dataset
+from cars_ml.data import load_dataset
 from cars_ml.data.types import file_sha256
 from cars_ml.modeling import backbones, distribute
 from cars_ml.perf import benchmark
 from cars_ml.schema import METRIC_SCHEMA
 from cars_ml.training import evaluate, slices
+from cars_ml.training.config import TrainConfig
 from cars_ml.training.hparams import (
-    DEFAULT_ALPHA,
-    DEFAULT_TEMPERATURE,
     HParams,
-    check_distill_params,
     epochs_for_budget,
 )
 from cars_ml.training.teacher import load_teacher
@@ -34,55 +31,6 @@ from cars_ml.training.teacher import load_teacher
 log = logging.getLogger(__name__)
 
 HEADLINE_TAGS = ("test_f1_macro", "test_accuracy", "latency_ms_p95", "model_size_mb")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything the ``train`` entry point controls."""
-
-    model: str = "mobilenet"
-    data: DataConfig = field(default_factory=DataConfig)
-    weights: str = "auto"
-    image_size: int = backbones.AUTO_SIZE
-    hparams: HParams = field(default_factory=HParams)
-    seed: int = 42
-    register: bool = True
-    model_name: str = cars_ml.REGISTERED_MODEL_NAME
-    export_tflite: bool = True
-    benchmark_runs: int = 50
-    params_from: str = ""
-    storage: str = ""
-    run_name: str = ""
-    run_tags: dict[str, str] = field(default_factory=dict)
-    parent_run_id: str = ""  # make the run a child of this run (the pipeline's)
-    verbose: int | str = "auto"
-    devices: str = "auto"  # tf.distribute: auto, default or mirrored (modeling.distribute)
-    # Knowledge distillation (``cars_ml.training.distill``): a registered teacher's URI turns the run
-    # into a student's; ``alpha`` weighs the true labels, ``1 - alpha`` the teacher.
-    teacher: str = ""
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
-    # Training compute per image in GMACs (0 = off): epochs by cost, see hparams.epochs_for_budget.
-    budget_gmacs: float = 0.0
-    # Fine-grained evaluation (``cars_ml.training.slices``): a CSV mapping class to group; empty
-    # reads make and body type from Stanford Cars-like names (other names: no slices).
-    slices: str = ""
-
-    def __post_init__(self) -> None:
-        check_distill_params(self.temperature, self.alpha)
-        if not (self.budget_gmacs >= 0):
-            raise ValueError(f"budget_gmacs must be >= 0 (0 = off), got {self.budget_gmacs}.")
-        if self.devices == "multi_worker":
-            raise ValueError(distribute.MULTI_WORKER_BLOCKED)
-        if self.devices not in distribute.MODES:
-            raise ValueError(
-                f"devices={self.devices!r} is not one of {', '.join(distribute.MODES)}."
-            )
-        spec = backbones.get_backbone(self.model)
-        backbones.resolve_image_size(spec, self.image_size)
-        backbones.validate_weights(self.weights)
-        if self.benchmark_runs < 1:
-            raise ValueError(f"benchmark_runs must be >= 1, got {self.benchmark_runs}")
 
 
 @dataclass
@@ -107,18 +55,73 @@ def _with_study_params(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, hparams=replace(cfg.hparams, **known), **taught)
 
 
+@dataclass
+class _Setup:
+    """A train step's resolved inputs, before its MLflow run starts."""
+
+    cfg: TrainConfig  # with the study's params and the budget's epochs applied
+    strat: object  # the tf.distribute strategy
+    spec: backbones.BackboneSpec
+    size: int
+    backbone: object
+    weights_used: str
+    forward_gmacs: float
+    splits: object
+    teacher: object | None  # cars_ml.training.teacher.TeacherInfo
+
+
+class _Laps:
+    """Wall time of each named phase, as ``time_<phase>_s`` metrics."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[f"time_{name}_s"] = now - self._clock
+        self._clock = now
+
+
 def run_train(cfg: TrainConfig) -> TrainOutcome:
     """Run the whole train step inside one MLflow run and return its outcome."""
     tracking.check_tracking_server()
     # A teacher URI that does not resolve fails before TensorFlow starts or any data is read.
     teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
-    # TensorFlow loads here, not at import: configuring a step (the pipeline process, argument
-    # checks) does not need it.
+    setup = _resolve(cfg, teacher_version)
+    cfg, teacher = setup.cfg, setup.teacher
+    tags = {
+        "backbone": cfg.model,
+        "step": "distill" if teacher else "train",
+        "params_from": cfg.params_from or "-",
+        **cfg.run_tags,
+        **(teacher.lineage_tags() if teacher else {}),
+    }
+    with tracking.start_run(
+        run_name=cfg.run_name or f"train-{cfg.model}",
+        tags=tags,
+        parent_run_id=cfg.parent_run_id or None,
+    ) as run:
+        datasets = _log_inputs(setup)
+        laps = _Laps()
+        result = _fit(setup)
+        laps.lap("fit")
+        metrics = _evaluate_and_log(cfg, setup.splits, result, setup.size, teacher)
+        laps.lap("evaluate")
+        info, files = _measure_and_log_model(setup, result, metrics, datasets, laps)
+        tracking.log_metrics(laps.timings)
+        version = _register(setup, run.info.run_id, info.model_uri, metrics, files)
+        _print_summary(cfg, metrics, version)
+        return TrainOutcome(run.info.run_id, metrics, info.model_uri, version)
+
+
+def _resolve(cfg: TrainConfig, teacher_version) -> _Setup:
+    """Study params, devices, backbone (built first: weights=imagenet fails before any data is
+    read), the compute budget's epochs, the data and the teacher's answers."""
+    # TensorFlow loads here, not at import: configuring a step does not need it.
     import keras
 
     from cars_ml.perf.macs import count_macs
-    from cars_ml.training.distill import Teacher
-    from cars_ml.training.fit import fit, inference_fn, labels_of
 
     cfg = _with_study_params(cfg)
     # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
@@ -128,7 +131,6 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         spec, cfg.image_size, synthetic=cfg.data.data == "synthetic"
     )
     keras.utils.set_random_seed(cfg.seed)
-    # Build the backbone first: weights=imagenet must fail before any data is read or trained.
     # Variables created in the strategy's scope are mirrored on every replica.
     with strat.scope():
         backbone, weights_used = backbones.build_backbone(spec, size, cfg.weights)
@@ -138,137 +140,133 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
         cfg = replace(cfg, hparams=replace(cfg.hparams, epochs=epochs))
     splits = load_dataset(cfg.data)
     teacher = load_teacher(teacher_version, splits) if teacher_version else None
-    tags = {
-        "backbone": cfg.model,
-        "step": "distill" if teacher else "train",
-        "params_from": cfg.params_from or "-",
-        **cfg.run_tags,
-    }
-    if teacher:
-        tags.update(teacher.lineage_tags())
-    with tracking.start_run(
-        run_name=cfg.run_name or f"train-{cfg.model}",
-        tags=tags,
-        parent_run_id=cfg.parent_run_id or None,
-    ) as run:
-        tracking.log_params(
-            {
-                "backbone": cfg.model,
-                "image_size": "auto" if cfg.image_size == backbones.AUTO_SIZE else cfg.image_size,
-                "image_size_px": size,
-                "weights": cfg.weights,
-                "weights_used": weights_used,
-                "seed": cfg.seed,
-                "params_from": cfg.params_from or "-",
-                **splits.params(),
-                **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
-                **cfg.hparams.as_params(),
-                **distribute.describe(strat),
-                "budget_gmacs": cfg.budget_gmacs,
-                **({"temperature": cfg.temperature, "alpha": cfg.alpha} if teacher else {}),
-            }
+    return _Setup(cfg, strat, spec, size, backbone, weights_used, forward_gmacs, splits, teacher)
+
+
+def _log_inputs(setup: _Setup) -> dict[str, object]:
+    """The run's params, the data's summary and its datasets (returned, to link metrics to)."""
+    cfg, splits = setup.cfg, setup.splits
+    tracking.log_params(
+        {
+            "backbone": cfg.model,
+            "image_size": "auto" if cfg.image_size == backbones.AUTO_SIZE else cfg.image_size,
+            "image_size_px": setup.size,
+            "weights": cfg.weights,
+            "weights_used": setup.weights_used,
+            "seed": cfg.seed,
+            "params_from": cfg.params_from or "-",
+            **splits.params(),
+            **{f"data_{k}": v for k, v in vars(cfg.data).items() if k not in ("data",)},
+            **cfg.hparams.as_params(),
+            **distribute.describe(setup.strat),
+            "budget_gmacs": cfg.budget_gmacs,
+            **({"temperature": cfg.temperature, "alpha": cfg.alpha} if setup.teacher else {}),
+        }
+    )
+    tracking.log_metrics({**splits.summary(), "forward_gmacs": setup.forward_gmacs})
+    return _log_datasets(splits)
+
+
+def _log_epoch(epoch: int, row: dict[str, float]) -> None:
+    tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch)
+
+
+def _fit(setup: _Setup):
+    """The two-phase fit (on the teacher's answers for a student), each epoch logged."""
+    from cars_ml.training.distill import Teacher
+    from cars_ml.training.fit import fit
+
+    cfg, teacher = setup.cfg, setup.teacher
+    with setup.strat.scope():  # The head, the optimizer and compile() must be mirrored too.
+        result = fit(
+            setup.splits,
+            setup.spec,
+            setup.size,
+            setup.backbone,
+            setup.weights_used,
+            cfg.hparams,
+            seed=cfg.seed,
+            epoch_hook=_log_epoch,
+            verbose=cfg.verbose,
+            teacher=(
+                Teacher(teacher.outputs["train"], cfg.temperature, cfg.alpha) if teacher else None
+            ),
         )
-        tracking.log_metrics({**splits.summary(), "forward_gmacs": forward_gmacs})
-        datasets = _log_datasets(splits)
+    tracking.log_params(
+        {
+            "training_mode": result.training_mode,
+            "tf_grappler": "on" if result.grappler else "off",
+            "train_image_size_px": result.train_size,
+        }
+    )
+    return result
 
-        def on_epoch(epoch: int, row: dict[str, float]) -> None:
-            tracking.log_metrics(
-                {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=epoch
+
+def _measure_and_log_model(setup: _Setup, result, metrics: dict, datasets: dict, laps: _Laps):
+    """Size and latency, the TFLite files (exported and measured), then the served model, all
+    added to ``metrics``; returns the logged model's info and the TFLite paths by kind."""
+    from cars_ml.training.fit import inference_fn
+
+    cfg, size = setup.cfg, setup.size
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "model.keras"
+        result.model.save(saved)  # Saved once: measured here, logged below.
+        metrics["model_size_mb"] = benchmark.file_size_mb(saved)
+        metrics["num_params"] = float(result.model.count_params())
+        infer = inference_fn(result.model)
+        metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
+        laps.lap("benchmark")
+        files: dict[str, Path] = {}
+        if cfg.export_tflite:
+            edge, files = _export(
+                cfg, setup.splits, result.model, size, metrics["test_f1_macro"], Path(tmp)
             )
-
-        clock = time.perf_counter()
-        timings: dict[str, float] = {}
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[f"time_{name}_s"] = now - clock
-            clock = now
-
-        with strat.scope():  # The head, the optimizer and compile() must be mirrored too.
-            result = fit(
-                splits,
-                spec,
-                size,
-                backbone,
-                weights_used,
-                cfg.hparams,
-                seed=cfg.seed,
-                epoch_hook=on_epoch,
-                verbose=cfg.verbose,
-                teacher=(
-                    Teacher(teacher.outputs["train"], cfg.temperature, cfg.alpha)
-                    if teacher
-                    else None
-                ),
-            )
-        tracking.log_params(
-            {
-                "training_mode": result.training_mode,
-                "tf_grappler": "on" if result.grappler else "off",
-                "train_image_size_px": result.train_size,
-            }
+            metrics.update(edge)
+            laps.lap("export")
+        # The served model carries the float32 flatbuffer just exported and the probabilities
+        # TensorFlow gives on its probe images, so neither this logging (MLflow loads the model
+        # to check the input example) nor a server start converts the model again or even
+        # loads it into Keras.
+        info = tracking.log_classifier_model(
+            result.model,
+            list(setup.splits.class_names),
+            size,
+            litert_model=files.get("float32"),
+            litert_int8_model=files.get("int8"),
+            saved_model=saved,
+            reference=infer,
         )
-        lap("fit")
-        metrics = _evaluate_and_log(cfg, splits, result, size)
-        if teacher:
-            teacher_f1 = evaluate.macro_f1(labels_of(splits.test), teacher.outputs["test"])
-            metrics["teacher_test_f1_macro"] = teacher_f1
-            metrics["distill_gap"] = teacher_f1 - metrics["test_f1_macro"]
-        lap("evaluate")
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = Path(tmp) / "model.keras"
-            result.model.save(saved)  # Saved once: measured here, logged below.
-            metrics["model_size_mb"] = benchmark.file_size_mb(saved)
-            metrics["num_params"] = float(result.model.count_params())
-            infer = inference_fn(result.model)
-            metrics.update(benchmark.benchmark_inference(infer, size, runs=cfg.benchmark_runs))
-            lap("benchmark")
-            litert_model = litert_int8 = None
-            if cfg.export_tflite:
-                edge, paths = _export(
-                    cfg, splits, result.model, size, metrics["test_f1_macro"], Path(tmp)
-                )
-                metrics.update(edge)
-                litert_model, litert_int8 = paths["float32"], paths["int8"]
-                lap("export")
-            # The served model carries the float32 flatbuffer just exported and the
-            # probabilities TensorFlow gives on its probe images, so neither this logging
-            # (MLflow loads the model to check the input example) nor a server start converts
-            # the model again or even loads it into Keras.
-            info = tracking.log_classifier_model(
-                result.model,
-                list(splits.class_names),
-                size,
-                litert_model=litert_model,
-                litert_int8_model=litert_int8,
-                saved_model=saved,
-                reference=infer,
-            )
-            # Once, linked to the logged model and the split each was measured on (MLflow 3's
-            # model view lists them); the run shows them as ever.
-            _log_model_metrics(metrics, info.model_id, datasets, len(result.history))
-        lap("log_model")
-        tracking.log_metrics(timings)
-        version = None
-        if cfg.register:
-            tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
-            if teacher:
-                tags.update(teacher.lineage_tags())
-            # The TFLite files, findable from the version (they are artifacts of its run).
-            for kind, path in (("float32", litert_model), ("int8", litert_int8)):
-                if path is not None:
-                    tags[f"tflite_{kind}_uri"] = f"runs:/{run.info.run_id}/tflite/{Path(path).name}"
-            mv = tracking.register_model(
-                info.model_uri, cfg.model_name, {"backbone": cfg.model, **tags}, metrics
-            )
-            version = str(mv.version)
-            tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
-        _print_summary(cfg, metrics, version)
-        return TrainOutcome(run.info.run_id, metrics, info.model_uri, version)
+        # Once, linked to the logged model and the split each was measured on (MLflow 3's
+        # model view lists them); the run shows them as ever.
+        _log_model_metrics(metrics, info.model_id, datasets, len(result.history))
+    laps.lap("log_model")
+    return info, {kind: Path(path).name for kind, path in files.items()}
 
 
-def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, float]:
+def _register(
+    setup: _Setup, run_id: str, model_uri: str, metrics: dict, files: dict[str, str]
+) -> str | None:
+    """Register the logged model (when ``register``) with its headline metrics, lineage and the
+    URIs of its TFLite files; returns the new version."""
+    cfg = setup.cfg
+    if not cfg.register:
+        return None
+    tags = {k: f"{metrics[k]:.4f}" for k in HEADLINE_TAGS if k in metrics}
+    if setup.teacher:
+        tags.update(setup.teacher.lineage_tags())
+    # The TFLite files, findable from the version (they are artifacts of its run).
+    tags.update({f"tflite_{kind}_uri": f"runs:/{run_id}/tflite/{n}" for kind, n in files.items()})
+    mv = tracking.register_model(
+        model_uri, cfg.model_name, {"backbone": cfg.model, **tags}, metrics
+    )
+    version = str(mv.version)
+    tracking.set_tags({"registered_model": cfg.model_name, "model_version": version})
+    return version
+
+
+def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int, teacher) -> dict[str, float]:
+    """Validation and test metrics, their figures and tables, the fine-grained slices, and a
+    student's gap to its teacher."""
     from cars_ml.data.pipeline import make_dataset
     from cars_ml.training.fit import labels_of, predict_probabilities
 
@@ -291,6 +289,9 @@ def _evaluate_and_log(cfg: TrainConfig, splits, result, size: int) -> dict[str, 
     report = evaluate.per_class_report(test_labels, preds, names)
     tracking.log_table(report, "per_class_report")
     metrics.update(_log_fine_grained(cfg, splits, test_labels, preds, report))
+    if teacher:
+        metrics["teacher_test_f1_macro"] = evaluate.macro_f1(test_labels, teacher.outputs["test"])
+        metrics["distill_gap"] = metrics["teacher_test_f1_macro"] - metrics["test_f1_macro"]
     return metrics
 
 

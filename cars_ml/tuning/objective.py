@@ -66,9 +66,7 @@ class Objective:
             )
             try:
                 f1, model = (
-                    self._train_head(trial, params)
-                    if head_only
-                    else self._train_full(trial, params)
+                    self.train_head(trial, params) if head_only else self.train_full(trial, params)
                 )
                 values = [f1]
                 metrics = {"final_val_f1_macro": f1}
@@ -91,7 +89,7 @@ class Objective:
             raise optuna.TrialPruned()
         return values if self.multi else values[0]
 
-    def _hook(self, trial: optuna.Trial):
+    def epoch_hook(self, trial: optuna.Trial):
         def on_epoch(epoch: int, row: dict) -> None:
             tracking.log_metrics({"val_f1_macro": row["val_f1_macro"]}, step=epoch)
             if not self.multi:  # Optuna cannot prune multi-objective studies.
@@ -101,7 +99,7 @@ class Objective:
 
         return on_epoch
 
-    def _train_head(self, trial: optuna.Trial, params: dict):
+    def train_head(self, trial: optuna.Trial, params: dict):
         """Train only a head on cached backbone features."""
         f = self.features
         n = self.splits.num_classes
@@ -123,7 +121,7 @@ class Objective:
             .batch(params.get("batch_size", HParams().batch_size))
             .prefetch(tf.data.AUTOTUNE)
         )
-        hook = self._hook(trial)
+        hook = self.epoch_hook(trial)
         scores: list[float] = []
 
         class Score(keras.callbacks.Callback):
@@ -147,7 +145,7 @@ class Objective:
             )
         return float(max(scores)), model
 
-    def _train_full(self, trial: optuna.Trial, params: dict):
+    def train_full(self, trial: optuna.Trial, params: dict):
         """Train backbone and head end to end (random weights, or fine-tuning trials)."""
         # The study already resolved the weights; do not retry a failed download per trial.
         weights = "none" if self.weights_used == "random" else self.cfg.weights
@@ -171,7 +169,7 @@ class Objective:
             self.weights_used,
             hp,
             seed=self.cfg.seed,
-            epoch_hook=self._hook(trial),
+            epoch_hook=self.epoch_hook(trial),
             verbose=0,
             recalibrate=False,
             teacher=teacher,

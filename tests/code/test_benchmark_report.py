@@ -17,6 +17,12 @@ def test_sections_parse_all_and_lists_in_fixed_order_and_refuse_unknown_names():
         parse_sections("inference,gpu")
 
 
+def test_every_section_has_its_measurement():
+    from cars_ml.perf.run import _SECTIONS
+
+    assert tuple(_SECTIONS) == SECTIONS
+
+
 @pytest.mark.parametrize(
     "bad", [{"image_size": 16}, {"runs": 0}, {"serve_seconds": 0}, {"sections": ("edge", "x")}]
 )

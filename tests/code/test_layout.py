@@ -27,9 +27,10 @@ STAGES = (
     "serving",
     "perf",
 )
-# The shared vocabulary every stage may import: the constants of cars_ml/__init__.py and the
-# metric names of cars_ml/schema.py. Nothing else lives at the top level.
-TOP_LEVEL = {"__init__.py", "schema.py"}
+# The shared vocabulary every stage may import: the constants of cars_ml/__init__.py, the
+# metric names of cars_ml/schema.py and the parameter declarations of cars_ml/params.py.
+# Nothing else lives at the top level.
+TOP_LEVEL = {"__init__.py", "schema.py", "params.py"}
 # MLflow is imported only where runs, models and the registry are written.
 MLFLOW_HOMES = (
     "cars_ml.tracking",

@@ -34,18 +34,18 @@ def _budget(cfg):
 
 
 def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
-    from cars_ml.pipeline import plan
+    from cars_ml.pipeline import config
 
     demo, real = PipelineConfig(), PipelineConfig(data=REAL)
     assert _budget(demo) == PRESETS["demo"].budget
     assert resolve_models(demo) == PRESETS["demo"].models
-    monkeypatch.setattr(plan, "has_gpu", lambda: False)
+    monkeypatch.setattr(config, "has_gpu", lambda: False)
     assert resolve_preset(real).name == "cpu"
     assert _budget(real) == PRESETS["cpu"].budget
     assert resolve_models(real) == ("efficientnet_lite2", "efficientnet_lite0")
     assert resolve_students(real) == ("efficientnet_lite0",)
     assert resolve_students(demo) == ()  # every other backbone within the edge budgets
-    monkeypatch.setattr(plan, "has_gpu", lambda: True)
+    monkeypatch.setattr(config, "has_gpu", lambda: True)
     assert resolve_preset(real).name == "full"
     assert _budget(real) == PRESETS["full"].budget
     # A named preset wins over the hardware, explicit knobs over the preset.
@@ -57,14 +57,14 @@ def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
 
 
 def test_cpu_runs_take_two_workers_and_gpu_runs_one(monkeypatch):
-    from cars_ml.pipeline import plan
+    from cars_ml.pipeline import config
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr(plan, "has_gpu", lambda: False)
+    monkeypatch.setattr(config, "has_gpu", lambda: False)
     assert resolve_workers(PipelineConfig()) == 2
     assert resolve_workers(PipelineConfig(data=REAL)) == 2
     assert resolve_workers(PipelineConfig(data=REAL, workers=1)) == 1
-    monkeypatch.setattr(plan, "has_gpu", lambda: True)
+    monkeypatch.setattr(config, "has_gpu", lambda: True)
     assert resolve_workers(PipelineConfig(data=REAL)) == 1
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert resolve_workers(PipelineConfig()) == 1

@@ -1,4 +1,5 @@
-"""The project's own files agree: MLproject vs entry-point parsers, conda.yaml vs pyproject pins."""
+"""The project's own files agree: MLproject vs the config dataclasses and the entry-point parsers
+derived from them, conda.yaml vs pyproject pins."""
 
 from __future__ import annotations
 
@@ -40,6 +41,45 @@ def test_required_top_level_layout():
     assert MLPROJECT["conda_env"] == "conda.yaml"
     for sub in ("code", "data", "model", "e2e"):
         assert (ROOT / "tests" / sub).is_dir()
+
+
+def test_mlproject_is_rendered_from_the_config_dataclasses():
+    import _common
+
+    assert (ROOT / "MLproject").read_text() == _common.mlproject(), (
+        "MLproject is out of date with the config dataclasses: run `python entrypoints/_common.py`"
+    )
+    assert sorted(ENTRY_POINTS) == sorted(_common.ENTRY_POINTS)
+
+
+def test_a_new_field_is_a_parameter_of_every_entry_point_of_its_config(monkeypatch):
+    # What adding a hyperparameter takes: one field. It reaches train's and distill's parsers,
+    # their MLproject blocks and the built config, and tune's (which has no HParams) not at all.
+    import dataclasses
+
+    import _common
+
+    from cars_ml.params import param, positive_float
+    from cars_ml.training import config as train_config
+    from cars_ml.training import hparams
+
+    field = ("mixup", float, param(0.0, "mixup strength", parse=positive_float))
+    grown = dataclasses.make_dataclass("HParams", [field], bases=(hparams.HParams,), frozen=True)
+    monkeypatch.setattr(
+        train_config.TrainConfig.__dataclass_fields__["hparams"],
+        "metadata",
+        {
+            **train_config.TrainConfig.__dataclass_fields__["hparams"].metadata,
+            "cars_ml.nested": (grown, None),
+        },
+    )
+    text = _common.mlproject()
+    train = importlib.import_module("train")
+    assert "mixup: {type: float, default: 0.0}" in text and "--mixup {mixup}" in text
+    cfg = train.config(train.build_parser().parse_args(["--mixup", "0.2"]))
+    assert cfg.hparams.mixup == 0.2
+    assert yaml.safe_load(text)["entry_points"]["distill"]["parameters"]["mixup"]
+    assert "mixup" not in yaml.safe_load(text)["entry_points"]["tune"]["parameters"]
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
