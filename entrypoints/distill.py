@@ -34,6 +34,9 @@ def config(a) -> TrainConfig:
 
 def main() -> None:
     cfg = config(build_parser().parse_args())  # Before the heavy imports: errors come fast.
+    from cars_ml.tuning.storage import with_study_params
+
+    cfg = with_study_params(cfg)  # A bad study or storage fails before TensorFlow loads.
     from cars_ml.training.run import run_train
 
     run_train(cfg)

@@ -73,6 +73,15 @@ def b64_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def log_classifier(model, class_names, size: int, **artifact_options):
+    """Log ``model`` as the serving pyfunc in the active run, as the train step does."""
+    from cars_ml import tracking
+    from cars_ml.serving.package import serving_model
+
+    with serving_model(model, class_names, size, **artifact_options) as files:
+        return tracking.log_pyfunc_model(files)
+
+
 def register_champion(model, class_names, size: int = SIZE, name: str = "stanford-cars-classifier"):
     """Log ``model`` as the serving pyfunc, register it and point the ``champion`` alias at it.
 
@@ -83,7 +92,7 @@ def register_champion(model, class_names, size: int = SIZE, name: str = "stanfor
     from cars_ml import tracking
 
     with tracking.start_run("serving-e2e"):
-        info = tracking.log_classifier_model(model, class_names, size)
+        info = log_classifier(model, class_names, size)
     version = tracking.register_model(info.model_uri, name, {"test": "serving"})
     mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
     return version

@@ -1,7 +1,7 @@
 """The ``tf.data`` input pipeline: decode, crop, resize, cache, shuffle, augment, batch.
 
 Pixels stay RGB in [0, 255]: every model carries its own preprocessing layer
-(``cars_ml.serving.layers.ImagePreprocess``), so training, evaluation and serving feed the same
+(``cars_ml.layers.preprocess.ImagePreprocess``), so training, evaluation and serving feed the same
 values. Decoded images are cached as uint8 (a quarter of the float32 memory) at the size
 training reads them, on disk (``CARS_ML_CACHE/images``), so every epoch and every later step of
 a pipeline (features for tuning, fine-tuning, a teacher's outputs, a student, the int8

@@ -304,7 +304,7 @@ def measure_latency_ms(
     runner: LiteRTRunner, image: np.ndarray, n: int = 50, warmup: int = 5
 ) -> dict[str, float]:
     """Batch-1 latency percentiles (ms) of ``runner`` on one uint8 image ``(s, s, 3)``."""
-    from cars_ml.perf.benchmark import percentiles_ms
+    from cars_ml.measure.benchmark import percentiles_ms
 
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}.")

@@ -254,7 +254,7 @@ def build_classifier(
     """Pixels in [0, 255] -> backbone preprocessing -> backbone -> head -> probabilities."""
     import keras
 
-    from cars_ml.serving.layers import ImagePreprocess
+    from cars_ml.layers.preprocess import ImagePreprocess
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = ImagePreprocess(spec.preprocess, name="preprocess")(inputs)

@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("int8")
     args = parser.parse_args()
     from cars_ml.export.tflite import LiteRTRunner
-    from cars_ml.perf.edge import host_peak_gmacs
-    from cars_ml.perf.timing import interleaved_medians
+    from cars_ml.measure.peaks import host_peak_gmacs
+    from cars_ml.measure.timing import interleaved_medians
 
     runners = {
         p: LiteRTRunner(getattr(args, p), num_threads=args.threads) for p in ("float32", "int8")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_ml.perf.processes import free_port, process_group
+from cars_ml.measure.processes import free_port, process_group
 from cars_ml.serving.model import PRECISION_ENV
 from cars_ml.serving.run import ServeConfig, serve_command
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cars_ml.measure.timing import interleaved_medians
 from cars_ml.perf.inputs import file_base64, photo_pixels
-from cars_ml.perf.timing import interleaved_medians
 
 
 def seed_method(model, path: Path, image_size: int) -> np.ndarray:

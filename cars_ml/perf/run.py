@@ -48,6 +48,7 @@ def _built_model(cfg: BenchmarkConfig, class_names: list[str], workdir: Path) ->
 
     from cars_ml.export.tflite import export_tflite
     from cars_ml.modeling import backbones
+    from cars_ml.serving.package import serving_model
 
     keras.utils.set_random_seed(0)
     spec = backbones.get_backbone("mobilenet")
@@ -59,14 +60,16 @@ def _built_model(cfg: BenchmarkConfig, class_names: list[str], workdir: Path) ->
     rng = np.random.default_rng(0)
     calibration = rng.integers(0, 256, (8, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     files = export_tflite(model, workdir / "tflite", calibration)
-    uri, model_uri, local = tracking.register_in_scratch_store(
+    with serving_model(
         model,
         class_names,
         cfg.image_size,
-        workdir / "scratch_store",
         litert_model=files["float32"],
         litert_int8_model=files["int8"],
-    )
+    ) as served:
+        uri, model_uri, local = tracking.register_in_scratch_store(
+            served, workdir / "scratch_store"
+        )
     pyfunc = tracking.load_pyfunc(local)
     return _Model(pyfunc, pyfunc.unwrap_python_model(), model_uri, uri, "mobilenet_random_weights")
 

@@ -85,8 +85,8 @@ def compare_tuning(
     """
     import keras
 
+    from cars_ml.layers.preprocess import ImagePreprocess
     from cars_ml.modeling import backbones
-    from cars_ml.serving.layers import ImagePreprocess
     from cars_ml.tuning.config import TuneConfig
 
     splits = benchmark_splits(records, class_names, root)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cars_ml.perf import benchmark
+from cars_ml.measure import benchmark
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ def run_job(job: Job) -> dict | None:
             run_tune(job.cfg)
             return None
         from cars_ml.training.run import run_train
+        from cars_ml.tuning.storage import with_study_params
 
-        return _outcome(run_train(job.cfg))
+        return _outcome(run_train(with_study_params(job.cfg)))
     finally:
         keras.backend.clear_session()
         gc.collect()

@@ -137,8 +137,8 @@ def decide_now(
 
 def _with_estimates(table, device: str):
     """Fill in ``est_<device>_*`` for versions trained before the device was calibrated, from
-    their host latencies and host peaks and the device's profile (``perf/estimate.py``)."""
-    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+    their host latencies and host peaks and the device's profile (``measure/estimate.py``)."""
+    from cars_ml.measure.estimate import estimate_latencies, profile_peaks
 
     profile = tracking.device_profiles().get(device)
     if not profile:

@@ -125,7 +125,7 @@ def extract_images(model_input: Any) -> list:
 def _load_keras(path: str):
     import keras
 
-    import cars_ml.serving.layers  # noqa: F401 -- registers ImagePreprocess for safe mode
+    import cars_ml.layers.preprocess  # noqa: F401 -- registers ImagePreprocess for safe mode
 
     return keras.models.load_model(path, safe_mode=True, compile=False)
 

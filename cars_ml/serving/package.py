@@ -1,16 +1,20 @@
 """What a logged serving model consists of: artifacts, signature, input example, requirements.
 
-``tracking.log_classifier_model`` puts these together with ``mlflow.pyfunc.log_model``; this
-module only builds plain values and files, it logs nothing.
+:func:`serving_model` puts them together as the keyword arguments of ``mlflow.pyfunc.log_model``
+(``tracking.log_pyfunc_model`` logs them); this module only builds plain values and files, it
+logs nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.metadata
 import io
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 from PIL import Image
 
+import cars_ml
 from cars_ml.serving.decode import Limits
 from cars_ml.serving.engine import int8_check, probe_images
 from cars_ml.serving.model import DEFAULT_TOP_K, INPUT_COLUMN
@@ -175,3 +180,33 @@ def pip_requirements() -> list[str]:
         ("ai-edge-litert",),  # The LiteRT inference engine (serving/engine.py).
     )
     return [f"{name}=={version}" for name, version in (_version(*group) for group in groups)]
+
+
+@contextlib.contextmanager
+def serving_model(model, class_names, image_size: int, **artifact_options) -> Iterator[dict]:
+    """The keyword arguments of ``mlflow.pyfunc.log_model``/``save_model`` for the serving model.
+
+    Models-from-code (``cars_ml/serving/model_code.py``) plus its artifacts
+    (:func:`write_model_artifacts`, with ``artifact_options``) and a copy of the ``cars_ml``
+    package as code (without caches, so only source files travel), so ``mlflow models serve
+    --env-manager local`` needs nothing else and nothing is pickled. The files live until the
+    block ends.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_model_artifacts(
+            model, class_names, image_size, Path(tmp) / "a", **artifact_options
+        )
+        code_dir = Path(tmp) / "code" / "cars_ml"
+        shutil.copytree(
+            Path(cars_ml.__file__).resolve().parent,
+            code_dir,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        yield {
+            "python_model": MODEL_CODE_PATH,
+            "artifacts": artifacts,
+            "code_paths": [str(code_dir)],
+            "signature": model_signature(),
+            "input_example": input_example(),
+            "pip_requirements": pip_requirements(),
+        }

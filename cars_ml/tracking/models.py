@@ -1,17 +1,14 @@
-"""Models: log the serving pyfunc, register, resolve, load and download model versions.
+"""Models: log a pyfunc model, register, resolve, load and download model versions.
 
-The serving model is saved in one place (:func:`_serving_model`), for a run's model and for a
-scratch registry's alike.
+What the serving model consists of is ``cars_ml.serving.package``'s business; this module only
+logs, saves and registers what it is given, so tracking imports no stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,69 +22,16 @@ from cars_ml.tracking.runs import base_tags, tracking_uri
 
 log = logging.getLogger(__name__)
 
-# --- Serving model: log, register, load (owner: serving) ---------------------------------------
+# --- Models: log, register, load ---------------------------------------
 
 
-@contextlib.contextmanager
-def _serving_model(model, class_names, image_size: int, **artifact_options) -> Iterator[dict]:
-    """The keyword arguments of ``mlflow.pyfunc.log_model``/``save_model`` for the serving model.
-
-    Models-from-code (``cars_ml/serving/model_code.py``) plus its artifacts and a copy of the
-    ``cars_ml`` package as code (without caches, so only source files travel); the files live
-    until the block ends.
-    """
-    from cars_ml.serving import package
-
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = package.write_model_artifacts(
-            model, class_names, image_size, Path(tmp) / "a", **artifact_options
-        )
-        code_dir = Path(tmp) / "code" / "cars_ml"
-        shutil.copytree(
-            Path(cars_ml.__file__).resolve().parent,
-            code_dir,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-        yield {
-            "python_model": package.MODEL_CODE_PATH,
-            "artifacts": artifacts,
-            "code_paths": [str(code_dir)],
-            "signature": package.model_signature(),
-            "input_example": package.input_example(),
-            "pip_requirements": package.pip_requirements(),
-        }
-
-
-def log_classifier_model(
-    model,
-    class_names,
-    image_size: int,
-    *,
-    name: str = "model",
-    litert_model=None,
-    saved_model=None,
-    reference=None,
-    litert_int8_model=None,
-):
-    """Log a trained Keras classifier as the serving pyfunc in the active run; returns ModelInfo.
-
-    Models-from-code (``cars_ml/serving/model_code.py``) plus artifacts (``model.keras``,
-    ``labels.json``, ``serving_config.json``, and the exported float32 ``.tflite`` when
-    ``litert_model`` names it, with its check) plus a copy of the ``cars_ml`` package as code, so
-    ``mlflow models serve --env-manager local`` needs nothing else. Nothing is pickled.
-    """
+def log_pyfunc_model(files: Mapping[str, Any], name: str = "model"):
+    """Log a pyfunc model in the active run from ``files``, the keyword arguments of
+    ``mlflow.pyfunc.log_model`` (``cars_ml.serving.package.serving_model`` writes the serving
+    model's); returns MLflow's ModelInfo."""
     if mlflow.active_run() is None:
-        raise ValueError("log_classifier_model needs an active run; call it inside start_run().")
-    with _serving_model(
-        model,
-        class_names,
-        image_size,
-        litert_model=litert_model,
-        saved_model=saved_model,
-        reference=reference,
-        litert_int8_model=litert_int8_model,
-    ) as files:
-        return mlflow.pyfunc.log_model(name=name, **files)
+        raise ValueError("log_pyfunc_model needs an active run; call it inside start_run().")
+    return mlflow.pyfunc.log_model(name=name, **files)
 
 
 def register_model(
@@ -202,16 +146,10 @@ def download_model(model_uri: str, dst: str | Path) -> Path:
 
 
 def register_in_scratch_store(
-    model,
-    class_names,
-    image_size: int,
-    folder: str | Path,
-    *,
-    name: str = "benchmark-model",
-    litert_model=None,
-    litert_int8_model=None,
+    files: Mapping[str, Any], folder: str | Path, *, name: str = "benchmark-model"
 ) -> tuple[str, str, str]:
-    """Save ``model`` as the serving pyfunc and register it in a new SQLite store in ``folder``.
+    """Save the pyfunc model of ``files`` (the keyword arguments of ``mlflow.pyfunc.save_model``)
+    and register it in a new SQLite store in ``folder``.
 
     Only an explicit client touches the scratch store: the tracking URI, the active run and the
     experiment in force are left alone, so it can be called while a benchmark run is open.
@@ -228,14 +166,7 @@ def register_in_scratch_store(
     )
     run = client.create_run(experiment_id, run_name="scratch-model", tags=base_tags())
     local = root / "model"
-    with _serving_model(
-        model,
-        class_names,
-        image_size,
-        litert_model=litert_model,
-        litert_int8_model=litert_int8_model,
-    ) as files:
-        mlflow.pyfunc.save_model(path=str(local), **files)
+    mlflow.pyfunc.save_model(path=str(local), **files)
     client.log_artifacts(run.info.run_id, str(local), "model")
     client.set_terminated(run.info.run_id)
     client.create_registered_model(name)

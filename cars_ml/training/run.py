@@ -17,13 +17,12 @@ import numpy as np
 from cars_ml import tracking
 from cars_ml.data import load_dataset
 from cars_ml.data.types import file_sha256
+from cars_ml.measure import benchmark
 from cars_ml.modeling import backbones, distribute
-from cars_ml.perf import benchmark
 from cars_ml.schema import METRIC_SCHEMA
 from cars_ml.training import evaluate, slices
 from cars_ml.training.config import TrainConfig
 from cars_ml.training.hparams import (
-    HParams,
     epochs_for_budget,
 )
 from cars_ml.training.teacher import load_teacher
@@ -39,20 +38,6 @@ class TrainOutcome:
     metrics: dict[str, float]
     model_uri: str
     model_version: str | None
-
-
-def _with_study_params(cfg: TrainConfig) -> TrainConfig:
-    """Replace hyperparameters with a finished study's best ones (``params_from``)."""
-    if not cfg.params_from:
-        return cfg
-    from cars_ml.tuning.storage import best_params
-
-    best = best_params(cfg.params_from, cfg.storage or None)
-    known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
-    log.info("Training with the best params of study %r: %s", cfg.params_from, known)
-    # A distillation study also searched how the student learns from its teacher.
-    taught = {k: best[k] for k in ("temperature", "alpha") if cfg.teacher and k in best}
-    return replace(cfg, hparams=replace(cfg.hparams, **known), **taught)
 
 
 @dataclass
@@ -84,7 +69,11 @@ class _Laps:
 
 
 def run_train(cfg: TrainConfig) -> TrainOutcome:
-    """Run the whole train step inside one MLflow run and return its outcome."""
+    """Run the whole train step inside one MLflow run and return its outcome.
+
+    ``params_from`` is recorded, not read: its study's best params are applied before the step
+    (``cars_ml.tuning.storage.with_study_params``), since tuning sits above training.
+    """
     tracking.check_tracking_server()
     # A teacher URI that does not resolve fails before TensorFlow starts or any data is read.
     teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
@@ -121,9 +110,8 @@ def _resolve(cfg: TrainConfig, teacher_version) -> _Setup:
     # TensorFlow loads here, not at import: configuring a step does not need it.
     import keras
 
-    from cars_ml.perf.macs import count_macs
+    from cars_ml.measure.macs import count_macs
 
-    cfg = _with_study_params(cfg)
     # Choose the devices before anything starts TensorFlow's runtime (a CPU split needs that).
     strat = distribute.strategy(cfg.devices)
     spec = backbones.get_backbone(cfg.model)
@@ -205,6 +193,7 @@ def _fit(setup: _Setup):
 def _measure_and_log_model(setup: _Setup, result, metrics: dict, datasets: dict, laps: _Laps):
     """Size and latency, the TFLite files (exported and measured), then the served model, all
     added to ``metrics``; returns the logged model's info and the TFLite paths by kind."""
+    from cars_ml.serving.package import serving_model
     from cars_ml.training.fit import inference_fn
 
     cfg, size = setup.cfg, setup.size
@@ -227,7 +216,7 @@ def _measure_and_log_model(setup: _Setup, result, metrics: dict, datasets: dict,
         # TensorFlow gives on its probe images, so neither this logging (MLflow loads the model
         # to check the input example) nor a server start converts the model again or even
         # loads it into Keras.
-        info = tracking.log_classifier_model(
+        with serving_model(
             result.model,
             list(setup.splits.class_names),
             size,
@@ -235,7 +224,8 @@ def _measure_and_log_model(setup: _Setup, result, metrics: dict, datasets: dict,
             litert_int8_model=files.get("int8"),
             saved_model=saved,
             reference=infer,
-        )
+        ) as served:
+            info = tracking.log_pyfunc_model(served)
         # Once, linked to the logged model and the split each was measured on (MLflow 3's
         # model view lists them); the run shows them as ever.
         _log_model_metrics(metrics, info.model_id, datasets, len(result.history))
@@ -416,10 +406,10 @@ def _export(
 
 def _device_estimates(edge: dict[str, float]) -> dict[str, float]:
     """This host's probe peaks and, for every calibrated device, the estimated latency of both
-    files there (``perf/estimate.py``); the peaks let promotion estimate for devices
+    files there (``measure/estimate.py``); the peaks let promotion estimate for devices
     calibrated later."""
-    from cars_ml.perf.edge import host_peak_gmacs
-    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+    from cars_ml.measure.estimate import estimate_latencies, profile_peaks
+    from cars_ml.measure.peaks import host_peak_gmacs
 
     peaks = host_peak_gmacs()
     profiles = {name: profile_peaks(m) for name, m in tracking.device_profiles().items()}

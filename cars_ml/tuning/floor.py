@@ -23,7 +23,7 @@ def frozen_feature_floor(splits, name: str = FLOOR_BACKBONE) -> dict[str, float]
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from cars_ml.serving.layers import ImagePreprocess
+    from cars_ml.layers.preprocess import ImagePreprocess
     from cars_ml.training.evaluate import macro_f1
     from cars_ml.tuning.features import cached_features, extract
 

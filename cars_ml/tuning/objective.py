@@ -15,10 +15,10 @@ import optuna
 import tensorflow as tf
 
 from cars_ml import tracking
+from cars_ml.measure import benchmark
+from cars_ml.measure.macs import count_macs
 from cars_ml.modeling import backbones
 from cars_ml.modeling.optimizers import FusedAdam
-from cars_ml.perf import benchmark
-from cars_ml.perf.macs import count_macs
 from cars_ml.training.distill import Teacher
 from cars_ml.training.evaluate import macro_f1
 from cars_ml.training.fit import HParams, class_weights, compile_for_training, fit, inference_fn

@@ -140,7 +140,7 @@ def _trials_to_run(cfg: TuneConfig, study: optuna.Study) -> int:
 
 def _features(cfg: TuneConfig, spec, size: int, backbone, weights_used: str, splits) -> dict:
     """The frozen backbone's features of every training and validation image, cached on disk."""
-    from cars_ml.serving.layers import ImagePreprocess
+    from cars_ml.layers.preprocess import ImagePreprocess
     from cars_ml.tuning.features import cached_features
 
     features, hit = cached_features(

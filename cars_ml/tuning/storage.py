@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -296,3 +297,18 @@ def best_params(study_name: str, storage: str | None) -> dict:
         ) from exc
     trial = best_trial(study)
     return {**trial.user_attrs.get("pinned", {}), **trial.params}
+
+
+def with_study_params(cfg):
+    """A ``TrainConfig`` with its hyperparameters replaced by the best ones of the finished study
+    ``params_from`` (unchanged without one)."""
+    from cars_ml.training.hparams import HParams
+
+    if not cfg.params_from:
+        return cfg
+    best = best_params(cfg.params_from, cfg.storage or None)
+    known = {k: v for k, v in best.items() if k in HParams.__dataclass_fields__}
+    log.info("Training with the best params of study %r: %s", cfg.params_from, known)
+    # A distillation study also searched how the student learns from its teacher.
+    taught = {k: best[k] for k in ("temperature", "alpha") if cfg.teacher and k in best}
+    return replace(cfg, hparams=replace(cfg.hparams, **known), **taught)

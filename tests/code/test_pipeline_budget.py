@@ -104,7 +104,7 @@ def test_compute_budget_is_auto_on_the_demo_only():
         PipelineConfig(budget_gmacs=-2.0)
 
 
-# Forward GMACs per image at the demo's sizes (counted with cars_ml.perf.macs).
+# Forward GMACs per image at the demo's sizes (counted with cars_ml.measure.macs).
 DEMO_FORWARD_GMACS = {
     "inception_resnet": 0.433,
     "xception": 0.551,

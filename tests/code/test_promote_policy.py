@@ -393,7 +393,7 @@ def test_device_float32_and_bad_device_settings():
 
 
 def test_estimates_scale_host_latency_by_the_two_peaks():
-    from cars_ml.perf.estimate import estimate_latencies, profile_peaks
+    from cars_ml.measure.estimate import estimate_latencies, profile_peaks
 
     run = {"tflite_int8_latency_ms_p50": 4.0, "host_peak_int8_gmacs": 200.0}
     peaks = profile_peaks({"peak_int8_gmacs_t1": 50.0, "peak_int8_gmacs": 150.0})

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cars_ml.perf import benchmark
+from cars_ml.measure import benchmark
 from cars_ml.pipeline.pool import Backbone, next_job
 
 
@@ -77,7 +77,7 @@ def test_a_measurement_stops_the_other_workers_and_only_for_its_duration():
             time.sleep(0.05)
         lock = context.Lock()
         benchmark.share_measurements(lock, [os.getpid(), other.pid])
-        with benchmark.quiet():
+        with benchmark.other_workers_stopped():
             time.sleep(0.2)  # let a stop that is still being delivered land
             before = counter.value
             time.sleep(0.5)

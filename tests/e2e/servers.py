@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 # One process-group helper for the library and the tests; re-exported for the e2e tests.
-from cars_ml.perf.processes import free_port, process_group  # noqa: F401
+from cars_ml.measure.processes import free_port, process_group  # noqa: F401
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 

@@ -17,7 +17,13 @@ import pytest
 import served_model
 from PIL import Image
 from servers import free_port, process_group, wait_http
-from serving_helpers import CAR_NAMES, b64_file, register_champion, tiny_mobilenet
+from serving_helpers import (
+    CAR_NAMES,
+    b64_file,
+    log_classifier,
+    register_champion,
+    tiny_mobilenet,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -167,7 +173,7 @@ def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypa
     calibration, _ = colour_images(64, seed=1)
     files = export_tflite(model, tmp_path / "tflite", calibration)
     with tracking.start_run("serving-int8"):
-        info = tracking.log_classifier_model(
+        info = log_classifier(
             model, names, 32, litert_model=files["float32"], litert_int8_model=files["int8"]
         )
     version = tracking.register_model(info.model_uri, "stanford-cars-classifier")

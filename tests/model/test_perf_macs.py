@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from cars_ml.measure.macs import count_macs
 from cars_ml.modeling import backbones
-from cars_ml.perf.macs import count_macs
 
 
 def test_counts_conv_depthwise_separable_and_dense_by_hand():

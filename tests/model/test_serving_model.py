@@ -18,6 +18,7 @@ from serving_helpers import (
     SIZE,
     b64_file,
     colour_classifier,
+    log_classifier,
     tiny_mobilenet,
 )
 
@@ -33,7 +34,7 @@ def logged(tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     model = tiny_mobilenet()
     with tracking.start_run("serving-test"):
-        info = tracking.log_classifier_model(model, CAR_NAMES, SIZE)
+        info = log_classifier(model, CAR_NAMES, SIZE)
     return info.model_uri, model
 
 

@@ -2,7 +2,7 @@
 
 The probes in ``probes/`` (``dense_float32.tflite``, ``dense_int8.tflite``; shape in
 ``shape.json``: batch 256, 256 inputs x 256 units) were made once with
-``cars_ml.perf.edge.dense_tflite`` by ``make_probes.py``. GMAC/s is
+``cars_ml.measure.peaks.dense_tflite`` by ``make_probes.py``. GMAC/s is
 ``batch * inputs * units / median seconds of one invoke / 1e9``.
 
 Usable without the CLI, on the training host too: ``peak_gmacs(threads)`` returns

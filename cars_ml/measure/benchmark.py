@@ -25,7 +25,7 @@ def share_measurements(lock, pids: Sequence[int]) -> None:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
+def other_workers_stopped() -> Iterator[None]:
     """Hold the measurement lock and stop the other workers for one measurement (POSIX only)."""
     lock = _SHARED.get("lock")
     if lock is None or not hasattr(signal, "SIGSTOP"):
@@ -52,7 +52,7 @@ def percentiles_ms(
     """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; p50/p95/mean in milliseconds."""
     if runs <= 0:
         raise ValueError(f"runs must be > 0, got {runs}")
-    with quiet():
+    with other_workers_stopped():
         for _ in range(warmup):
             fn()
         times = np.empty(runs)

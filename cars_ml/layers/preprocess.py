@@ -1,8 +1,7 @@
-"""Custom Keras layers saved inside our models.
+"""The preprocessing layer saved inside every classifier.
 
-They live under ``serving`` because loading a saved model needs them, and serving must not
-import training code. They are registered, so ``keras.models.load_model`` works in safe mode
-(no ``Lambda`` layers, nothing unpickled).
+It is registered, so ``keras.models.load_model`` works in safe mode (no ``Lambda`` layers,
+nothing unpickled).
 """
 
 from __future__ import annotations
