@@ -98,6 +98,14 @@ def load_dataset(config: DataConfig) -> DatasetSplits:
     )
 
 
+def check_data_path(config: DataConfig) -> None:
+    """Fail at once on a dataset path that does not exist (before a step loads TensorFlow)."""
+    if config.data.strip().lower() != SYNTHETIC:
+        root = Path(config.data).expanduser()
+        if not root.exists():
+            raise DataError(f"Dataset path {root} does not exist. {EXPECTED_LAYOUTS}")
+
+
 def _read_layout(config: DataConfig) -> tuple[str, LayoutData]:
     """The dataset's display name and what its layout reader found."""
     if config.data.strip().lower() == SYNTHETIC:
@@ -105,10 +113,8 @@ def _read_layout(config: DataConfig) -> tuple[str, LayoutData]:
         root = synthetic.ensure_synthetic(cache)
         name = SYNTHETIC
     else:
-        root = Path(config.data).expanduser()
-        if not root.exists():
-            raise DataError(f"Dataset path {root} does not exist. {EXPECTED_LAYOUTS}")
-        root = root.resolve()
+        check_data_path(config)
+        root = Path(config.data).expanduser().resolve()
         name = root.name
     cars_root = stanford_cars.find_root(root)
     if cars_root is not None:

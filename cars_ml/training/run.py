@@ -16,6 +16,7 @@ import numpy as np
 
 from cars_ml import tracking
 from cars_ml.data import load_dataset
+from cars_ml.data.loader import check_data_path
 from cars_ml.data.types import file_sha256
 from cars_ml.measure import benchmark
 from cars_ml.modeling import backbones, distribute
@@ -75,6 +76,7 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
     (``cars_ml.tuning.storage.with_study_params``), since tuning sits above training.
     """
     tracking.check_tracking_server()
+    check_data_path(cfg.data)
     # A teacher URI that does not resolve fails before TensorFlow starts or any data is read.
     teacher_version = tracking.resolve_model_version(cfg.teacher) if cfg.teacher else None
     setup = _resolve(cfg, teacher_version)

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import served_model
 from PIL import Image
@@ -161,8 +162,8 @@ def test_serve_entry_point_serves_and_stops_on_sigterm(tracking_uri, tmp_path, m
 
 
 def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypatch):
-    """`serve -P precision=int8`: the real server answers from the int8 file (probabilities in
-    steps of its 1/256 output scale) with the same labels as the float model."""
+    """`serve -P precision=int8`: the real server answers from the int8 file (logits in steps of
+    its output scale) with the same labels as the float model."""
     from serving_helpers import COLOURS, colour_classifier, colour_images
 
     from cars_ml import tracking
@@ -194,7 +195,14 @@ def test_serve_entry_point_serves_the_int8_file(tracking_uri, tmp_path, monkeypa
         assert status == 200, answer
         got = [p["label"] for p in answer["predictions"]]
         assert got == [list(COLOURS)[i] for i in labels]
+        # The int8 file's logits are whole steps of its output scale, so the log-ratio of any
+        # two served probabilities is a whole number of steps too.
+        from ai_edge_litert.interpreter import Interpreter
+
+        step = Interpreter(model_path=str(files["int8"])).get_output_details()[0]["quantization"][0]
+        assert step > 0
         for prediction in answer["predictions"]:
-            step = prediction["probability"] * 256
-            assert abs(step - round(step)) < 1e-3, prediction
+            top = [item["probability"] for item in prediction["top_k"]]
+            steps = np.log(np.array(top[1:]) / top[0]) / step
+            assert np.allclose(steps, np.round(steps), atol=1e-2), prediction
         assert "(int8)" in log_path.read_text()
