@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Training images that calibrate the int8 ranges. On 196 real classes a hundred left a third of
-# them unseen and cost twice the macro-F1 drop that three hundred did (docs/real-data.md).
+# Training images that calibrate the int8 ranges (the minimum and maximum seen). A hundred leave
+# a third of 196 classes unseen; many more widen the ranges with rare extremes
+# (docs/real-data.md, "int8 on real photos").
 MAX_REPRESENTATIVE = 300
 LOGITS = "logits"  # the output tensor's name in both files
 EDGE_METRIC_NAMES = (
