@@ -1,9 +1,9 @@
 """Parameters declared once: a config dataclass field carries its command-line form.
 
 A field made with :func:`param` holds its default, its help text, the function that parses its
-command-line string, its choices and how its default is written. The entry points build their
-parsers from the dataclass (:func:`add_arguments`) and turn the parsed values back into it
-(:func:`build`); MLproject's parameter blocks are rendered from the same declarations
+command-line string, its choices and how its default is written. An entry point (:class:`Entry`)
+builds its parser from the dataclass (``Entry.parser``) and turns the parsed values back into it
+(``Entry.build``); MLproject's parameter blocks are rendered from the same declarations
 (:func:`mlproject`), and a test fails when the file is out of date. Adding a hyperparameter is
 one field.
 

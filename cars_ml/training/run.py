@@ -45,7 +45,7 @@ class TrainOutcome:
 class _Setup:
     """A train step's resolved inputs, before its MLflow run starts."""
 
-    cfg: TrainConfig  # with the study's params and the budget's epochs applied
+    cfg: TrainConfig  # with the compute budget's epochs applied
     strat: object  # the tf.distribute strategy
     spec: backbones.BackboneSpec
     size: int
@@ -107,8 +107,8 @@ def run_train(cfg: TrainConfig) -> TrainOutcome:
 
 
 def _resolve(cfg: TrainConfig, teacher_version) -> _Setup:
-    """Study params, devices, backbone (built first: weights=imagenet fails before any data is
-    read), the compute budget's epochs, the data and the teacher's answers."""
+    """Devices, backbone (built first: weights=imagenet fails before any data is read), the
+    compute budget's epochs, the data and the teacher's answers."""
     # TensorFlow loads here, not at import: configuring a step does not need it.
     import keras
 
