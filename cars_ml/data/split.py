@@ -43,17 +43,7 @@ def split_indices(
     """
     labels = np.asarray(labels, dtype=np.int64)
     counts = Counter(labels.tolist())
-    need = min_images_per_class(hold_out_test)
-    small = sorted((n, c) for c, n in counts.items() if n < need)
-    if small:
-        n, cls = small[0]
-        name = class_names[cls] if class_names is not None else str(cls)
-        parts = "train/val/test" if hold_out_test else "train/val"
-        raise DataError(
-            f"Class {name!r} has only {n} image(s); a stratified {parts} split needs at least "
-            f"{need} per class ({len(small)} class(es) are that small). Add images, remove the "
-            "class, or pass max_classes=N to keep only the N most frequent classes."
-        )
+    _check_class_sizes(counts, hold_out_test, class_names)
     positions = np.arange(len(labels))
     num_classes = len(counts)
     test = np.array([], dtype=np.int64)
@@ -87,6 +77,21 @@ def split_indices(
             "fractions, add images, or pass max_classes=N to keep only the N most frequent classes."
         )
     return SplitIndices(np.sort(train), np.sort(val), np.sort(test))
+
+
+def _check_class_sizes(counts: Counter, hold_out_test: bool, class_names) -> None:
+    """Refuse a class too small for a stratified split, naming it and the fix."""
+    need = min_images_per_class(hold_out_test)
+    small = sorted((n, c) for c, n in counts.items() if n < need)
+    if small:
+        n, cls = small[0]
+        name = class_names[cls] if class_names is not None else str(cls)
+        parts = "train/val/test" if hold_out_test else "train/val"
+        raise DataError(
+            f"Class {name!r} has only {n} image(s); a stratified {parts} split needs at least "
+            f"{need} per class ({len(small)} class(es) are that small). Add images, remove the "
+            "class, or pass max_classes=N to keep only the N most frequent classes."
+        )
 
 
 def subsample_per_class(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:

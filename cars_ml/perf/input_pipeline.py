@@ -113,25 +113,12 @@ def data_wait(
     the head phase of pretrained training: the cheapest step the product takes, so the one where
     a slow pipeline would show first. ``max_steps`` > 0 shortens the epoch.
     """
-    import keras
-    import tensorflow as tf
-
     from cars_ml.data.pipeline import make_dataset
-    from cars_ml.modeling import backbones
-    from cars_ml.modeling.optimizers import FusedAdam
-    from cars_ml.training.fit import compile_for_training
     from cars_ml.training.hparams import HParams
 
     if max_steps:
         records = list(records)[: max_steps * batch_size]
-    keras.utils.set_random_seed(0)
-    spec = backbones.get_backbone("efficientnet_lite0")
-    backbone, _ = backbones.build_backbone(spec, image_size, "none")
-    backbone.trainable = False
-    num_classes = max(r.label for r in records) + 1
-    head = backbones.build_head(backbone.output_shape[-1], num_classes, 0.3, 0)
-    model = backbones.build_classifier(spec, image_size, backbone, head)
-    compile_for_training(model, FusedAdam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    model = _frozen_lite0(image_size, max(r.label for r in records) + 1)
 
     def fed(cache: bool):
         return make_dataset(
@@ -143,14 +130,7 @@ def data_wait(
             cache=cache,
         )
 
-    # The in-memory feed only slices tensors that are already decoded, cast and batched.
-    sample = make_dataset(
-        records[: 8 * batch_size], image_size, batch_size, training=False, cache=False
-    )
-    held = list(sample)
-    x = tf.concat([b[0] for b in held], axis=0)
-    y = tf.concat([b[1] for b in held], axis=0)
-    memory = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
+    memory = _in_memory_batches(records[: 8 * batch_size], image_size, batch_size)
     for xb, yb in memory.take(2):  # Traces the train step before any clock runs.
         model.train_on_batch(xb, yb)
     metrics = {}
@@ -162,6 +142,37 @@ def data_wait(
         metrics[f"train_step_ms_in_memory{suffix}"] = memory_s / steps * 1000.0
         metrics[f"data_wait_fraction{suffix}"] = max(0.0, 1.0 - memory_s / pipeline_s)
     return metrics
+
+
+def _frozen_lite0(image_size: int, num_classes: int):
+    """EfficientNet-Lite0 with its backbone frozen and a head, compiled as training does."""
+    import keras
+
+    from cars_ml.modeling import backbones
+    from cars_ml.modeling.optimizers import FusedAdam
+    from cars_ml.training.fit import compile_for_training
+
+    keras.utils.set_random_seed(0)
+    spec = backbones.get_backbone("efficientnet_lite0")
+    backbone, _ = backbones.build_backbone(spec, image_size, "none")
+    backbone.trainable = False
+    head = backbones.build_head(backbone.output_shape[-1], num_classes, 0.3, 0)
+    model = backbones.build_classifier(spec, image_size, backbone, head)
+    compile_for_training(model, FusedAdam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    return model
+
+
+def _in_memory_batches(records, image_size: int, batch_size: int):
+    """Batches already decoded, cast and batched, repeated: the feed that never waits."""
+    import tensorflow as tf
+
+    from cars_ml.data.pipeline import make_dataset
+
+    sample = make_dataset(records, image_size, batch_size, training=False, cache=False)
+    held = list(sample)
+    x = tf.concat([b[0] for b in held], axis=0)
+    y = tf.concat([b[1] for b in held], axis=0)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
 
 
 def compare_pipeline(
