@@ -97,6 +97,9 @@ class PipelineConfig:
     alpha: float = param(
         DEFAULT_ALPHA, "weight of the true labels in the students' loss", parse=fraction
     )
+    dry_run: bool = param(
+        False, "print the plan (resolved knobs, each backbone's study and step key) and stop"
+    )
 
     def __post_init__(self) -> None:
         check_distill_params(self.temperature, self.alpha)

@@ -1,12 +1,13 @@
-"""The pipeline's plan, pure: its config, the budgets and worker count it resolves to, and the
-keys that let a finished step be reused (code version, parameters, dataset fingerprint)."""
+"""The pipeline's plan, pure: the budgets and worker count its config resolves to, each
+backbone's study and final training as plain configs (:func:`make_plan`), and the keys that let
+a finished step be reused (code version, parameters, dataset fingerprint)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cars_ml
@@ -20,9 +21,9 @@ from cars_ml.pipeline.config import (  # noqa: F401  (re-exported)
     resolve_preset,
 )
 from cars_ml.tracking.redaction import redact
-from cars_ml.training.hparams import (
-    HParams,
-)
+from cars_ml.training.config import TrainConfig
+from cars_ml.training.hparams import HParams
+from cars_ml.tuning.config import TuneConfig
 
 # Share of the training split each tuning trial trains on. The demo's trials rank
 # hyperparameters on half of it: on a CPU a trial of a large backbone is mostly compute, and the
@@ -137,3 +138,105 @@ def study_name(model: str, key: str) -> str:
     """The Optuna study of ``model``'s step ``key``; its final training (and a student of the
     same backbone) takes the best params from it."""
     return f"pipeline-{model}-{key[:8]}"
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with its auto knobs resolved, so every step and step key sees the same values
+    (resolving twice changes nothing)."""
+    preset = resolve_preset(cfg)
+    return replace(
+        cfg,
+        data=resolve_data(cfg),
+        trial_fraction=resolve_trial_fraction(cfg),
+        models=resolve_models(cfg),
+        distill_students=resolve_students(cfg),
+        preset=preset.name,
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One backbone's study and final training, and the key under which a finished one is
+    reused. The pipeline run's id (their parent) is filled in when the step is queued."""
+
+    model: str
+    key: str
+    tune: TuneConfig
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole pipeline as plain values, resolved once before anything runs."""
+
+    cfg: PipelineConfig  # every auto knob resolved
+    workers: int
+    steps: tuple[Step, ...]
+
+    def describe(self) -> list[str]:
+        """The plan as lines for the console: knobs, then one line per backbone."""
+        cfg, (n_trials, max_epochs, hparams) = self.cfg, resolve_budget(self.cfg)
+        students = ", ".join(cfg.distill_students) or "every other backbone within the budgets"
+        lines = [
+            f"preset {cfg.preset}, {self.workers} worker(s); per backbone {n_trials} trials x "
+            f"{max_epochs} epochs on {cfg.trial_fraction:.0%} of the training images, then "
+            f"{hparams.epochs} head + {hparams.fine_tune_epochs} fine-tuning epochs",
+            f"data {cfg.data.data} (max_per_class {cfg.data.max_per_class or 'all'}), image_size "
+            f"{'auto' if cfg.image_size == cars_ml.AUTO_SIZE else cfg.image_size}, weights "
+            f"{cfg.weights}, budget_gmacs {resolve_budget_gmacs(cfg):g}",
+            f"distil: {'into ' + students if cfg.distill else 'off'}",
+        ]
+        lines += [f"{s.model}: study {s.tune.study_name}, step key {s.key}" for s in self.steps]
+        return lines
+
+
+def make_plan(cfg: PipelineConfig, fingerprint: str) -> Plan:
+    """The plan of ``cfg`` on the dataset with ``fingerprint``: one step per backbone."""
+    cfg = resolve(cfg)
+    workers = resolve_workers(cfg)
+    steps = tuple(_step(cfg, m, step_key(cfg, m, fingerprint), workers) for m in cfg.models)
+    return Plan(cfg, workers, steps)
+
+
+def _step(cfg: PipelineConfig, model: str, key: str, workers: int) -> Step:
+    """One backbone's study and its final training on the study's best params. With several
+    workers their lines interleave, so trials print one line each (no bar)."""
+    n_trials, max_epochs, hparams = resolve_budget(cfg)
+    study = study_name(model, key)
+    tune = TuneConfig(
+        model=model,
+        data=cfg.data,
+        n_trials=n_trials,
+        storage=cfg.storage,
+        image_size=cfg.image_size,
+        weights=cfg.weights,
+        seed=cfg.seed,
+        max_epochs=max_epochs,
+        trial_fraction=cfg.trial_fraction,
+        study_name=study,
+        study_total=True,
+        progress_bar=workers == 1,
+        # The trials' share of the final training's compute, as max_epochs is of its epochs.
+        budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
+    )
+    return Step(model, key, tune, train_config(cfg, model, key, params_from=study))
+
+
+def train_config(cfg: PipelineConfig, model: str, key: str, **extra) -> TrainConfig:
+    """The final training of ``model`` in this pipeline run (plain or, with ``extra``, a
+    student's): the run's data, budget and seed."""
+    _, _, hparams = resolve_budget(cfg)
+    return TrainConfig(
+        model=model,
+        data=cfg.data,
+        weights=cfg.weights,
+        image_size=cfg.image_size,
+        hparams=hparams,
+        seed=cfg.seed,
+        model_name=cfg.model_name,
+        storage=cfg.storage,
+        verbose=2,
+        run_tags={"pipeline_step_key": key},
+        budget_gmacs=resolve_budget_gmacs(cfg),
+        **extra,
+    )

@@ -19,16 +19,14 @@ from cars_ml.modeling import backbones
 from cars_ml.pipeline.distill import plan_distillation, student_name
 from cars_ml.pipeline.plan import (
     PipelineConfig,
+    Plan,
+    make_plan,
+    resolve,
     resolve_budget,
     resolve_budget_gmacs,
-    resolve_data,
-    resolve_models,
-    resolve_preset,
-    resolve_students,
-    resolve_trial_fraction,
-    resolve_workers,
     step_key,
     study_name,
+    train_config,
 )
 from cars_ml.pipeline.pool import Backbone, StepPool
 from cars_ml.pipeline.report import (
@@ -58,59 +56,6 @@ def _reused(name: str, previous) -> dict:
     }
 
 
-def _steps(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, workers: int) -> Backbone:
-    """One backbone's study and final training, both children of the pipeline run.
-
-    With several workers their lines interleave, so trials print one line each (no bar).
-    """
-    from cars_ml.tuning.run import TuneConfig
-
-    n_trials, max_epochs, hparams = resolve_budget(cfg)
-    study = study_name(model, key)
-    tune = TuneConfig(
-        model=model,
-        data=cfg.data,
-        n_trials=n_trials,
-        storage=cfg.storage,
-        image_size=cfg.image_size,
-        weights=cfg.weights,
-        seed=cfg.seed,
-        max_epochs=max_epochs,
-        trial_fraction=cfg.trial_fraction,
-        study_name=study,
-        study_total=True,
-        parent_run_id=parent_run_id,
-        progress_bar=workers == 1,
-        # The trials' share of the final training's compute, as max_epochs is of its epochs.
-        budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
-    )
-    train = _train_config(cfg, model, key, parent_run_id, params_from=study)
-    return Backbone(model, tune, train)
-
-
-def _train_config(cfg: PipelineConfig, model: str, key: str, parent_run_id: str, **extra):
-    """The final training of ``model`` in this pipeline run (plain or, with ``extra``, a
-    student's): the run's data, budget and seed, a child of the pipeline run."""
-    from cars_ml.training.run import TrainConfig
-
-    _, _, hparams = resolve_budget(cfg)
-    return TrainConfig(
-        model=model,
-        data=cfg.data,
-        weights=cfg.weights,
-        image_size=cfg.image_size,
-        hparams=hparams,
-        seed=cfg.seed,
-        model_name=cfg.model_name,
-        storage=cfg.storage,
-        verbose=2,
-        run_tags={"pipeline_step_key": key},
-        parent_run_id=parent_run_id,
-        budget_gmacs=resolve_budget_gmacs(cfg),
-        **extra,
-    )
-
-
 def _distill_steps(
     cfg: PipelineConfig, teacher: dict, students: list[str], fingerprint: str, parent_run_id: str
 ) -> list[Backbone]:
@@ -123,11 +68,11 @@ def _distill_steps(
         previous = _reusable(cfg, key)
         # A student tuned in this run takes its study's best params; another, the defaults.
         tuned = student in cfg.models
-        train = _train_config(
+        train = train_config(
             cfg,
             student,
             key,
-            parent_run_id,
+            parent_run_id=parent_run_id,
             params_from=study_name(student, step_key(cfg, student, fingerprint)) if tuned else "",
             run_name=f"distill-{student}",
             teacher=uri,
@@ -142,22 +87,22 @@ def _distill_steps(
 
 
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
-    """Run the comparison and promotion; returns the comparison table."""
+    """Run the comparison and promotion; returns the comparison table (with ``dry_run``, the
+    plan's table, and nothing runs)."""
     from cars_ml.promotion.run import run_promote
     from cars_ml.tuning.storage import open_storage
 
     tracking.check_tracking_server()
     open_storage(cfg.storage or None)  # A bad or unreachable storage fails before any run.
-    cfg = resolve(cfg)
     started = time.perf_counter()
+    cfg = resolve(cfg)
     splits = load_dataset(cfg.data)  # Only for the fingerprint here; each step loads its own.
+    plan = make_plan(cfg, splits.fingerprint)
+    for line in plan.describe():
+        print(f"[pipeline] {line}", flush=True)
+    if cfg.dry_run:
+        return _dry_run(plan)
     n_trials, max_epochs, hparams = resolve_budget(cfg)
-    workers = resolve_workers(cfg)
-    print(
-        f"[pipeline] preset {cfg.preset}: {', '.join(cfg.models)}; {hparams.epochs} head + "
-        f"{hparams.fine_tune_epochs} fine-tuning epochs per final training",
-        flush=True,
-    )
     with tracking.start_run(run_name="pipeline", tags={"step": "pipeline"}) as parent:
         tracking.log_params(
             {
@@ -169,13 +114,13 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                 "trial_fraction": cfg.trial_fraction,
                 "fine_tune_epochs": hparams.fine_tune_epochs,
                 "weights": cfg.weights,
-                "workers": workers,
+                "workers": plan.workers,
                 "budget_gmacs": resolve_budget_gmacs(cfg),
                 "distill": cfg.distill,
                 **splits.params(),
             }
         )
-        rows = _train_every_backbone(cfg, splits.fingerprint, parent.info.run_id, workers)
+        rows = _train_every_backbone(plan, splits.fingerprint, parent.info.run_id)
         slices = slice_table(rows.values())  # The slice table of every backbone and student.
         table = _comparison(rows.values(), _floor(cfg, splits))
         decision = run_promote(cfg.promotion, cfg.model_name, experiment=None)
@@ -187,40 +132,44 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     return table
 
 
-def resolve(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with its auto knobs resolved once, so every step and step key sees the same."""
-    preset = resolve_preset(cfg)
-    return replace(
-        cfg,
-        data=resolve_data(cfg),
-        trial_fraction=resolve_trial_fraction(cfg),
-        models=resolve_models(cfg),
-        distill_students=resolve_students(cfg),
-        preset=preset.name,
-    )
+def _dry_run(plan: Plan) -> pd.DataFrame:
+    """The plan's steps with the earlier run each would reuse; nothing is started."""
+    rows = []
+    for step in plan.steps:
+        previous = _reusable(plan.cfg, step.key)
+        rows.append(
+            {
+                "backbone": step.model,
+                "step_key": step.key,
+                "study": step.tune.study_name,
+                "reuses_run": previous.info.run_id if previous is not None else "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False), flush=True)
+    print("[pipeline] dry run: nothing started", flush=True)
+    return table
 
 
-def _train_every_backbone(
-    cfg: PipelineConfig, fingerprint: str, parent_run_id: str, workers: int
-) -> dict[str, dict]:
+def _train_every_backbone(plan: Plan, fingerprint: str, parent_run_id: str) -> dict[str, dict]:
     """Each backbone's study and final training (or a finished earlier run with the same
     inputs), then the students; one row per model."""
-    results, todo = {}, []
-    for model in cfg.models:
-        key = step_key(cfg, model, fingerprint)
-        previous = _reusable(cfg, key)
+    cfg, results, todo = plan.cfg, {}, []
+    for step in plan.steps:
+        previous = _reusable(cfg, step.key)
         if previous is None:
-            todo.append(_steps(cfg, model, key, parent_run_id, workers))
+            tune = replace(step.tune, parent_run_id=parent_run_id)
+            todo.append(
+                Backbone(step.model, tune, replace(step.train, parent_run_id=parent_run_id))
+            )
             continue
-        results[model] = _reused(model, previous)
+        results[step.model] = _reused(step.model, previous)
     rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
-    with StepPool(workers) as pool:
+    with StepPool(plan.workers) as pool:
         if todo:
-            n_trials, max_epochs, _ = resolve_budget(cfg)
             print(
-                f"[pipeline] {len(todo)} backbone(s) to tune ({n_trials} trials x {max_epochs} "
-                f"epochs on {cfg.trial_fraction:.0%} of the training images) and train on "
-                f"{workers} worker process(es)",
+                f"[pipeline] {len(todo)} backbone(s) to tune and train on {plan.workers} worker "
+                "process(es)",
                 flush=True,
             )
             # Largest first: their steps take longest, and one left for last would run alone.

@@ -186,3 +186,26 @@ def test_students_can_be_named_and_a_run_without_candidates_says_why():
 def test_bad_distillation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig(**kwargs)
+
+
+def test_the_plan_is_resolved_once_as_plain_configs():
+    from cars_ml.pipeline.plan import make_plan, step_key
+
+    cfg = PipelineConfig(models=("mobilenet", "vgg16"), n_trials=3, image_size=32)
+    plan = make_plan(cfg, "fingerprint")
+    assert [s.model for s in plan.steps] == ["mobilenet", "vgg16"]
+    assert plan.cfg.preset == "demo" and plan.cfg.data.max_per_class == 28  # auto knobs resolved
+    assert make_plan(plan.cfg, "fingerprint") == plan  # resolving again changes nothing
+    for step in plan.steps:
+        assert step.key == step_key(plan.cfg, step.model, "fingerprint")
+        assert (
+            step.train.params_from
+            == step.tune.study_name
+            == f"pipeline-{step.model}-{step.key[:8]}"
+        )
+        assert step.tune.n_trials == 3 and step.tune.study_total
+        assert step.train.run_tags == {"pipeline_step_key": step.key}
+        assert not step.tune.parent_run_id and not step.train.parent_run_id  # filled when queued
+    assert make_plan(cfg, "other data").steps[0].key != plan.steps[0].key
+    text = "\n".join(plan.describe())
+    assert "3 trials" in text and "vgg16: study pipeline-vgg16-" in text

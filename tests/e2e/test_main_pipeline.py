@@ -112,6 +112,15 @@ def test_pipeline_compares_promotes_and_reuses(sub_env, tmp_path):
     champion = client.get_model_version_by_alias("stanford-cars-classifier", "champion")
     assert champion.current_stage == "Production"
 
+    # A dry run prints the resolved plan (each backbone's study and step key, and the finished
+    # run it would reuse) and starts nothing.
+    dry = run_entry("main", *TINY, "--dry_run", "true", env=sub_env, timeout=300)
+    assert "dry run: nothing started" in dry.stdout
+    for backbone, run in trained.items():
+        assert f"{backbone}: study pipeline-{backbone}-" in dry.stdout
+        assert run.info.run_id in dry.stdout, dry.stdout
+    assert len(_pipelines()) == 1
+
     # Same inputs: every backbone is reused, nothing is trained or registered again.
     second = run_entry("main", *TINY, env=sub_env, timeout=900)
     assert second.stdout.count("reusing run") == 3  # two backbones and the student
