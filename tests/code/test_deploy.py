@@ -544,46 +544,6 @@ def test_serving_uses_a_read_only_mlflow_account_and_no_service_account_token():
     )
 
 
-def _selects(selector: dict, labels: dict) -> bool:
-    if not selector.keys() - {"matchLabels", "matchExpressions"}:
-        if not selector.get("matchLabels", {}).items() <= labels.items():
-            return False
-        for expression in selector.get("matchExpressions", []):
-            assert expression["operator"] == "In", expression
-            if labels.get(expression["key"]) not in expression["values"]:
-                return False
-        return True
-    raise AssertionError(f"unknown selector {selector}")
-
-
-def _ingress_sources(name: str) -> dict[int, set[str]]:
-    """Which app names may connect to pods named ``name``, per port ("*" for anyone)."""
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "cars-ml"}
-    sources: dict[int, set[str]] = {}
-    for policy in (d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"):
-        if "Ingress" not in policy["spec"]["policyTypes"]:
-            continue  # egress: test_network_policy_denies_egress_except_the_paths_needed
-        if not _selects(policy["spec"]["podSelector"], labels):
-            continue
-        for rule in policy["spec"].get("ingress", []):
-            assert rule.get("ports"), f"{policy['metadata']['name']}: name the ports"
-            peers = rule.get("from")
-            allowed = {"*"} if not peers else set()
-            for peer in peers or []:
-                assert set(peer) == {"podSelector"}, "no namespace or IP peers"
-                allowed |= {
-                    n
-                    for n in APPS
-                    if _selects(
-                        peer["podSelector"],
-                        {"app.kubernetes.io/name": n, "app.kubernetes.io/part-of": "cars-ml"},
-                    )
-                }
-            for port in rule["ports"]:
-                sources.setdefault(port["port"], set()).update(allowed)
-    return sources
-
-
 APPS = {
     "mlflow",
     "postgres",
@@ -596,27 +556,47 @@ APPS = {
 
 
 def test_network_policy_denies_ingress_except_the_paths_needed():
-    policies = [d for d in K8S_DOCS if d["kind"] == "NetworkPolicy"]
-    assert any(
-        p["spec"]["podSelector"] == {}
-        and p["spec"]["policyTypes"] == ["Ingress"]
-        and not p["spec"].get("ingress")
-        for p in policies
-    ), "a default deny for ingress"
+    """Read plainly: one ingress policy per server names its port and its clients by name
+    ("*" where the rule has no peers: anyone may connect)."""
+    policies = {d["metadata"]["name"]: d["spec"] for d in K8S_DOCS if d["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny-ingress"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"]
+    assert not deny.get("ingress")
+    allowed = {}
+    for spec in policies.values():
+        if spec["policyTypes"] != ["Ingress"] or not spec["podSelector"]:
+            continue
+        assert set(spec["podSelector"]) == {"matchLabels"}, spec["podSelector"]
+        server = spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        (rule,) = spec["ingress"]
+        clients = {"*"}
+        if "from" in rule:
+            # One peer, naming its clients: no namespace or IP peers.
+            ((peer,),) = [rule["from"]]
+            (expression,) = peer["podSelector"]["matchExpressions"]
+            assert expression["key"] == "app.kubernetes.io/name"
+            assert expression["operator"] == "In"
+            clients = set(expression["values"])
+        ports = {p["port"] for p in rule["ports"]}
+        assert server not in allowed, f"{server}: one ingress policy per server"
+        allowed[server] = (ports, clients)
+    assert allowed == {
+        "mlflow": ({5000}, {"cars-ml-train", "cars-ml-tune", "cars-ml-serve"}),
+        "postgres": ({5432}, {"mlflow", "cars-ml-tune", "cars-ml-train"}),
+        "minio": ({9000}, {"mlflow", "cars-ml-minio-init"}),
+        "cars-ml-serve": ({SERVE_PORT}, {"*"}),
+    }
+    # Every workload is one of the names above, and the ports opened are the ones the
+    # services listen on.
     workloads = {
         d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for d in _workloads()
     }
     assert workloads <= APPS
-    assert _ingress_sources("mlflow") == {5000: {"cars-ml-train", "cars-ml-tune", "cars-ml-serve"}}
-    assert _ingress_sources("postgres") == {5432: {"mlflow", "cars-ml-tune", "cars-ml-train"}}
-    assert _ingress_sources("minio") == {9000: {"mlflow", "cars-ml-minio-init"}}
-    assert _ingress_sources("cars-ml-serve") == {SERVE_PORT: {"*"}}
-    for name in ("cars-ml-tune", "cars-ml-train", "cars-ml-minio-init"):
-        assert _ingress_sources(name) == {}, f"nothing connects to {name}"
-    # The ports opened are the ones the services listen on.
-    assert _ingress_sources("mlflow").keys() == {
-        p["port"] for p in _k8s("Service", "mlflow")["spec"]["ports"]
-    }
+    for server, (ports, _) in allowed.items():
+        if server in ("postgres", "minio"):
+            continue  # the user's own installations: no Service in deploy/k8s
+        service = _k8s("Service", server)
+        assert ports == {p["port"] for p in service["spec"]["ports"]}, server
 
 
 def test_network_policy_denies_egress_except_the_paths_needed():
