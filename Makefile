@@ -1,6 +1,10 @@
 # The two Quickstart commands (README): `make demo` and `make test` (everything CI runs but
 # `slow`); `make test-fast` while editing, `make test-slow` for the long tests.
 PY ?= python
+# The suite spends half its time on one core (imports, process start-up, servers): two pytest
+# workers keep both cores busy. A module stays on one worker, so its shared fixtures start once.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test test-fast test-slow lint format mlproject
@@ -14,13 +18,13 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 # tests/code and tests/data: pure logic, project files, layout, data; no servers, a few minutes.
 test-fast: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests/code tests/data
+	$(PY) -m pytest $(PYTEST_PARALLEL) tests/code tests/data
 
 test-slow: install
 	$(PY) -m pytest -m slow

@@ -146,6 +146,7 @@ def _guard_invocations(server, limits: Limits) -> bool:
             return reply(500, "internal error while scoring; the server log has the details.")
 
     setattr(invocations, _MARK, True)
+    invocations.__wrapped__ = original  # inspect.unwrap finds MLflow's own function
     server.invocations = invocations
     log.info("Scoring server hardened: bounded JSON parsing, short 4xx errors, no stack traces.")
     return True
