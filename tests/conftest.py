@@ -84,6 +84,19 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     _forget_experiment()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_experiment_from_an_earlier_module():
+    """Each module starts without the experiment an earlier module selected in this process.
+
+    Module fixtures that register a model in process select an experiment, and child processes
+    inherit its id from the environment; under pytest-xdist a worker runs modules in an order
+    that changes from run to run, so a later module's store would be asked for that id.
+    """
+    _forget_experiment()
+    yield
+    _forget_experiment()
+
+
 def _forget_experiment() -> None:
     """Drop the experiment an earlier test selected in this process.
 
