@@ -159,14 +159,30 @@ def log_params(params: Mapping[str, Any]) -> None:
     """Log params (stringified, secrets scrubbed).
 
     ``mlflow run`` has already logged the MLproject parameters as the user typed them; MLflow
-    forbids changing a param, so keys already on the run keep that value. Resolved values are
-    logged under their own names (``image_size_px``, ``weights_used``).
+    forbids changing a param, so keys already on the run keep that value, and a value the step
+    resolved differently (``preset=auto`` that became ``cpu``) is logged as ``<name>_used``.
     """
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    fresh = {k: redact(v)[:6000] for k, v in params.items() if k not in existing}
+    fresh = {}
+    for key, value in params.items():
+        text = redact(value)[:6000]
+        if key not in existing:
+            fresh[key] = text
+        elif f"{key}_used" not in existing and not _same_param(existing[key], text):
+            fresh[f"{key}_used"] = text
     if fresh:
         mlflow.log_params(fresh)
+
+
+def _same_param(typed: str, logged: str) -> bool:
+    """Whether two param strings say the same value: ``5`` and ``5.0``, ``none`` and ``None``."""
+    if typed.strip().lower() == logged.strip().lower():
+        return True
+    try:
+        return float(typed) == float(logged)
+    except ValueError:
+        return False
 
 
 def log_metrics(
