@@ -1,4 +1,4 @@
-"""The benchmark entry point runs end to end on a tiny configuration and logs every figure.
+"""`mlflow run . -e benchmark` runs end to end on a tiny configuration and logs every figure.
 
 Benchmarks are not timed tests: nothing here compares a number with a goal.
 """
@@ -9,7 +9,7 @@ import math
 
 import mlflow
 import pytest
-from e2e_utils import run_entry
+from e2e_utils import mlflow_run
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +94,7 @@ TINY = [
 def test_benchmark_logs_every_metric_of_one_run(sub_env, tracking_uri, tmp_path):
     # Unset, so the params show what the entry point itself chose.
     env = {k: v for k, v in sub_env.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    proc = run_entry("benchmark", *TINY, env=env, timeout=500)
+    proc = mlflow_run("benchmark", TINY, env=env, timeout=500)
 
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_name for r in runs] == ["benchmark"], "exactly one run, named benchmark"

@@ -1,16 +1,16 @@
-"""The main pipeline end to end on tiny settings: child runs, comparison, champion, the MLflow
-UI a user opens on them, then a dry run, reuse and a changed input.
+"""The main pipeline end to end on tiny settings, as `mlflow run . -e main`: child runs,
+comparison, champion, the MLflow UI a user opens on them, then a dry run, reuse and a changed
+input, and every other entry point through `mlflow run` on the champion it promoted.
 
-One real `main` run in the module's store feeds the read-only tests; the test that runs the
-pipeline again comes last because it adds runs and versions to that store (pytest runs a
-module's tests in file order, and `--dist loadfile` keeps a module on one worker).
+One real `main` run in the module's store feeds the read-only tests; the tests that add runs
+and versions to that store come last (pytest runs a module's tests in file order, and
+`--dist loadfile` keeps a module on one worker).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from e2e_utils import ROOT, run_entry, tiny_pipeline_args
+from e2e_utils import ROOT, mlflow_run, run_entry, tiny_pipeline_args
 from mlflow_ui import (
     PNG_SIGNATURE,
     check_first_look,
@@ -30,6 +30,8 @@ from mlflow_ui import (
     screenshot_comparison,
     ui_metric,
 )
+from served_model import START_TIMEOUT_S, b64, images_request, post
+from servers import free_port, process_group, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +55,7 @@ class PipelineRun:
 
 
 def run_pipeline(folder: Path, cache: Path, backbones: tuple[str, ...], *args) -> PipelineRun:
-    """`main` as a user runs it from ``folder``, into a SQLite store there.
+    """`mlflow run . -e main` as a user runs it from ``folder``, into a SQLite store there.
 
     Module fixtures start before the per-test cache folder is set: ``cache`` is named here.
     """
@@ -62,15 +64,7 @@ def run_pipeline(folder: Path, cache: Path, backbones: tuple[str, ...], *args) -
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=EXPERIMENT, TF_CPP_MIN_LOG_LEVEL="2")
     env["CARS_ML_CACHE"] = str(cache)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "entrypoints" / "main.py"), *args],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = mlflow_run("main", list(args), env=env, cwd=folder, timeout=900)
     return PipelineRun(uri, folder, proc.stdout, proc.stderr, backbones)
 
 
@@ -170,8 +164,10 @@ def test_pipeline_tunes_trains_distils_compares_and_promotes(first_run, store, t
         )
         assert numbers == ["0", "1"], (study, numbers)
     # The demo's trials train on a stratified half of the training split (auto on synthetic
-    # data); the final training sees all of it.
-    assert parent.data.params["trial_fraction"] == "0.5"
+    # data); the final training sees all of it. `mlflow run` logged the value as typed (0:
+    # auto); the pipeline logs the one it used beside it.
+    assert parent.data.params["trial_fraction"] == "0.0"
+    assert parent.data.params["trial_fraction_used"] == "0.5"
     full = {t.data.metrics["num_train_images"] for t in trained.values()}
     assert len(full) == 1
     (full,) = full
@@ -284,6 +280,44 @@ def test_dry_run_prints_the_plan_reruns_reuse_and_a_changed_input_recomputes(fir
     # One backbone alone has nobody to teach: a train and no student.
     assert "no distillation: no other backbone passes" in third.stdout
     assert len(client.search_model_versions("name='stanford-cars-classifier'")) == 4
+
+
+def test_the_other_entry_points_run_through_mlflow_run(first_run, store, car_photos, tmp_path):
+    """One real `mlflow run -e <entry>` path each (the pipeline above is `-e main`): MLflow
+    creates the run, renders the generated MLproject command and the entry point resumes it."""
+    prepared = mlflow_run("prepare_data", {"data": "synthetic"}, env=store, timeout=300)
+    assert "10 classes, 520 images" in prepared.stdout
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tiny = {"model": "mobilenet", "image_size": "32", "weights": "none", "max_per_class": "8"}
+    mlflow_run("tune", {**tiny, "n_trials": "2", "max_epochs": "1", "storage": storage},
+               env=store, timeout=600)  # fmt: skip
+    (tune,) = mlflow.search_runs(
+        filter_string=f"tags.step = 'tune' and params.storage = '{storage}'",
+        search_all_experiments=True,
+        output_format="list",
+    )
+    assert len(_children(tune.info.run_id)) == 2, "two trials nested under the mlflow run's run"
+
+    dry = mlflow_run("promote", {"dry_run": "true"}, env=store, timeout=300)
+    assert "dry run" in dry.stdout.lower(), dry.stdout[-2000:]
+
+    output = tmp_path / "predictions.csv"
+    mlflow_run("predict", {"images": str(car_photos[0].parent), "output": str(output)},
+               env=store, timeout=300)  # fmt: skip
+    frame = pd.read_csv(output, keep_default_na=False)
+    assert len(frame) == len(list(car_photos[0].parent.glob("*.jpg")))
+    assert (frame["error"] == "").all() and (frame["label"] != "").all()
+
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "serve",
+               "--env-manager", "local", "-P", f"port={port}"]  # fmt: skip
+    with process_group(command, store, log) as proc:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout_s=START_TIMEOUT_S)
+        photo = b64(car_photos[0].read_bytes())
+        reply = post(port, images_request([photo]))
+    assert reply.status == 200, reply.text[:500]
+    assert reply.json()["predictions"][0]["label"]
 
 
 @pytest.mark.parametrize(
