@@ -1,8 +1,8 @@
 # The two Quickstart commands (README): `make demo` and `make test` (everything CI runs but
 # `slow`); `make test-fast` while editing, `make test-slow` for the long tests.
 PY ?= python
-# The suite spends half its time on one core (imports, process start-up, servers): two pytest
-# workers keep both cores busy. A module stays on one worker, so its shared fixtures start once.
+# Run serially, the suite keeps about one core busy (imports, process start-up, servers): two
+# pytest workers keep both busy. A module stays on one worker, so its shared fixtures start once.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 export TF_CPP_MIN_LOG_LEVEL ?= 2

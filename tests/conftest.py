@@ -88,9 +88,10 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 def _no_experiment_from_an_earlier_module():
     """Each module starts without the experiment an earlier module selected in this process.
 
-    Module fixtures that register a model in process select an experiment, and child processes
-    inherit its id from the environment; under pytest-xdist a worker runs modules in an order
-    that changes from run to run, so a later module's store would be asked for that id.
+    A step run in process (a promote, a registration) selects an experiment, which stays in
+    ``MLFLOW_EXPERIMENT_ID`` when the test's fixture had nothing to restore; child processes
+    inherit it. Under pytest-xdist a worker runs modules in an order that changes from run to
+    run, so a later module's fresh store would be asked for that id.
     """
     _forget_experiment()
     yield
