@@ -111,3 +111,11 @@ def training_curves_figure(history: list[dict[str, float]]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def cross_entropy(labels: np.ndarray, probs: np.ndarray, smoothing: float = 0.0) -> float:
+    """Mean categorical cross-entropy with label smoothing, as Keras computes the loss."""
+    n = probs.shape[1]
+    target = np.full(probs.shape, smoothing / n)
+    target[np.arange(len(labels)), labels] += 1.0 - smoothing
+    return float(-(target * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())

@@ -13,7 +13,7 @@ from cars_ml.training.distill import (
     check_class_names,
     soften,
 )
-from cars_ml.training.fit import WarmupStableDecay, scratch_schedule
+from cars_ml.training.callbacks import WarmupStableDecay, scratch_schedule
 
 
 def _probs(rows: list[list[float]]) -> np.ndarray:
