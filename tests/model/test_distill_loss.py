@@ -7,13 +7,13 @@ import keras
 import numpy as np
 import pytest
 
+from cars_ml.training.callbacks import WarmupStableDecay, scratch_schedule
 from cars_ml.training.distill import (
     DistillationLoss,
     cached_teacher_outputs,
     check_class_names,
     soften,
 )
-from cars_ml.training.callbacks import WarmupStableDecay, scratch_schedule
 
 
 def _probs(rows: list[list[float]]) -> np.ndarray:
