@@ -178,8 +178,8 @@ def float32_flatbuffer(function) -> bytes:
 
 def calibrated_flatbuffer(float_flatbuffer: bytes, representative: np.ndarray) -> bytes:
     """The float32 flatbuffer with the activation ranges TensorFlow's calibrator records: the
-    minimum and maximum seen on ``representative``, except that each input of an addition is
-    widened to span the addition's range too."""
+    minimum and maximum seen on ``representative``, with the inputs of an addition widened
+    toward the addition's range."""
     from tensorflow.lite.python.optimize import calibrator
 
     model = calibrator.add_intermediate_tensors(float_flatbuffer)
