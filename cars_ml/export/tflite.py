@@ -6,8 +6,8 @@ the train step logs them.
 The int8 model is fully integer (every op int8, ``TFLITE_BUILTINS_INT8``) with **uint8 input and
 output**: a camera frame's uint8 RGB pixels go in unchanged (the input quantization is calibrated
 on pixels in [0, 255], so its scale is about 1 and its zero point 0). Each inner activation's
-range is measured on that tensor's own values (:func:`own_ranges`), not widened as TensorFlow's
-calibrator widens the inputs of a residual addition.
+range is measured on that tensor's own values (``quantize.own_ranges``), not widened as
+TensorFlow's calibrator widens the inputs of a residual addition.
 
 Both files end at the **logits** (the output tensor is named ``logits``); whoever reads them
 applies the softmax (:func:`probabilities`). An int8 softmax would round every probability to a
@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from cars_ml.export.quantize import int8_flatbuffer_from_float, samples
+
 # Training images that calibrate the int8 ranges. A hundred leave a third of 196 classes unseen
 # (docs/real-data.md, "int8 on real photos").
 MAX_REPRESENTATIVE = 300
-# Each activation's range spans this quantile of its per-image extremes (:func:`own_ranges`).
-RANGE_QUANTILE = 0.99
 LOGITS = "logits"  # the output tensor's name in both files
 EDGE_METRIC_NAMES = (
     "tflite_int8_size_mb",
@@ -176,105 +175,13 @@ def float32_flatbuffer(function) -> bytes:
     return logits_output(_convert(_converter(function)))
 
 
-def calibrated_flatbuffer(float_flatbuffer: bytes, representative: np.ndarray) -> bytes:
-    """The float32 flatbuffer with the activation ranges TensorFlow's calibrator records: the
-    minimum and maximum seen on ``representative``, with the inputs of an addition widened
-    toward the addition's range."""
-    from tensorflow.lite.python.optimize import calibrator
-
-    model = calibrator.add_intermediate_tensors(float_flatbuffer)
-    return calibrator.Calibrator(model).calibrate(lambda: _samples(representative))
-
-
-def own_ranges(
-    calibrated: bytes, representative: np.ndarray, quantile: float = RANGE_QUANTILE
-) -> bytes:
-    """``calibrated`` with each inner activation's range measured on that tensor's own values.
-
-    The calibrator widens both inputs of a residual addition to the sum's range, often twice
-    what the block's projection produces, which halves that tensor's int8 resolution. Here each
-    tensor an operator produces gets the ``quantile`` of its per-image minima and maxima
-    instead, so a few extreme images (or a larger sample) do not widen it. The model's input
-    and output keep the calibrator's full ranges: pixels span [0, 255], and clipping the logits
-    could tie the top classes.
-    """
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    if not 0.5 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0.5, 1], got {quantile}.")
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
-    graph = model.subgraphs[0]
-    produced = {i for op in graph.operators for i in op.outputs} - set(graph.outputs)
-    ranged = sorted(i for i in produced if _has_range(graph.tensors[i]))
-    low, high = _extremes(calibrated, representative, ranged)
-    for k, index in enumerate(ranged):
-        quantization = graph.tensors[index].quantization
-        quantization.min = [float(np.quantile(low[:, k], 1.0 - quantile))]
-        quantization.max = [float(np.quantile(high[:, k], quantile))]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def _has_range(tensor) -> bool:
-    quantization = tensor.quantization
-    return quantization is not None and quantization.min is not None and len(quantization.min) == 1
-
-
-def _extremes(
-    content: bytes, images: np.ndarray, tensors: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's minimum and maximum of each of ``tensors`` (indices) in the float model
-    ``content``, as two arrays (images, tensors)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    with warnings.catch_warnings():
-        # Keeping every intermediate tensor is the point here; LiteRT warns that it costs memory.
-        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        interpreter = Interpreter(
-            model_content=content, experimental_preserve_all_tensors=True, num_threads=1
-        )
-    interpreter.allocate_tensors()
-    source = interpreter.get_input_details()[0]["index"]
-    low = np.empty((len(images), len(tensors)), np.float32)
-    high = np.empty_like(low)
-    for n, (image,) in enumerate(_samples(images)):
-        interpreter.set_tensor(source, image)
-        interpreter.invoke()
-        for k, index in enumerate(tensors):
-            values = interpreter.get_tensor(index)
-            low[n, k], high[n, k] = values.min(), values.max()
-    return low, high
-
-
-def quantized_flatbuffer(calibrated: bytes) -> bytes:
-    """The full-integer int8 flatbuffer (uint8 in and out) of a calibrated float flatbuffer."""
-    import tensorflow as tf
-    from tensorflow.lite.python.convert import mlir_quantize
-
-    return mlir_quantize(calibrated, False, input_data_type=tf.uint8, output_data_type=tf.uint8)
-
-
-def int8_flatbuffer_from_float(float_flatbuffer: bytes, representative: np.ndarray) -> bytes:
-    """The full-integer int8 flatbuffer (uint8 in and out) of a float32 flatbuffer, with each
-    activation's range its own (:func:`own_ranges`).
-
-    This is what ``TFLiteConverter`` does for int8 after converting the graph (calibrate the
-    float model, then quantize it with the MLIR quantizer), minus that second conversion of the
-    graph, which takes most of the time (docs/performance.md). With the calibrator's ranges it
-    gives the converter's very outputs (a test compares them, so a TensorFlow release that
-    changes either path is caught). It uses TensorFlow's internal calibrator module;
-    :func:`int8_flatbuffer` falls back to the converter when that is not there.
-    """
-    calibrated = calibrated_flatbuffer(float_flatbuffer, representative)
-    return quantized_flatbuffer(own_ranges(calibrated, representative))
-
-
 def int8_flatbuffer_converted(function, representative: np.ndarray) -> bytes:
     """The same int8 flatbuffer through ``TFLiteConverter`` (converts the graph again)."""
     import tensorflow as tf
 
     converter = _converter(function)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: _samples(representative)
+    converter.representative_dataset = lambda: samples(representative)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
@@ -310,11 +217,6 @@ def export_tflite(
     paths["float32"].write_bytes(content)
     paths["int8"].write_bytes(int8_flatbuffer(content, function, rep))
     return paths
-
-
-def _samples(rep: np.ndarray) -> Iterator[list[np.ndarray]]:
-    for image in rep:
-        yield [image[None].astype(np.float32)]
 
 
 class LiteRTRunner:

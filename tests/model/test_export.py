@@ -110,12 +110,11 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     # second time; both must give the same model, on a real backbone's ops too.
     import keras
 
+    from cars_ml.export.quantize import calibrated_flatbuffer, quantized_flatbuffer
     from cars_ml.export.tflite import (
-        calibrated_flatbuffer,
         float32_flatbuffer,
         inference_function,
         int8_flatbuffer_converted,
-        quantized_flatbuffer,
     )
     from cars_ml.modeling import backbones
 
@@ -174,13 +173,8 @@ def _inside(inner: tuple[float, float], outer: tuple[float, float]) -> bool:
 def test_each_activation_gets_its_own_range_and_the_int8_file_gets_closer(tmp_path):
     # The calibrator widens each input of an addition to the sum's range; own_ranges
     # measures each tensor on its own values. Shown on ImageNet Lite0's residual blocks.
-    from cars_ml.export.tflite import (
-        calibrated_flatbuffer,
-        float32_flatbuffer,
-        inference_function,
-        own_ranges,
-        quantized_flatbuffer,
-    )
+    from cars_ml.export.quantize import calibrated_flatbuffer, own_ranges, quantized_flatbuffer
+    from cars_ml.export.tflite import float32_flatbuffer, inference_function
     from cars_ml.modeling import efficientnet_lite, torch_legacy
 
     source = efficientnet_lite.source_file("efficientnet_lite0")
