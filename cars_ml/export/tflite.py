@@ -5,9 +5,7 @@ the train step logs them.
 
 The int8 model is fully integer (every op int8, ``TFLITE_BUILTINS_INT8``) with **uint8 input and
 output**: a camera frame's uint8 RGB pixels go in unchanged (the input quantization is calibrated
-on pixels in [0, 255], so its scale is about 1 and its zero point 0). Each inner activation's
-range is measured on that tensor's own values (``quantize.own_ranges``), not widened as
-TensorFlow's calibrator widens the inputs of a residual addition.
+on pixels in [0, 255], so its scale is about 1 and its zero point 0).
 
 Both files end at the **logits** (the output tensor is named ``logits``); whoever reads them
 applies the softmax (:func:`probabilities`). An int8 softmax would round every probability to a
@@ -190,7 +188,7 @@ def int8_flatbuffer_converted(function, representative: np.ndarray) -> bytes:
 
 def int8_flatbuffer(float_flatbuffer: bytes, function, representative: np.ndarray) -> bytes:
     """Int8 from the float32 flatbuffer when TensorFlow's calibrator is importable, else
-    through the converter (with the calibrator's coarser ranges)."""
+    through the converter."""
     try:
         return int8_flatbuffer_from_float(float_flatbuffer, representative)
     except ImportError as exc:

@@ -110,7 +110,7 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     # second time; both must give the same model, on a real backbone's ops too.
     import keras
 
-    from cars_ml.export.quantize import calibrated_flatbuffer, quantized_flatbuffer
+    from cars_ml.export.quantize import int8_flatbuffer_from_float
     from cars_ml.export.tflite import (
         float32_flatbuffer,
         inference_function,
@@ -126,8 +126,7 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
     rep = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     function = inference_function(model)
-    # With the calibrator's ranges (the converter's), the files must be the same model.
-    fast = quantized_flatbuffer(calibrated_flatbuffer(float32_flatbuffer(function), rep))
+    fast = int8_flatbuffer_from_float(float32_flatbuffer(function), rep)
     slow = int8_flatbuffer_converted(function, rep)
     outputs = []
     for n, content in enumerate((fast, slow)):
@@ -136,82 +135,3 @@ def test_int8_from_the_float_flatbuffer_equals_the_converters(tmp_path):
         outputs.append(LiteRTRunner(path).predict(images))
     assert abs(len(fast) - len(slow)) < 4096  # the same model; metadata may differ
     np.testing.assert_array_equal(outputs[0], outputs[1])
-
-
-def _ranges(
-    content: bytes,
-) -> tuple[dict[int, tuple[float, float]], list[tuple[list, int]], object]:
-    """Each ranged tensor's (min, max), the additions' (inputs, output) and the graph."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    graph = model.subgraphs[0]
-    ranges = {
-        i: (t.quantization.min[0], t.quantization.max[0])
-        for i, t in enumerate(graph.tensors)
-        if t.quantization is not None and t.quantization.min is not None
-    }
-    add = schema.BuiltinOperator.ADD
-    adds = [
-        (list(op.inputs), op.outputs[0])
-        for op in graph.operators
-        if max(
-            model.operatorCodes[op.opcodeIndex].builtinCode,
-            model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode,
-        )
-        == add
-    ]
-    return ranges, adds, graph
-
-
-def _inside(inner: tuple[float, float], outer: tuple[float, float]) -> bool:
-    slack = 1e-5 * max(abs(outer[0]), abs(outer[1]), 1e-6)  # float32 rounding
-    return outer[0] - slack <= inner[0] and inner[1] <= outer[1] + slack
-
-
-def test_each_activation_gets_its_own_range_and_the_int8_file_gets_closer(tmp_path):
-    # The calibrator widens each input of an addition to the sum's range; own_ranges
-    # measures each tensor on its own values. Shown on ImageNet Lite0's residual blocks.
-    from cars_ml.export.quantize import calibrated_flatbuffer, own_ranges, quantized_flatbuffer
-    from cars_ml.export.tflite import float32_flatbuffer, inference_function
-    from cars_ml.modeling import efficientnet_lite, torch_legacy
-
-    source = efficientnet_lite.source_file("efficientnet_lite0")
-    if source is None:
-        pytest.skip("pip install -e '.[pretrained]' to run this test")
-    model = efficientnet_lite.build("efficientnet_lite0", (64, 64, 3), include_top=True)
-    efficientnet_lite.load_state_dict(model, torch_legacy.load_state_dict(source))
-    rep, _ = colour_images(24, seed=1, size=64)
-    images, _ = colour_images(32, seed=2, size=64)
-    float_file = float32_flatbuffer(inference_function(model))
-    calibrated = calibrated_flatbuffer(float_file, rep)
-    before, adds, graph = _ranges(calibrated)
-    exact, _, _ = _ranges(own_ranges(calibrated, rep, quantile=1.0))
-    own = own_ranges(calibrated, rep)
-    after, _, _ = _ranges(own)
-    assert len(adds) >= 5  # Lite0's residual blocks
-    summands = {i for inputs, _ in adds for i in inputs if i in before}
-    # What own_ranges exists for: the calibrator widens summands beyond their own values.
-    for i in summands:
-        assert _inside(exact[i], before[i])
-    widths = [(exact[i][1] - exact[i][0]) / (before[i][1] - before[i][0]) for i in summands]
-    assert min(widths) < 0.9, widths
-    # Elsewhere the per-image extremes at quantile 1 are the calibrator's minimum and maximum,
-    # and the 0.99 quantile lies inside them.
-    for i in set(before) - summands:
-        np.testing.assert_allclose(exact[i], before[i], rtol=1e-5, atol=1e-6)
-        assert after[i][0] <= after[i][1] and _inside(after[i], before[i])
-    for i in (*graph.inputs, *graph.outputs):
-        assert after[i] == before[i]
-    with pytest.raises(ValueError, match="quantile must be in"):
-        own_ranges(calibrated, rep, quantile=0.3)
-
-    (tmp_path / "float.tflite").write_bytes(float_file)
-    expected = LiteRTRunner(tmp_path / "float.tflite").outputs(images)
-    errors = []
-    for name, content in (("minmax", calibrated), ("own", own)):
-        (tmp_path / f"{name}.tflite").write_bytes(quantized_flatbuffer(content))
-        logits = LiteRTRunner(tmp_path / f"{name}.tflite").outputs(images)
-        errors.append(np.abs(logits - expected).mean())
-    assert errors[1] < errors[0], errors
