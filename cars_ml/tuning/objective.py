@@ -155,8 +155,14 @@ class Objective:
             self.cfg.budget_gmacs, count_macs(backbone) / 1e9, self.cfg.max_epochs
         )
         tracking.log_params({"trial_epochs": epochs})
+        # A trial is scored on its float validation macro-F1, so it skips the
+        # quantization-aware epochs that prepare a final model for its int8 file.
         hp = HParams(
-            epochs=epochs, fine_tune_epochs=self.cfg.fine_tune_epochs, patience=epochs, **known
+            epochs=epochs,
+            fine_tune_epochs=self.cfg.fine_tune_epochs,
+            qat_epochs=0,
+            patience=epochs,
+            **known,
         )
         teacher = None
         if self.teacher is not None:
