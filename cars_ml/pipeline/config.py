@@ -54,6 +54,11 @@ class PipelineConfig:
     weights: str = param("auto", WEIGHTS_HELP)
     epochs: int = param(0, f"final head epochs; {_AUTO}", parse=non_negative_int)
     fine_tune_epochs: int = param(-1, "final fine-tuning epochs; -1 = auto", parse=integer)
+    qat_epochs: int = param(
+        -1,
+        "final quantization-aware epochs after fine-tuning; -1 = auto (train's default)",
+        parse=integer,
+    )
     promotion: PromotionConfig = nested(
         PromotionConfig, only=("max_latency_ms", "max_size_mb", "max_int8_f1_drop")
     )

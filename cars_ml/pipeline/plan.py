@@ -79,7 +79,8 @@ def resolve_budget(cfg: PipelineConfig) -> tuple[int, int, HParams]:
     max_epochs = cfg.max_epochs or base[1]
     epochs = cfg.epochs or base[2]
     fine_tune = base[3] if cfg.fine_tune_epochs < 0 else cfg.fine_tune_epochs
-    return n_trials, max_epochs, HParams(epochs=epochs, fine_tune_epochs=fine_tune)
+    qat = HParams().qat_epochs if cfg.qat_epochs < 0 else cfg.qat_epochs
+    return n_trials, max_epochs, HParams(epochs=epochs, fine_tune_epochs=fine_tune, qat_epochs=qat)
 
 
 def resolve_workers(cfg: PipelineConfig) -> int:
@@ -180,7 +181,8 @@ class Plan:
         lines = [
             f"preset {cfg.preset}, {self.workers} worker(s); per backbone {n_trials} trials x "
             f"{max_epochs} epochs on {cfg.trial_fraction:.0%} of the training images, then "
-            f"{hparams.epochs} head + {hparams.fine_tune_epochs} fine-tuning epochs",
+            f"{hparams.epochs} head + {hparams.fine_tune_epochs} fine-tuning + "
+            f"{hparams.qat_epochs} quantization-aware epochs",
             f"data {cfg.data.data} (max_per_class {cfg.data.max_per_class or 'all'}), image_size "
             f"{'auto' if cfg.image_size == cars_ml.AUTO_SIZE else cfg.image_size}, weights "
             f"{cfg.weights}, budget_gmacs {resolve_budget_gmacs(cfg):g}",

@@ -113,6 +113,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                 "epochs": hparams.epochs,
                 "trial_fraction": cfg.trial_fraction,
                 "fine_tune_epochs": hparams.fine_tune_epochs,
+                "qat_epochs": hparams.qat_epochs,
                 "weights": cfg.weights,
                 "workers": plan.workers,
                 "budget_gmacs": resolve_budget_gmacs(cfg),

@@ -1,7 +1,8 @@
 """Two-phase transfer learning of a backbone + head on a dataset split (no MLflow, no Optuna).
 
 Phase 1 trains a new head on the frozen backbone; phase 2 fine-tunes the top of the backbone
-at a lower learning rate with BatchNorm frozen. With random initial weights a frozen backbone
+at a lower learning rate with BatchNorm frozen; phase 3 goes on with int8 rounding simulated,
+so that the int8 file changes fewer answers. With random initial weights a frozen backbone
 is useless, so every layer trains from the first epoch in one phase.
 """
 
@@ -206,9 +207,10 @@ def fit(
     """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
 
     A pretrained backbone trains a new head on its frozen features, then fine-tunes
-    (``_fine_tune``); a random one trains end to end (``_from_scratch``), after which the
-    BatchNorm statistics are recalibrated (``recalibrate``; tuning trials skip it, as they are
-    scored on their per-epoch validation macro-F1). With a ``teacher`` the student learns from
+    (``_fine_tune``), then trains for its int8 file (``_quantization_aware``); a random one
+    trains end to end (``_from_scratch``), after which the BatchNorm statistics are
+    recalibrated (``recalibrate``; tuning trials skip it, as they are scored on their
+    per-epoch validation macro-F1). With a ``teacher`` the student learns from
     its softened probabilities too (``cars_ml.training.distill``).
     """
     n = splits.num_classes
@@ -243,16 +245,21 @@ def fit(
         extra_callbacks=extra_callbacks,
         verbose=verbose,
     )
-    if pretrained:
-        mode = _fine_tune(run)
-        if mode == "two_phase" and hp.qat_epochs > 0:
-            _quantization_aware(run, splits, size, seed)
-    else:
-        mode = _from_scratch(run, splits, size, recalibrate)
+    mode = _phases(run, splits, size, seed, pretrained, recalibrate)
     if trained is not backbone:
         classifier = _at_serving_size(spec, image_size, backbone, trained, head)
     best = max((h["val_f1_macro"] for h in run.f1_cb.history), default=0.0)
     return FitResult(classifier, backbone, head, run.f1_cb.history, mode, best, grappler, size)
+
+
+def _phases(run: _Run, splits, size: int, seed: int, pretrained: bool, recalibrate: bool) -> str:
+    """Every phase of the fit; returns the training mode."""
+    if not pretrained:
+        return _from_scratch(run, splits, size, recalibrate)
+    mode = _fine_tune(run)
+    if mode == "two_phase" and run.hp.qat_epochs > 0:
+        _quantization_aware(run, splits, size, seed)
+    return mode
 
 
 def _check_teacher(teacher: Teacher | None, num_train: int, num_classes: int) -> None:

@@ -23,7 +23,7 @@ from cars_ml.pipeline.plan import (
     resolve_workers,
 )
 from cars_ml.promotion.policy import Budgets
-from cars_ml.training.hparams import BUDGET_MAX_EPOCH_FACTOR, epochs_for_budget
+from cars_ml.training.hparams import BUDGET_MAX_EPOCH_FACTOR, HParams, epochs_for_budget
 
 REAL = DataConfig(data="/data/stanford_cars")
 
@@ -51,6 +51,9 @@ def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
     # A named preset wins over the hardware, explicit knobs over the preset.
     assert resolve_preset(PipelineConfig(data=REAL, preset="cpu")).name == "cpu"
     assert _budget(PipelineConfig(data=REAL, preset="cpu", epochs=3))[2] == 3
+    # Quantization-aware epochs: train's default unless given.
+    assert resolve_budget(real)[2].qat_epochs == HParams().qat_epochs > 0
+    assert resolve_budget(PipelineConfig(data=REAL, qat_epochs=0))[2].qat_epochs == 0
     assert resolve_models(PipelineConfig(data=REAL, models=("mobilenet",))) == ("mobilenet",)
     assert resolve_trial_fraction(demo) == DEMO_TRIAL_FRACTION < 1.0
     assert resolve_trial_fraction(real) == 1.0
