@@ -108,6 +108,10 @@ def twin(model: keras.Model) -> keras.Model:
     quantized: dict[int, object] = {}
 
     def rounded(tensor):
+        if not isinstance(tensor, keras.KerasTensor) or tensor.sparse:
+            # A constant (the 3 of a hard swish), or one of the squeeze-and-excitation tensors
+            # that Keras marks sparse in MobileNetV3: the rounding op takes dense tensors.
+            return tensor
         if id(tensor) not in quantized:
             out = FakeQuant()(tensor)
             quantized[id(tensor)] = quantized[id(out)] = out

@@ -85,6 +85,19 @@ def test_calibration_sets_each_range_to_the_float_extremes_and_then_rounds(calib
     np.testing.assert_allclose(twin(images).numpy(), model(images).numpy(), atol=0.05)
 
 
+def test_a_keras_applications_backbone_with_constants_and_squeeze_excitation_gets_a_twin():
+    from cars_ml.modeling import backbones
+
+    spec = backbones.get_backbone("mobilenet_v3_small")
+    backbone, _ = backbones.build_backbone(spec, 32, "none")
+    head = backbones.build_head(backbone.output_shape[-1], 3, 0.2, 0)
+    model = backbones.build_classifier(spec, 32, backbone, head)
+    twin = quantization.twin(model)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    assert quantization.calibrate(twin, [images]) > 50
+    np.testing.assert_allclose(twin(images).numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_calibrating_on_nothing_names_the_fix():
     twin = quantization.twin(_net())
     with pytest.raises(ValueError, match="at least one batch"):
