@@ -43,7 +43,7 @@ class HParams:
         12, "phase 2: epochs of the head with the backbone's top", parse=non_negative_int
     )
     qat_epochs: int = param(
-        0,
+        2,
         "phase 3: epochs of fine-tuning with int8 rounding simulated (0: off)",
         parse=non_negative_int,
     )
