@@ -147,9 +147,10 @@ def fake_quant_layers(model: keras.Model) -> list[FakeQuant]:
 
 
 def calibrate(model: keras.Model, batches) -> int:
-    """Set every rounding range of the twin ``model`` to the minimum and maximum its float
-    computation reaches on ``batches`` (images, or ``(images, ...)`` tuples), as TensorFlow's
-    calibrator does for the export. Returns the number of ranges set."""
+    """Set every rounding range of the twin ``model`` to the minimum and maximum its tensors
+    reach on ``batches`` (images, or ``(images, ...)`` tuples) with activations unrounded, as
+    TensorFlow's calibrator does for the export (kernels stay rounded here; a test checks that
+    the steps still match the file's). Returns the number of ranges set."""
     layers = fake_quant_layers(model)
     for layer in layers:
         layer.low.assign(0.0)
