@@ -21,6 +21,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from cars_ml.data.pipeline import make_dataset
 from cars_ml.data.types import DatasetSplits, ImageRecord
+from cars_ml.export.tflite import MAX_REPRESENTATIVE
 from cars_ml.modeling import backbones, quantization
 from cars_ml.modeling.batchnorm import (
     BN_MOMENTUM_FROM_SCRATCH,
@@ -137,9 +138,6 @@ FINE_TUNE_WARMUP_EPOCHS = 0.5
 # Quantization-aware epochs start at this share of fine-tuning's peak learning rate: they
 # adjust converged weights to int8 rounding rather than learn anew.
 QAT_LEARNING_RATE_FACTOR = 0.1
-# Images whose float activations set the simulated int8 ranges, as many as the export
-# calibrates on (cars_ml.export.tflite.MAX_REPRESENTATIVE).
-QAT_CALIBRATION_IMAGES = 300
 
 
 @dataclass
@@ -387,7 +385,8 @@ def _quantization_aware(run: _Run, splits: DatasetSplits, size: int, seed: int) 
     a cosine, so that fewer answers change when the model is quantized. The twin shares the
     model's layers; validation scores the float model."""
     hp = run.hp
-    pick = np.random.default_rng(seed).permutation(len(splits.train))[:QAT_CALIBRATION_IMAGES]
+    # As many images as the export calibrates on.
+    pick = np.random.default_rng(seed).permutation(len(splits.train))[:MAX_REPRESENTATIVE]
     calibration = _batches([splits.train[i] for i in pick], size, hp, training=False)
     twin = quantization.twin(run.model)
     points = quantization.calibrate(twin, calibration)

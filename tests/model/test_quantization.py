@@ -1,5 +1,5 @@
 """The quantization-aware twin: int8 rounding of kernels and activations, shared weights,
-calibration, and agreement with the exported int8 file."""
+calibration, and the exported int8 file's rounding steps."""
 
 from __future__ import annotations
 
@@ -108,13 +108,16 @@ def test_the_twins_rounding_steps_are_the_exported_int8_files(calibrated, tmp_pa
     """Calibrated on the same images, the twin rounds each tensor to the step the int8 file
     stores it with: the logits exactly, and every other tensor but the inputs of the addition,
     which TensorFlow's calibrator widens toward the sum's range."""
-    from cars_ml.export.tflite import LiteRTRunner, export_tflite
+    from ai_edge_litert.interpreter import Interpreter
+
+    from cars_ml.export.tflite import export_tflite
 
     model, twin = calibrated
     calibration = np.concatenate([_images(32, seed) for seed in range(2)]).astype(np.uint8)
-    runner = LiteRTRunner(export_tflite(model, tmp_path, calibration)["int8"])
+    int8 = Interpreter(model_path=str(export_tflite(model, tmp_path, calibration)["int8"]))
     steps = np.diff(quantization.ranges(twin), axis=1).ravel() / 255
-    assert steps[-1] == pytest.approx(runner._output["quantization"][0], rel=1e-3)
-    stored = np.array([t["quantization"][0] for t in runner._interpreter.get_tensor_details()])
+    logits_step = int8.get_output_details()[0]["quantization"][0]
+    assert steps[-1] == pytest.approx(logits_step, rel=1e-3)
+    stored = np.array([t["quantization"][0] for t in int8.get_tensor_details()])
     matched = [np.isclose(stored, step, rtol=5e-3).any() for step in steps]
     assert sum(matched) >= len(steps) - 2, (steps, sorted(set(stored)))
