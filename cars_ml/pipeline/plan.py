@@ -178,11 +178,13 @@ class Plan:
         """The plan as lines for the console: knobs, then one line per backbone."""
         cfg, (n_trials, max_epochs, hparams) = self.cfg, resolve_budget(self.cfg)
         students = ", ".join(cfg.distill_students) or "every other backbone within the budgets"
+        # Phase 3 follows fine-tuning only, so a run without fine-tuning has none.
+        qat = hparams.qat_epochs if hparams.fine_tune_epochs else 0
         lines = [
             f"preset {cfg.preset}, {self.workers} worker(s); per backbone {n_trials} trials x "
             f"{max_epochs} epochs on {cfg.trial_fraction:.0%} of the training images, then "
-            f"{hparams.epochs} head + {hparams.fine_tune_epochs} fine-tuning + "
-            f"{hparams.qat_epochs} quantization-aware epochs",
+            f"{hparams.epochs} head + {hparams.fine_tune_epochs} fine-tuning + {qat} "
+            "quantization-aware epochs",
             f"data {cfg.data.data} (max_per_class {cfg.data.max_per_class or 'all'}), image_size "
             f"{'auto' if cfg.image_size == cars_ml.AUTO_SIZE else cfg.image_size}, weights "
             f"{cfg.weights}, budget_gmacs {resolve_budget_gmacs(cfg):g}",
