@@ -1,8 +1,10 @@
 """How long an entry point needs just to start here, to tell a fast failure from a hang.
 
 Entry points import TensorFlow and MLflow before they can check anything, which on a loaded
-2-core machine alone takes 5-20 s; a failure is "fast" when it costs little more than that
-start-up, and never MLflow's ~100 s of database retries or any training.
+2-core machine alone takes 5-20 s, and a fresh SQLite store adds its schema migrations. The bound
+is a hang detector, not a speed goal: it tells a failure that costs about a start-up from
+MLflow's ~100 s of connection retries. Whether any work started is asserted on the outcome
+(test_bad_params finds not one MLflow run in the store), never by the clock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def startup_seconds(entry: str) -> float:
 
 
 def assert_fails_fast(entry: str, elapsed_s: float) -> None:
-    """``elapsed_s`` is within ~15 s, or twice the start-up time plus 5 s on a loaded machine."""
-    limit = max(15.0, 2 * startup_seconds(entry) + 5.0)
+    """``elapsed_s`` is under 45 s, or three start-ups plus 10 s where start-up alone is slow.
+
+    The start-up is measured once, at another moment than the failing run, and the suite runs
+    beside a second pytest worker: the margin absorbs that, and stays well under the retries.
+    """
+    limit = max(45.0, 3 * startup_seconds(entry) + 10.0)
     assert elapsed_s < limit, f"{entry} took {elapsed_s:.1f}s to fail (limit {limit:.1f}s)"
