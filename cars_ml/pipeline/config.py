@@ -36,7 +36,7 @@ class PipelineConfig:
     models: tuple[str, ...] = param(
         (),
         "comma-separated backbones; empty = the preset's (the seven original ones on synthetic "
-        "data, EfficientNet-Lite2 and -Lite0 with preset cpu)",
+        "data, EfficientNet-Lite2 with preset cpu)",
         parse=comma_list,
     )
     data: DataConfig = nested(DataConfig, only=("data", "seed", "max_per_class"))
@@ -94,7 +94,11 @@ class PipelineConfig:
         True, "distil the run's best model into the backbones within the edge budgets"
     )
     distill_students: tuple[str, ...] = param(
-        (), "comma-separated students instead of those within the budgets", parse=comma_list
+        (),
+        "comma-separated students instead of those within the budgets (empty = the preset's: "
+        "EfficientNet-Lite0 with preset cpu); one that is not in models gets a study but no "
+        "training of its own",
+        parse=comma_list,
     )
     temperature: float = param(
         DEFAULT_TEMPERATURE, "the students' distillation temperature", parse=positive_float
@@ -127,7 +131,8 @@ class PipelineConfig:
             )
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = auto), got {self.workers}.")
-        for name in self.models or resolve_preset(self).models:
+        preset = resolve_preset(self)
+        for name in (self.models or preset.models) + (self.distill_students or preset.students):
             # Every backbone's image size is checked now, not after earlier backbones trained.
             backbones.resolve_image_size(backbones.get_backbone(name), self.image_size)
         backbones.validate_weights(self.weights)
@@ -156,13 +161,15 @@ PRESETS = {
     for p in (
         # The synthetic demo: every original backbone in about ten minutes on 2 cores.
         Preset("demo", backbones.ORIGINAL_BACKBONES, 2, 1, 2, 0),
-        # Real data on a CPU: the ImageNet-pretrained edge backbones that install offline, the
-        # larger one as teacher of the smaller, within 90 minutes for 4,000 photos on 2 cores
-        # (docs/real-data.md). A backbone without ImageNet weights here (MobileNet) would learn
-        # from scratch, near chance on so few photos, for most of the budget.
+        # Real data on a CPU: the larger ImageNet-pretrained edge backbone that installs offline
+        # as teacher of the smaller, within 90 minutes for 4,000 photos on 2 cores
+        # (docs/real-data.md). The student gets a study but no training of its own: on cores
+        # where one training keeps both busy, that comparison model alone cost 20 of 97
+        # minutes. A backbone without ImageNet weights here (MobileNet) would learn from
+        # scratch, near chance on so few photos, for most of the budget.
         Preset(
             "cpu",
-            ("efficientnet_lite2", "efficientnet_lite0"),
+            ("efficientnet_lite2",),
             10,
             5,
             2,

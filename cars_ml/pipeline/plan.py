@@ -163,7 +163,7 @@ class Step:
     model: str
     key: str
     tune: TuneConfig
-    train: TrainConfig
+    train: TrainConfig | None  # None: a study only, for a student that is no backbone here
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,11 @@ class Plan:
             f"{cfg.weights}, budget_gmacs {resolve_budget_gmacs(cfg):g}",
             f"distil: {'into ' + students if cfg.distill else 'off'}",
         ]
-        lines += [f"{s.model}: study {s.tune.study_name}, step key {s.key}" for s in self.steps]
+        lines += [
+            f"{s.model}: study {s.tune.study_name}, step key {s.key}"
+            + ("" if s.train else " (study only: its hyperparameters for the student)")
+            for s in self.steps
+        ]
         return lines
 
 
@@ -198,13 +202,25 @@ def make_plan(cfg: PipelineConfig, fingerprint: str) -> Plan:
     """The plan of ``cfg`` on the dataset with ``fingerprint``: one step per backbone."""
     cfg = resolve(cfg)
     workers = resolve_workers(cfg)
-    steps = tuple(_step(cfg, m, step_key(cfg, m, fingerprint), workers) for m in cfg.models)
+    steps = tuple(
+        _step(cfg, m, step_key(cfg, m, fingerprint), workers, train=m in cfg.models)
+        for m in cfg.models + tuned_students(cfg)
+    )
     return Plan(cfg, workers, steps)
 
 
-def _step(cfg: PipelineConfig, model: str, key: str, workers: int) -> Step:
-    """One backbone's study and its final training on the study's best params. With several
-    workers their lines interleave, so trials print one line each (no bar)."""
+def tuned_students(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Named students that are not backbones of the run: each gets a study of its own (head
+    trials on cached features, cheap) but no training of its own, so it learns from the
+    teacher with tuned hyperparameters without paying for a comparison model nobody asked for."""
+    if not cfg.distill:
+        return ()
+    return tuple(s for s in cfg.distill_students if s not in cfg.models)
+
+
+def _step(cfg: PipelineConfig, model: str, key: str, workers: int, train: bool) -> Step:
+    """One backbone's study and (``train``) its final training on the study's best params. With
+    several workers their lines interleave, so trials print one line each (no bar)."""
     n_trials, max_epochs, hparams = resolve_budget(cfg)
     study = study_name(model, key)
     tune = TuneConfig(
@@ -223,7 +239,8 @@ def _step(cfg: PipelineConfig, model: str, key: str, workers: int) -> Step:
         # The trials' share of the final training's compute, as max_epochs is of its epochs.
         budget_gmacs=resolve_budget_gmacs(cfg) * max_epochs / hparams.epochs,
     )
-    return Step(model, key, tune, train_config(cfg, model, key, params_from=study))
+    final = train_config(cfg, model, key, params_from=study) if train else None
+    return Step(model, key, tune, final)
 
 
 def train_config(cfg: PipelineConfig, model: str, key: str, **extra) -> TrainConfig:

@@ -36,7 +36,7 @@ class Backbone:
 
     model: str
     tune: Any  # cars_ml.tuning.run.TuneConfig
-    train: Any  # cars_ml.training.run.TrainConfig
+    train: Any  # cars_ml.training.run.TrainConfig; None: a study only (a student's params)
     tuning: int = 0  # workers in its study now
     tuned: bool = False  # a worker came back from the study: every trial has been handed out
     training: bool = False
@@ -75,7 +75,7 @@ def next_job(backbones: list[Backbone]) -> Job | None:
     that still has trials to hand out; a study takes at most ``n_trials`` workers.
     """
     for b in backbones:
-        if b.tuned and not b.tuning and not b.training:
+        if b.tuned and not b.tuning and not b.training and b.train is not None:
             b.training = True
             return Job("train", b.model, b.train)
     for b in backbones:
@@ -191,7 +191,8 @@ class StepPool:
                 worker.process.kill()
 
     def run(self, backbones: list[Backbone]) -> dict[str, dict]:
-        """Run every backbone's steps; returns each train's outcome by backbone name."""
+        """Run every backbone's steps; returns each train's outcome by backbone name (``None``
+        for a study only)."""
         started = time.perf_counter()
         self._start()
         if not self._procs:
@@ -199,8 +200,9 @@ class StepPool:
                 if not b.tuned:  # A distillation student has no study of its own.
                     _announce("tuning", b.model, 0, started)
                     run_job(Job("tune", b.model, b.tune))
-                _announce("training", b.model, 0, started)
-                b.result = run_job(Job("train", b.model, b.train))
+                if b.train is not None:
+                    _announce("training", b.model, 0, started)
+                    b.result = run_job(Job("train", b.model, b.train))
             return {b.model: b.result for b in backbones}
         pending = len(backbones)
         while pending:
@@ -221,6 +223,8 @@ class StepPool:
                         "Worker %d failed tuning %s (%s); carrying on.", number, model, error
                     )
                 print(f"[pipeline] worker {number}: {model} study done ({took:.0f} s)", flush=True)
+                if b.train is None and not b.tuning:
+                    pending -= 1  # A study only: done when its last worker is back.
                 continue
             if error:
                 raise RuntimeError(f"Training {model} failed on worker {number}: {error}")

@@ -27,6 +27,7 @@ from cars_ml.pipeline.plan import (
     step_key,
     study_name,
     train_config,
+    tuned_students,
 )
 from cars_ml.pipeline.pool import Backbone, StepPool
 from cars_ml.pipeline.report import (
@@ -66,8 +67,9 @@ def _distill_steps(
         key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
         name = student_name(student, teacher["backbone"])
         previous = _reusable(cfg, key)
-        # A student tuned in this run takes its study's best params; another, the defaults.
-        tuned = student in cfg.models
+        # A student tuned in this run (a backbone or a named student) takes its study's best
+        # params; another, the defaults.
+        tuned = student in cfg.models + tuned_students(cfg)
         train = train_config(
             cfg,
             student,
@@ -137,10 +139,10 @@ def _dry_run(plan: Plan) -> pd.DataFrame:
     """The plan's steps with the earlier run each would reuse; nothing is started."""
     rows = []
     for step in plan.steps:
-        previous = _reusable(plan.cfg, step.key)
+        previous = _reusable(plan.cfg, step.key) if step.train else None
         rows.append(
             {
-                "backbone": step.model,
+                "backbone": step.model if step.train else f"{step.model} (study only)",
                 "step_key": step.key,
                 "study": step.tune.study_name,
                 "reuses_run": previous.info.run_id if previous is not None else "",
@@ -157,12 +159,12 @@ def _train_every_backbone(plan: Plan, fingerprint: str, parent_run_id: str) -> d
     inputs), then the students; one row per model."""
     cfg, results, todo = plan.cfg, {}, []
     for step in plan.steps:
-        previous = _reusable(cfg, step.key)
+        # A study-only step has no run to reuse: its study resumes and lacks no trial.
+        previous = _reusable(cfg, step.key) if step.train else None
         if previous is None:
             tune = replace(step.tune, parent_run_id=parent_run_id)
-            todo.append(
-                Backbone(step.model, tune, replace(step.train, parent_run_id=parent_run_id))
-            )
+            train = step.train and replace(step.train, parent_run_id=parent_run_id)
+            todo.append(Backbone(step.model, tune, train))
             continue
         results[step.model] = _reused(step.model, previous)
     rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
@@ -176,7 +178,8 @@ def _train_every_backbone(plan: Plan, fingerprint: str, parent_run_id: str) -> d
             # Largest first: their steps take longest, and one left for last would run alone.
             todo.sort(key=lambda b: backbones.get_backbone(b.model).params, reverse=True)
             for m, r in pool.run(todo).items():
-                rows[m] = {"backbone": m, **r, "reused": False}
+                if r is not None:  # None: a study only.
+                    rows[m] = {"backbone": m, **r, "reused": False}
         if cfg.distill:
             rows.update(_distill(cfg, list(rows.values()), fingerprint, parent_run_id, pool))
     return rows

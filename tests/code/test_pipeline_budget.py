@@ -3,6 +3,8 @@ budgets buy epochs by cost; the distillation plan picks its teacher and students
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from cars_ml.data import DataConfig
@@ -42,7 +44,7 @@ def test_auto_budget_depends_on_the_dataset_and_the_hardware(monkeypatch):
     monkeypatch.setattr(config, "has_gpu", lambda: False)
     assert resolve_preset(real).name == "cpu"
     assert _budget(real) == PRESETS["cpu"].budget
-    assert resolve_models(real) == ("efficientnet_lite2", "efficientnet_lite0")
+    assert resolve_models(real) == ("efficientnet_lite2",)
     assert resolve_students(real) == ("efficientnet_lite0",)
     assert resolve_students(demo) == ()  # every other backbone within the edge budgets
     monkeypatch.setattr(config, "has_gpu", lambda: True)
@@ -212,3 +214,24 @@ def test_the_plan_is_resolved_once_as_plain_configs():
     assert make_plan(cfg, "other data").steps[0].key != plan.steps[0].key
     text = "\n".join(plan.describe())
     assert "3 trials" in text and "vgg16: study pipeline-vgg16-" in text
+
+
+def test_a_named_student_outside_the_backbones_gets_a_study_but_no_training():
+    from cars_ml.pipeline.plan import make_plan, step_key
+
+    cfg = PipelineConfig(data=REAL, preset="cpu", image_size=32, weights="none")
+    plan = make_plan(cfg, "fingerprint")
+    teacher, student = plan.steps
+    assert (teacher.model, student.model) == ("efficientnet_lite2", "efficientnet_lite0")
+    assert teacher.train is not None and student.train is None
+    # The student's training (after the teacher's) takes its params from this study.
+    assert student.tune.study_name.startswith("pipeline-efficientnet_lite0-")
+    assert student.key == step_key(plan.cfg, "efficientnet_lite0", "fingerprint")
+    assert "efficientnet_lite0: study" in "\n".join(plan.describe())
+    assert "study only" in plan.describe()[-1]
+    # A student that is a backbone of the run, or no distillation, adds no study.
+    both = make_plan(replace(cfg, models=("efficientnet_lite2", "efficientnet_lite0")), "f")
+    assert all(s.train is not None for s in both.steps) and len(both.steps) == 2
+    assert [s.model for s in make_plan(replace(cfg, distill=False), "f").steps] == [
+        "efficientnet_lite2"
+    ]

@@ -53,6 +53,30 @@ def test_two_workers_share_the_first_study_then_train_before_tuning_on():
     assert all(b.training for b in plan)
 
 
+def test_a_study_only_step_is_never_trained_and_ends_with_its_last_worker(monkeypatch):
+    from cars_ml.pipeline import pool
+
+    teacher, student = _backbones("efficientnet_lite2", "efficientnet_lite0")
+    student.train = None
+    plan = [teacher, student]
+    assert _take(plan) == ("tune", "efficientnet_lite2")
+    assert _take(plan) == ("tune", "efficientnet_lite2")
+    _tune_returns(teacher)
+    assert _take(plan) == ("tune", "efficientnet_lite0")
+    _tune_returns(teacher)
+    assert _take(plan) == ("train", "efficientnet_lite2")
+    _tune_returns(student)
+    assert _take(plan) is None  # the student's study is done, and it has no train
+
+    ran, alone = [], _backbones("efficientnet_lite0")
+    alone[0].train = None
+    monkeypatch.setattr(pool, "run_job", lambda job: ran.append((job.kind, job.model)))
+    with pool.StepPool(1) as workers:
+        results = workers.run(alone)
+    assert ran == [("tune", "efficientnet_lite0")]
+    assert results == {"efficientnet_lite0": None}
+
+
 def test_a_study_takes_at_most_n_trials_workers():
     plan = _backbones("vgg16", "vgg19", n_trials=1)
     assert _take(plan) == ("tune", "vgg16")
