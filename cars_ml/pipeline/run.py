@@ -170,9 +170,10 @@ def _train_every_backbone(plan: Plan, fingerprint: str, parent_run_id: str) -> d
     rows = {m: {"backbone": m, **results.get(m, {})} for m in cfg.models}
     with StepPool(plan.workers) as pool:
         if todo:
+            trains = sum(b.train is not None for b in todo)
             print(
-                f"[pipeline] {len(todo)} backbone(s) to tune and train on {plan.workers} worker "
-                "process(es)",
+                f"[pipeline] {len(todo)} study step(s) and {trains} training(s) to run on "
+                f"{plan.workers} worker process(es)",
                 flush=True,
             )
             # Largest first: their steps take longest, and one left for last would run alone.

@@ -171,7 +171,9 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
         proc = run_entry(
             "main",
             "--models",
-            "mobilenet,vgg16",
+            "vgg16",
+            "--distill_students",
+            "mobilenet",
             "--n_trials",
             "1",
             "--max_epochs",
@@ -198,27 +200,36 @@ def test_pipeline_on_tracking_server_lands_models_in_s3_serves_champion_leaks_no
     keys = server.s3.keys("mlflow/")
     names = {Path(k).name for k in keys}
     assert {"model.keras", "MLmodel", "labels.json"} <= names, sorted(names)[:50]
-    assert sum(k.endswith("/model.keras") for k in keys) >= 2, "one model per backbone"
+    assert sum(k.endswith("/model.keras") for k in keys) >= 2, "the backbone and its student"
     assert any(k.endswith(".tflite") for k in keys)
 
-    # The champion alias exists and points at one of the pipeline's versions: one per backbone
-    # and the student distilled from the better one into the other.
+    # The champion alias exists and points at one of the pipeline's versions: VGG16's and its
+    # student's. The named student is no backbone of the run: it gets a study, no plain training.
     name, alias = cars_ml.REGISTERED_MODEL_NAME, cars_ml.CHAMPION_ALIAS
     champion = client.get_model_version_by_alias(name, alias)
     versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
-    assert versions == {"1", "2", "3"}, versions
+    assert versions == {"1", "2"}, versions
     assert champion.version in versions
+    runs = _experiment_runs(client)
+    assert [r.data.tags["backbone"] for r in runs if r.data.tags.get("step") == "train"] == [
+        "vgg16"
+    ]
 
     # The tune runs logged the storage URL (the positive control for the scan below).
     tune_runs = [
         r
-        for r in _experiment_runs(client)
+        for r in runs
         if r.data.tags.get("step") == "tune"
         and r.data.tags.get("study_name", "").startswith("pipeline-")
     ]
     assert len(tune_runs) == 2
     for run in tune_runs:
         assert run.data.params["storage"] == storage
+    # The student trained with its own study's best params.
+    (student,) = [r for r in runs if r.data.tags.get("step") == "distill"]
+    studies = {r.data.tags["study_name"] for r in tune_runs}
+    assert student.data.tags["params_from"] in studies
+    assert student.data.tags["params_from"].startswith("pipeline-mobilenet-")
 
     # No secret anywhere: params, tags, artifacts, logged models, registry, and the client log.
     findings, files_read, n_models = scan_for_secrets(client, secrets, tmp_path / "scan")
