@@ -163,10 +163,10 @@ PRESETS = {
         Preset("demo", backbones.ORIGINAL_BACKBONES, 2, 1, 2, 0),
         # Real data on a CPU: the larger ImageNet-pretrained edge backbone that installs offline
         # as teacher of the smaller, within 90 minutes for 4,000 photos on 2 cores
-        # (docs/real-data.md). The student gets a study but no training of its own: on cores
-        # where one training keeps both busy, that comparison model alone cost 20 of 97
-        # minutes. A backbone without ImageNet weights here (MobileNet) would learn from
-        # scratch, near chance on so few photos, for most of the budget.
+        # (docs/real-data.md). The student gets a study but no plain training of its own: on
+        # cores where one training keeps both busy, every model trained adds its whole time. A
+        # backbone without ImageNet weights here (MobileNet) would learn from scratch, near
+        # chance on so few photos, for most of the budget.
         Preset(
             "cpu",
             ("efficientnet_lite2",),

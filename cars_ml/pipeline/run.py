@@ -27,7 +27,6 @@ from cars_ml.pipeline.plan import (
     step_key,
     study_name,
     train_config,
-    tuned_students,
 )
 from cars_ml.pipeline.pool import Backbone, StepPool
 from cars_ml.pipeline.report import (
@@ -67,15 +66,14 @@ def _distill_steps(
         key = step_key(cfg, f"{student}<-{uri}:{teacher['run_id']}", fingerprint)
         name = student_name(student, teacher["backbone"])
         previous = _reusable(cfg, key)
-        # A student tuned in this run (a backbone or a named student) takes its study's best
-        # params; another, the defaults.
-        tuned = student in cfg.models + tuned_students(cfg)
+        # Every student was tuned in this run, as a backbone or as a named student (a study
+        # only), and takes its study's best params.
         train = train_config(
             cfg,
             student,
             key,
             parent_run_id=parent_run_id,
-            params_from=study_name(student, step_key(cfg, student, fingerprint)) if tuned else "",
+            params_from=study_name(student, step_key(cfg, student, fingerprint)),
             run_name=f"distill-{student}",
             teacher=uri,
             temperature=cfg.temperature,
