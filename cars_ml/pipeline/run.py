@@ -45,6 +45,12 @@ def _reusable(cfg: PipelineConfig, key: str):
     return tracking.find_finished_run({"pipeline_step_key": key}) if cfg.reuse else None
 
 
+def _reusable_step(cfg: PipelineConfig, step) -> object | None:
+    """The finished run a plan step would reuse. A study-only step has none: its study
+    resumes and lacks no trial."""
+    return _reusable(cfg, step.key) if step.train else None
+
+
 def _reused(name: str, previous) -> dict:
     """The outcome of a finished earlier run with the same inputs, announced on the console."""
     print(f"[pipeline] {name}: reusing run {previous.info.run_id} (same inputs)", flush=True)
@@ -137,7 +143,7 @@ def _dry_run(plan: Plan) -> pd.DataFrame:
     """The plan's steps with the earlier run each would reuse; nothing is started."""
     rows = []
     for step in plan.steps:
-        previous = _reusable(plan.cfg, step.key) if step.train else None
+        previous = _reusable_step(plan.cfg, step)
         rows.append(
             {
                 "backbone": step.model if step.train else f"{step.model} (study only)",
@@ -157,8 +163,7 @@ def _train_every_backbone(plan: Plan, fingerprint: str, parent_run_id: str) -> d
     inputs), then the students; one row per model."""
     cfg, results, todo = plan.cfg, {}, []
     for step in plan.steps:
-        # A study-only step has no run to reuse: its study resumes and lacks no trial.
-        previous = _reusable(cfg, step.key) if step.train else None
+        previous = _reusable_step(cfg, step)
         if previous is None:
             tune = replace(step.tune, parent_run_id=parent_run_id)
             train = step.train and replace(step.train, parent_run_id=parent_run_id)
